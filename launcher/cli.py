@@ -1,0 +1,200 @@
+"""The `ftlaunch` command line. The bare form trains:
+
+    ftlaunch --model llama-8b --gpus auto --data train.jsonl
+
+User errors end with one paragraph on stderr and exit code 2; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ftlaunch import __version__
+from ftlaunch.errors import USER_ERROR_EXIT, UserError
+from ftlaunch.planner import ENGINES
+from ftlaunch.recipes import METHODS
+
+
+class _TrainByDefault(click.Group):
+    """`ftlaunch --model M ...` means `ftlaunch train --model M ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+def _job_options(func):
+    """The flags `train` and `plan` share: both resolve the same job."""
+    options = [
+        click.option("--model", required=True, metavar="NAME|HF_ID|PATH",
+                     help="A preset (see `ftlaunch recipes`), a hub id whose config is cached "
+                          "locally, or a local model folder."),
+        click.option("--gpus", default="auto", show_default=True, metavar="auto|N",
+                     help="GPUs per node. Without GPUs, N CPU worker processes (gloo)."),
+        click.option("--data", metavar="PATH",
+                     help="Training data, .jsonl with `messages` or `text` per line. "
+                          "Default: the bundled demo dataset."),
+        click.option("--recipe", default="default", show_default=True, metavar="NAME|PATH",
+                     help="Training recipe: a bundled name or a YAML file."),
+        click.option("--output-dir", metavar="DIR",
+                     help="Run directory. Default: runs/<model>. Re-running resumes it."),
+        click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+                     help="lora (16-bit base) or qlora (4-bit NF4 base); auto lets the plan choose."),
+        click.option("--engine", type=click.Choice([e for e in ENGINES if e not in ("single", "cpu")]),
+                     default="auto", show_default=True,
+                     help="Multi-GPU engine; auto prefers DDP, then FSDP."),
+        click.option("--max-steps", type=int, help="Stop after this many optimizer steps."),
+        click.option("--epochs", type=float, help="Passes over the data (when --max-steps is not set)."),
+        click.option("--seq-len", type=int, help="Maximum tokens per example."),
+        click.option("--global-batch-size", type=int,
+                     help="Examples per optimizer step over all processes; the plan splits it into "
+                          "micro-batch x accumulation x processes."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override one recipe key: an SFTConfig field (learning_rate=1e-4), "
+                          "lora.r=32, data.system_prompt=... Repeatable."),
+        click.option("--nnodes", type=int, default=1, show_default=True, help="Machines in the job."),
+        click.option("--node-rank", type=int, default=0, show_default=True, help="This machine's rank."),
+        click.option("--master-addr", metavar="HOST", help="Address of node rank 0."),
+        click.option("--master-port", type=int, metavar="PORT", help="Port rank 0 listens on."),
+        click.option("--random-init", is_flag=True,
+                     help="Build the architecture from its config with random weights (benchmarks, "
+                          "hardware checks; nothing downloaded)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _to_options(kwargs, **extra):
+    from ftlaunch.job import Options
+
+    return Options(**{**kwargs, **extra, "sets": tuple(kwargs.get("sets", ()))})
+
+
+@click.group(cls=_TrainByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftlaunch")
+def cli():
+    """Fine-tune a causal LM with LoRA/QLoRA on whatever hardware this is.
+
+    ftlaunch detects the GPUs, plans memory and strategy (single-GPU LoRA or QLoRA,
+    DDP, FSDP, DeepSpeed), writes the accelerate config, launches the training
+    through `accelerate launch`, and resumes when re-run with the same command.
+
+    \b
+      ftlaunch --model llama-8b --gpus auto --data train.jsonl
+      ftlaunch plan --model llama-70b --hardware 8xH100-80GB
+    """
+
+
+@cli.command()
+@_job_options
+@click.option("--dry-run", is_flag=True,
+              help="Plan, write the configs and print the launch command; train nothing.")
+@click.option("--fresh", is_flag=True,
+              help="Start over: move an existing run in --output-dir aside first.")
+def train(**kwargs):
+    """Plan and run a LoRA/QLoRA fine-tune (the default command).
+
+    Writes run.yaml, accelerate.yaml, checkpoints/, metrics.jsonl and adapter/
+    into the output directory. Running the same command again resumes from the
+    last complete checkpoint; a finished run is left alone.
+    """
+    from ftlaunch import job as job_mod, start
+
+    job = job_mod.resolve(_to_options(kwargs))
+    click.echo(_plan_summary(job.plan))
+    return start.train(job, sys.argv[1:], click.echo)
+
+
+@cli.command()
+@_job_options
+@click.option("--hardware", "hardware", metavar="SPEC",
+              help="Plan for described hardware instead of this machine: 1xRTX4090-24GB, "
+                   "8xH100-80GB, 2x8xA100-80GB (nodes x GPUs), cpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(as_json, **kwargs):
+    """Show how a job would train here (or on --hardware), and whether it fits.
+
+    Prints each memory term per device, the budget, and why this strategy was
+    chosen. A plan that does not fit exits 2 and says what would.
+    """
+    from ftlaunch import job as job_mod, report
+
+    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False)
+    if as_json:
+        click.echo(json.dumps(job.plan.to_json(), indent=2))
+    else:
+        click.echo(report.plan_text(job.plan))
+    if not job.plan.fits:
+        click.echo("ftlaunch: the plan does not fit: " + "; ".join(job.plan.reasons) + ".",
+                   err=True)
+        return USER_ERROR_EXIT
+    return 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def hardware(as_json):
+    """Show the GPUs, CPU cores, RAM and disk ftlaunch sees on this machine."""
+    from ftlaunch import hardware as hw, report
+
+    found = hw.detect(Path.cwd())
+    click.echo(json.dumps(found.to_json(), indent=2) if as_json else report.hardware_text(found))
+    return 0
+
+
+@cli.command()
+def recipes():
+    """List the bundled training recipes and model presets."""
+    from ftlaunch import models, recipes as recipes_mod
+
+    click.echo("Training recipes (--recipe NAME):")
+    for name in recipes_mod.recipe_paths():
+        click.echo(f"  {name:<14} {recipes_mod.load_recipe(name).description}")
+    click.echo("\nModel presets (--model NAME):")
+    for name, entry in models.load_presets().items():
+        spec = models.resolve(name)
+        aliases = ", ".join(entry.get("aliases") or [])
+        click.echo(f"  {name:<14} {spec.parameters / 1e9:7.3f}B  {entry['id']}"
+                   + (f"  (also: {aliases})" if aliases else ""))
+    return 0
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="User message; the chat template is applied.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+def generate(run_dir, prompt, max_new_tokens):
+    """Generate a reply with a finished run's adapter on its base model."""
+    from ftlaunch import export
+
+    click.echo(export.generate(run_dir, prompt, max_new_tokens))
+    return 0
+
+
+def _plan_summary(p) -> str:
+    return (f"ftlaunch plan: {p.model_id} | {p.method} on {p.engine} x{p.num_processes} | "
+            f"micro-batch {p.per_device_batch_size} x accumulation {p.gradient_accumulation_steps} "
+            f"= global {p.global_batch_size} | seq {p.seq_len} | "
+            f"peak {p.memory.total / 1024**3:.2f} of {p.budget_bytes / 1024**3:.2f} GiB per device")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="ftlaunch", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"ftlaunch: error: {exc}", err=True)
+        sys.exit(USER_ERROR_EXIT)
+    except click.exceptions.Abort:
+        click.echo("ftlaunch: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(USER_ERROR_EXIT)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,144 @@
+"""From command-line options to a planned job: model, recipe, hardware, plan.
+
+`ftlaunch train` and `ftlaunch plan` share this, so the plan a user inspects
+is exactly the plan that trains. Nothing here imports torch; --set keys are
+checked against TRL/peft only when there are any (that import costs seconds).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ftlaunch import hardware as hw
+from ftlaunch import models, planner, recipes
+from ftlaunch.errors import UserError
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str
+    gpus: str = "auto"
+    data: str | None = None
+    recipe: str = recipes.DEFAULT_RECIPE
+    output_dir: str | None = None
+    method: str = "auto"
+    engine: str = "auto"
+    max_steps: int | None = None
+    epochs: float | None = None
+    seq_len: int | None = None
+    global_batch_size: int | None = None
+    sets: tuple[str, ...] = ()
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    random_init: bool = False
+    hardware: str | None = None
+    fresh: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    options: Options
+    model: models.ModelSpec
+    recipe: recipes.Recipe
+    hardware: hw.Hardware
+    plan: planner.Plan
+    output_dir: Path
+
+
+def resolve(options: Options, detect_output_dir: bool = True) -> Job:
+    model = models.resolve(options.model)
+    recipe = recipes.apply_overrides(recipes.load_recipe(options.recipe), options.sets)
+    recipe = _apply_flags(recipe, options)
+    if options.sets:
+        recipe = recipes.validate(recipe)
+    output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
+    if options.nnodes < 1 or not 0 <= options.node_rank < options.nnodes:
+        raise UserError(f"--node-rank {options.node_rank} must be between 0 and --nnodes - 1 "
+                        f"({options.nnodes - 1}).")
+    machine = (hw.parse_spec(options.hardware) if options.hardware
+               else hw.detect(output_dir if detect_output_dir else None))
+    if options.nnodes > 1 and not options.hardware:
+        machine = hw.with_nodes(machine, options.nnodes)
+    spec = planner.TrainSpec(
+        seq_len=recipe.seq_len,
+        global_batch_size=recipe.global_batch_size,
+        method=recipe.method,
+        engine=options.engine,
+        processes=processes_per_node(options.gpus, machine),
+        lora_rank=int(recipe.lora.get("r", 16)),
+        lora_targets=_targets(recipe.lora.get("target_modules", "all-linear")),
+        lora_dropout=float(recipe.lora.get("lora_dropout", 0.0)),
+    )
+    return Job(options=options, model=model, recipe=recipe, hardware=machine,
+               plan=planner.plan(machine, model, spec), output_dir=output_dir)
+
+
+def processes_per_node(gpus: str, machine: hw.Hardware) -> int | None:
+    """--gpus auto|N -> processes per node (None: every GPU, or one CPU process)."""
+    if gpus == "auto":
+        return None
+    try:
+        count = int(gpus)
+    except ValueError:
+        raise UserError(f"--gpus {gpus!r} must be 'auto' or a whole number of GPUs.") from None
+    if count < 1:
+        raise UserError(
+            f"--gpus {count}: training needs at least one device. Use --gpus auto to take every "
+            "GPU, or --gpus N; on a machine without GPUs, --gpus N runs N CPU worker processes."
+        )
+    if machine.has_gpus and count > machine.gpus_per_node:
+        raise UserError(
+            f"--gpus {count}, but this machine has {machine.gpus_per_node} GPU"
+            f"{'s' if machine.gpus_per_node != 1 else ''} ({machine.describe()}). Use --gpus auto "
+            f"or at most --gpus {machine.gpus_per_node}."
+        )
+    if not machine.has_gpus and count > machine.cpu_cores:
+        raise UserError(
+            f"--gpus {count}: this machine has no GPU, so --gpus means CPU worker processes, and "
+            f"it has only {machine.cpu_cores} CPU cores. Use at most --gpus {machine.cpu_cores}."
+        )
+    return count
+
+
+def _apply_flags(recipe: recipes.Recipe, options: Options) -> recipes.Recipe:
+    training = dict(recipe.training)
+    if options.max_steps is not None:
+        if options.max_steps < 1:
+            raise UserError(f"--max-steps {options.max_steps} must be at least 1.")
+        training["max_steps"] = options.max_steps
+    if options.epochs is not None:
+        if options.epochs <= 0:
+            raise UserError(f"--epochs {options.epochs} must be positive.")
+        training["num_train_epochs"] = options.epochs
+        training.setdefault("max_steps", -1)
+        if options.max_steps is None:
+            training["max_steps"] = -1  # --epochs alone means: run the epochs
+    changes = {"training": training}
+    if options.method != "auto":
+        changes["method"] = options.method
+    if options.seq_len is not None:
+        changes["seq_len"] = options.seq_len
+    if options.global_batch_size is not None:
+        changes["global_batch_size"] = options.global_batch_size
+    out = replace(recipe, **changes)
+    for key in ("seq_len", "global_batch_size"):
+        if getattr(out, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1.")
+    return out
+
+
+def _targets(value) -> tuple[str, ...] | str:
+    if value == "all-linear":
+        return "all-linear"
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name if "/" in name else name).strip("-")

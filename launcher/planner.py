@@ -1,0 +1,248 @@
+"""The plan: how to train this model on this hardware, and whether it fits.
+
+`plan(Hardware, ModelSpec, TrainSpec) -> Plan` is pure: no I/O, no torch.
+It walks the strategies from cheapest to most elaborate and takes the first
+that fits the per-device memory budget:
+
+    1 GPU:     LoRA (bf16) -> QLoRA
+    n GPUs:    DDP LoRA -> DDP QLoRA -> FSDP QLoRA (or DeepSpeed ZeRO-3)
+               -> the same with CPU offload
+    no GPU:    engine "cpu", N worker processes (gloo)
+
+For each it lowers the micro-batch until it fits and fills the requested global
+batch with gradient accumulation. Memory terms live in `memory.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from ftlaunch import memory
+from ftlaunch.hardware import GIB, Hardware
+from ftlaunch.models import ModelSpec, lora_parameter_count
+
+ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed", "cpu")
+_MICRO_BATCHES = (16, 8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    seq_len: int = 1024
+    global_batch_size: int = 16
+    method: str = "auto"  # auto | lora | qlora
+    engine: str = "auto"  # auto | ddp | fsdp | deepspeed
+    processes: int | None = None  # None: every GPU (or 1 CPU process)
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    lora_dropout: float = 0.05
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    engine: str
+    zero_stage: int | None = None
+    offload: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_id: str
+    parameters: int
+    trainable_parameters: int
+    hardware: Hardware
+    method: str
+    engine: str
+    zero_stage: int | None
+    offload: bool
+    num_processes: int
+    num_machines: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    precision: str  # bf16 | fp16 | fp32
+    memory: memory.Breakdown
+    budget_bytes: int
+    fits: bool
+    reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.engine == "cpu"
+
+    def to_json(self) -> dict:
+        """The plan JSON contract (DESIGN.md section 5)."""
+        hw = self.hardware
+        return {
+            "model": {"id": self.model_id, "parameters": self.parameters,
+                      "trainable_parameters": self.trainable_parameters},
+            "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
+                         "gpu_name": hw.gpu.name if hw.gpu else None,
+                         "gpu_memory_bytes": hw.gpu.memory_bytes if hw.gpu else 0},
+            "method": self.method,
+            "engine": self.engine,
+            "zero_stage": self.zero_stage,
+            "offload": self.offload,
+            "num_processes": self.num_processes,
+            "num_machines": self.num_machines,
+            "per_device_batch_size": self.per_device_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "global_batch_size": self.global_batch_size,
+            "seq_len": self.seq_len,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "precision": self.precision,
+            "memory": {"per_device_peak_bytes": self.memory.total,
+                       "budget_bytes": self.budget_bytes, **asdict(self.memory)},
+            "fits": self.fits,
+            "reasons": list(self.reasons),
+        }
+
+
+def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> Plan:
+    processes_per_node = _processes_per_node(hardware, spec)
+    world = processes_per_node * hardware.nodes
+    budget = _budget(hardware, processes_per_node)
+    reasons: list[str] = []
+    rejected: list[str] = []
+    last: Plan | None = None
+    for candidate in _candidates(hardware, spec, world):
+        for micro in _micro_batches(spec.global_batch_size, world):
+            mem = memory.estimate(model, spec, candidate, micro, world,
+                                  on_gpu=hardware.has_gpus, gradient_checkpointing=True)
+            last = _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
+                              fits=mem.total <= budget, reasons=())
+            if last.fits:
+                reasons.append(_why(candidate, hardware, world))
+                reasons.extend(rejected)
+                reasons.extend(_batch_notes(spec, last))
+                return _with_reasons(last, reasons)
+        rejected.append(
+            f"rejected {_label(candidate)}: needs {_gib(last.memory.total)} per device even at "
+            f"micro-batch 1, budget {_gib(budget)}"
+        )
+    assert last is not None
+    return _with_reasons(last, rejected + _what_would_fit(hardware, model, spec, world, budget))
+
+
+def _processes_per_node(hardware: Hardware, spec: TrainSpec) -> int:
+    if spec.processes is not None:
+        return spec.processes
+    return hardware.gpus_per_node if hardware.has_gpus else 1
+
+
+def _budget(hardware: Hardware, processes_per_node: int) -> int:
+    """Usable bytes per device.
+
+    GPU: the card's memory less 8 % for allocator fragmentation and the
+    caching allocator's rounding (PyTorch CUDA memory notes), so "fits" means
+    fits at peak, not on average. CPU: 80 % of RAM shared by the workers.
+    """
+    if hardware.has_gpus:
+        return int(hardware.gpu.memory_bytes * 0.92)
+    return int(hardware.ram_bytes * 0.8 / max(processes_per_node, 1))
+
+
+def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candidate]:
+    methods = ("lora", "qlora") if spec.method == "auto" else (spec.method,)
+    if not hardware.has_gpus:
+        return [Candidate(m, "cpu") for m in methods]
+    if world == 1:
+        return [Candidate(m, "single") for m in methods]
+    sharded_engine = "deepspeed" if spec.engine == "deepspeed" else "fsdp"
+    zero = 3 if sharded_engine == "deepspeed" else None
+    out: list[Candidate] = []
+    if spec.engine in ("auto", "ddp"):
+        out += [Candidate(m, "ddp") for m in methods]
+    if spec.engine in ("auto", "fsdp", "deepspeed"):
+        out += [Candidate(m, sharded_engine, zero) for m in methods]
+        out += [Candidate(m, sharded_engine, zero, offload=True) for m in methods]
+    return out
+
+
+def _micro_batches(global_batch: int, world: int) -> list[int]:
+    """Micro-batches that divide the per-process share of the global batch, largest first."""
+    share = max(global_batch // world, 1)
+    options = [m for m in _MICRO_BATCHES if m <= share and share % m == 0]
+    return options or [1]
+
+
+def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, fits, reasons) -> Plan:
+    accumulation = max(spec.global_batch_size // (micro * world), 1)
+    precision = "fp32" if not hardware.has_gpus else ("bf16" if hardware.gpu.bf16 else "fp16")
+    return Plan(
+        model_id=model.name,
+        parameters=model.parameters,
+        trainable_parameters=lora_parameter_count(model, spec.lora_rank, spec.lora_targets),
+        hardware=hardware,
+        method=candidate.method,
+        engine=candidate.engine,
+        zero_stage=candidate.zero_stage,
+        offload=candidate.offload,
+        num_processes=world,
+        num_machines=hardware.nodes,
+        per_device_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        global_batch_size=micro * accumulation * world,
+        seq_len=spec.seq_len,
+        gradient_checkpointing=True,
+        precision=precision,
+        memory=mem,
+        budget_bytes=budget,
+        fits=fits,
+        reasons=tuple(reasons),
+    )
+
+
+def _with_reasons(p: Plan, reasons: list[str]) -> Plan:
+    return replace(p, reasons=tuple(reasons))
+
+
+def _label(c: Candidate) -> str:
+    engine = f"DeepSpeed ZeRO-{c.zero_stage}" if c.engine == "deepspeed" else c.engine.upper()
+    return f"{engine} {c.method.upper()}" + (" with CPU offload" if c.offload else "")
+
+
+def _why(c: Candidate, hardware: Hardware, world: int) -> str:
+    if c.engine == "cpu":
+        return (f"no GPU found: training on CPU with {world} worker process"
+                f"{'es (gloo DDP)' if world > 1 else ''}")
+    if c.engine == "single":
+        return f"one GPU: {_label(c)} is the cheapest strategy that fits"
+    if c.engine == "ddp":
+        return f"{world} GPUs and a full replica fits on each: {_label(c)} (fastest multi-GPU)"
+    return f"{world} GPUs, no replica fits on one: sharding with {_label(c)}"
+
+
+def _batch_notes(spec: TrainSpec, p: Plan) -> list[str]:
+    if p.global_batch_size != spec.global_batch_size:
+        return [f"global batch {spec.global_batch_size} is not divisible over {p.num_processes} "
+                f"processes; using {p.global_batch_size}"]
+    return []
+
+
+def _what_would_fit(hardware, model, spec, world, budget) -> list[str]:
+    hints = []
+    for seq in (spec.seq_len // 2, spec.seq_len // 4):
+        if seq < 128:
+            break
+        trial = TrainSpec(**{**asdict(spec), "seq_len": seq, "method": "qlora"})
+        mem = memory.estimate(model, trial, Candidate("qlora", "fsdp" if world > 1 else "single",
+                                                      offload=True), 1, world,
+                              on_gpu=hardware.has_gpus, gradient_checkpointing=True)
+        if mem.total <= budget:
+            hints.append(f"would fit: QLoRA with CPU offload at --seq-len {seq}")
+            break
+    per_device_qlora = memory.estimate(model, TrainSpec(**{**asdict(spec), "method": "qlora"}),
+                                       Candidate("qlora", "fsdp"), 1, world,
+                                       on_gpu=True, gradient_checkpointing=True)
+    weights_total = per_device_qlora.weights * max(world, 1)
+    if hardware.has_gpus:
+        gpus_needed = max(2, -(-weights_total // max(budget - GIB * 4, GIB)))
+        hints.append(f"would fit: about {gpus_needed} GPUs like these with FSDP QLoRA")
+    return hints or ["nothing fits: use a smaller model or a machine with more memory"]
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"

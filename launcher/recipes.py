@@ -1,0 +1,251 @@
+"""Training recipes (recipes/*.yaml) and `--set KEY=VALUE` overrides.
+
+A recipe has four parts: top-level plan inputs (method, seq_len,
+global_batch_size), `training` (TRL SFTConfig / TrainingArguments fields,
+spelled as they are), `lora` (peft LoraConfig fields) and `data` (ftlaunch's
+own data options). Keys and value types are checked against the real
+dataclasses before anything starts, so a typo fails in a second, not after
+model loading on eight GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from ftlaunch.errors import UserError
+from ftlaunch.resources import recipes_dir
+
+DEFAULT_RECIPE = "default"
+TOP_LEVEL_KEYS = ("description", "method", "seq_len", "global_batch_size",
+                  "training", "lora", "data")
+DATA_KEYS: dict[str, type | tuple] = {"format": str, "system_prompt": (str, type(None))}
+DATA_FORMATS = ("auto", "messages", "text")
+METHODS = ("auto", "lora", "qlora")
+
+# SFTConfig fields the plan or a flag decides; setting them by hand would
+# contradict the plan, so --set names the flag to use instead.
+PLAN_OWNED = {
+    "output_dir": "--output-dir",
+    "max_length": "--seq-len",
+    "per_device_train_batch_size": "--global-batch-size (the plan splits it)",
+    "gradient_accumulation_steps": "--global-batch-size (the plan splits it)",
+    "use_cpu": "the detected hardware",
+    "bf16": "the detected hardware",
+    "fp16": "the detected hardware",
+    "gradient_checkpointing": "the plan",
+    "resume_from_checkpoint": "re-running the same command (it resumes by itself)",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    method: str
+    seq_len: int
+    global_batch_size: int
+    training: dict = field(default_factory=dict, hash=False)
+    lora: dict = field(default_factory=dict, hash=False)
+    data: dict = field(default_factory=dict, hash=False)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def recipe_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml")) if p.stem != "models"}
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = Path(name_or_path).expanduser()
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        paths = recipe_paths()
+        if name_or_path not in paths:
+            raise UserError(
+                f"--recipe {name_or_path!r} is neither a bundled recipe ({', '.join(paths)}) "
+                "nor a .yaml file that exists."
+            )
+        path = paths[name_or_path]
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"Recipe {path} cannot be read as YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"Recipe {path} must be a YAML mapping with keys {', '.join(TOP_LEVEL_KEYS)}.")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UserError(f"Recipe {path} has unknown keys {unknown}; allowed: {', '.join(TOP_LEVEL_KEYS)}.")
+    for section in ("training", "lora", "data"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise UserError(f"Recipe {path}: `{section}` must be a mapping.")
+    recipe = Recipe(
+        name=path.stem,
+        description=str(raw.get("description", "")),
+        method=str(raw.get("method", "auto")),
+        seq_len=raw.get("seq_len", 1024),
+        global_batch_size=raw.get("global_batch_size", 16),
+        training=dict(raw.get("training") or {}),
+        lora=dict(raw.get("lora") or {}),
+        data=dict(raw.get("data") or {}),
+    )
+    _check_top_level(recipe, f"Recipe {path}")
+    return recipe
+
+
+def _check_top_level(recipe: Recipe, where: str) -> None:
+    if recipe.method not in METHODS:
+        raise UserError(f"{where}: method must be one of {', '.join(METHODS)}, not {recipe.method!r}.")
+    for key in ("seq_len", "global_batch_size"):
+        value = getattr(recipe, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}: {key} must be a positive integer, not {value!r}.")
+
+
+def apply_overrides(recipe: Recipe, assignments: tuple[str, ...] | list[str]) -> Recipe:
+    """`--set k=v`: training keys bare, `lora.k`, `data.k`. Values are YAML scalars."""
+    training, lora, data = dict(recipe.training), dict(recipe.lora), dict(recipe.data)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {assignment!r} must look like KEY=VALUE, e.g. --set learning_rate=1e-4.")
+        value = _parse_scalar(text)
+        section, _, sub = key.partition(".")
+        if sub and section == "lora":
+            lora[sub] = value
+        elif sub and section == "data":
+            data[sub] = value
+        elif sub:
+            raise UserError(f"--set {key}: only lora.* and data.* keys are nested; training keys "
+                            "are bare SFTConfig field names such as learning_rate.")
+        elif key in PLAN_OWNED:
+            raise UserError(f"--set {key} is decided by {PLAN_OWNED[key]}; use that instead.")
+        else:
+            training[key] = value
+    return replace(recipe, training=training, lora=lora, data=data)
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Check every key and type against SFTConfig, LoraConfig and DATA_KEYS.
+
+    Returns the recipe with values coerced to the declared types (YAML reads
+    1e-4 as a string; SFTConfig wants a float).
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    training = _coerce_section(recipe.training, _field_types(SFTConfig), "training", "")
+    for key in training:
+        if key in PLAN_OWNED:
+            raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
+    lora = _coerce_section(recipe.lora, _field_types(LoraConfig), "lora", "lora.")
+    data = {}
+    for key, value in recipe.data.items():
+        if key not in DATA_KEYS:
+            raise UserError(f"data.{key} is not a data option; known: {', '.join(DATA_KEYS)}.")
+        if not isinstance(value, DATA_KEYS[key]):
+            raise UserError(f"data.{key}={value!r} has the wrong type.")
+        data[key] = value
+    if data.get("format", "auto") not in DATA_FORMATS:
+        raise UserError(f"data.format must be one of {', '.join(DATA_FORMATS)}, not {data['format']!r}.")
+    return replace(recipe, training=training, lora=lora, data=data)
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce_section(values: dict, types_by_name: dict, section: str, prefix: str) -> dict:
+    out = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            close = [n for n in types_by_name if key.lower() in n.lower() or n.lower() in key.lower()]
+            hint = f" Did you mean {', '.join(sorted(close)[:4])}?" if close else ""
+            owner = "TRL's SFTConfig / TrainingArguments" if section == "training" else "peft's LoraConfig"
+            raise UserError(f"--set {prefix}{key}: {owner} has no field {key!r}.{hint}")
+        try:
+            out[key] = _coerce(value, types_by_name[key])
+        except (TypeError, ValueError):
+            raise UserError(
+                f"--set {prefix}{key}={value!r}: expected {_type_name(types_by_name[key])}."
+            ) from None
+    return out
+
+
+def _coerce(value, annotation):
+    """Return value converted to one of the annotation's types, or raise TypeError."""
+    if annotation is typing.Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        # Try the stricter types first so "5" stays an int where int is allowed.
+        ordered = sorted(options, key=lambda t: 0 if t in (type(None), bool, int) else 1)
+        for option in ordered:
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(annotation)
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise ValueError(value)
+    if origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise TypeError(annotation)
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError(annotation)
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise TypeError(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(annotation)
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(annotation)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise TypeError(annotation)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)  # ValueError for words
+        raise TypeError(annotation)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation(value).value
+    if annotation in (list, dict):
+        if isinstance(value, annotation):
+            return value
+        raise TypeError(annotation)
+    return value  # an annotation we do not model (a callable, a class): trust the library
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -1,0 +1,57 @@
+"""Plans and hardware as text for people (the JSON forms live with the dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from ftlaunch.hardware import GIB, Hardware
+from ftlaunch.planner import Plan
+
+
+def plan_text(plan: Plan) -> str:
+    hw = plan.hardware
+    strategy = f"{plan.method.upper()} on {plan.engine}"
+    if plan.zero_stage:
+        strategy += f" (ZeRO-{plan.zero_stage})"
+    if plan.offload:
+        strategy += " with CPU offload"
+    lines = [
+        f"model      {plan.model_id}: {plan.parameters:,} parameters, "
+        f"{plan.trainable_parameters:,} trainable (LoRA)",
+        f"hardware   {hw.describe()}" + ("" if hw.source == "detected" else f"  [described: {hw.source}]"),
+        f"strategy   {strategy}, {plan.num_processes} process(es) on {plan.num_machines} machine(s), "
+        f"{plan.precision}",
+        f"batch      global {plan.global_batch_size} = micro-batch {plan.per_device_batch_size} x "
+        f"accumulation {plan.gradient_accumulation_steps} x {plan.num_processes} process(es); "
+        f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        "",
+        "memory per device (peak estimate)",
+    ]
+    for f in fields(plan.memory):
+        lines.append(f"  {f.name:<12} {_gib(getattr(plan.memory, f.name)):>10}")
+    headroom = plan.budget_bytes - plan.memory.total
+    lines += [
+        f"  {'total':<12} {_gib(plan.memory.total):>10}",
+        f"  {'budget':<12} {_gib(plan.budget_bytes):>10}",
+        f"  {'headroom':<12} {_gib(headroom):>10}",
+        "",
+        "fits" if plan.fits else "DOES NOT FIT",
+    ]
+    lines += [f"  - {reason}" for reason in plan.reasons]
+    return "\n".join(lines)
+
+
+def hardware_text(hw: Hardware) -> str:
+    lines = [hw.describe()]
+    if hw.gpu is not None:
+        cap = hw.gpu.compute_capability
+        lines.append(f"  gpu: {hw.gpu.name}, {_gib(hw.gpu.memory_bytes)}, compute capability "
+                     f"{'%d.%d' % cap if cap else 'unknown'}, bf16 {'yes' if hw.gpu.bf16 else 'no'}")
+    lines.append(f"  cpu cores: {hw.cpu_cores}   ram: {_gib(hw.ram_bytes)}")
+    if hw.disk_free_bytes is not None:
+        lines.append(f"  free disk (output dir): {_gib(hw.disk_free_bytes)}")
+    return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"

@@ -1,0 +1,157 @@
+"""Start (or resume) a training run: preflight, run directory, configs, launch.
+
+Everything that can fail because of the user fails here, before a worker
+starts: the data is read and validated, the output directory is checked, the
+port is checked, the plan must fit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from ftlaunch import __version__, builtin_models, launch, models, render, rundir
+from ftlaunch import data as data_io
+from ftlaunch.errors import UserError
+from ftlaunch.job import Job
+from ftlaunch.resources import demo_data_path
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
+            "deepspeed", "click", "psutil")
+
+
+def train(job: Job, argv: list[str], echo) -> int:
+    plan, options = job.plan, job.options
+    if not plan.fits:
+        raise UserError("The plan does not fit: " + "; ".join(plan.reasons) +
+                        ". `ftlaunch plan` with the same flags shows every memory term.")
+    data_path = Path(options.data).expanduser() if options.data else demo_data_path()
+    if not options.data:
+        echo(f"No --data given: training on the bundled demo dataset {data_path}.")
+    dataset = data_io.load(data_path, job.recipe.data.get("format", "auto"),
+                           job.recipe.data.get("system_prompt"))
+    render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
+    if options.master_port is not None and options.node_rank == 0:
+        launch.check_port_free(options.master_port)
+
+    identity = _identity(job, dataset)
+    state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not options.dry_run)
+    run_dir = job.output_dir.resolve()
+    if state.moved_aside_to:
+        echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
+    if state.kind == "finished":
+        echo(f"{run_dir} already finished; its adapter is in {run_dir / 'adapter'}. "
+             "Nothing to do (pass --fresh to train again from scratch).")
+        return 0
+
+    port = options.master_port or (launch.free_port() if plan.num_processes > 1 else None)
+    rendezvous = render.Rendezvous(machine_rank=options.node_rank,
+                                   main_process_ip=options.master_addr or "127.0.0.1",
+                                   main_process_port=port or 29500)
+    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, state.checkpoint, port)
+    if options.dry_run:
+        if state.kind == "resume" or (run_dir / rundir.RUN_FILE).exists():
+            echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
+        else:
+            _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=False)
+            echo(f"Wrote {run_dir / 'accelerate.yaml'} and {run_dir / rundir.RUN_FILE}.")
+        echo("Launch command (dry run, nothing trained):")
+        echo("  " + launch.printable(argv_launch))
+        return 0
+
+    _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=True)
+    if state.kind == "resume":
+        echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
+    echo("Launching: " + launch.printable(argv_launch))
+    env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
+                            on_cpu=plan.on_cpu, offline=_is_local(job))
+    code, received = launch.run(argv_launch, env, run_dir / "train.log")
+    if code == 0 and not rundir.is_finished(run_dir):
+        # A worker that stops gracefully on a signal exits 0 without finishing.
+        code = 128 + (received or 15)
+    if code == 0:
+        echo(f"Done. Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
+    else:
+        echo(f"Training stopped with exit code {code}; re-run the same command to resume "
+             f"from the last checkpoint in {run_dir / 'checkpoints'}.")
+    return code
+
+
+def _identity(job: Job, dataset: data_io.Dataset) -> dict:
+    """What must not change between a run and its resume."""
+    lora = job.recipe.lora
+    return {
+        "model": job.model.source,
+        "random_init": job.options.random_init,
+        "method": job.plan.method,
+        "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout")},
+        "data": dataset.fingerprint,
+        "seq_len": job.plan.seq_len,
+    }
+
+
+def _is_local(job: Job) -> bool:
+    return job.model.is_builtin or job.options.random_init or Path(job.model.source).exists()
+
+
+def _model_record(job: Job, materialize: bool) -> dict:
+    spec = job.model
+    record = {"name": spec.name, "source": spec.source, "random_init": job.options.random_init}
+    if spec.is_builtin:
+        path = builtin_models.materialize_builtin(spec) if materialize else builtin_models.builtin_path(spec)
+        record.update(load_from=str(path), tokenizer=str(path))
+        return record
+    record["load_from"] = spec.source
+    record["tokenizer"] = spec.source
+    if job.options.random_init:
+        record["config"] = _hf_config(spec)
+        source = Path(spec.source)
+        if not (source / "tokenizer_config.json").is_file():
+            # Random weights need only a tokenizer whose ids fit the vocabulary: ours does.
+            tiny = models.resolve("tiny")
+            path = builtin_models.materialize_builtin(tiny) if materialize else builtin_models.builtin_path(tiny)
+            record["tokenizer"] = str(path)
+    return record
+
+
+def _hf_config(spec) -> dict:
+    presets = models.load_presets()
+    if spec.name in presets:
+        return dict(presets[spec.name]["config"])
+    return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
+
+
+def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvous,
+                     materialize: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    render.write_accelerate_config(job.plan, rendezvous, run_dir)
+    record = {
+        "ftlaunch_version": __version__,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(argv),
+        "cwd": str(Path.cwd()),
+        "identity": identity,
+        "model": _model_record(job, materialize),
+        "data": {"path": str(dataset.path), "format": dataset.format,
+                 "fingerprint": dataset.fingerprint, "examples": len(dataset)},
+        "recipe": job.recipe.to_json(),
+        "plan": job.plan.to_json(),
+        "hardware": job.hardware.to_json(),
+        "versions": _versions(),
+    }
+    rundir.write_run_file(run_dir, record)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "ftlaunch": __version__}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["executable"] = sys.executable
+    return out
