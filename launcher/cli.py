@@ -126,7 +126,7 @@ def plan(as_json, **kwargs):
     """
     from ftlaunch import job as job_mod, report
 
-    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False)
+    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
     if as_json:
         click.echo(json.dumps(job.plan.to_json(), indent=2))
     else:
@@ -170,11 +170,14 @@ def recipes():
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="User message; the chat template is applied.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
-def generate(run_dir, prompt, max_new_tokens):
-    """Generate a reply with a finished run's adapter on its base model."""
+@click.option("--base", "base_only", is_flag=True, help="Use the base model without the adapter.")
+def generate(run_dir, prompt, max_new_tokens, base_only):
+    """Generate a reply with a finished run's adapter on its base model (greedy)."""
     from ftlaunch import export
+    from ftlaunch.quiet import silence_library_noise
 
-    click.echo(export.generate(run_dir, prompt, max_new_tokens))
+    silence_library_noise()
+    click.echo(export.generate(run_dir, prompt, max_new_tokens, with_adapter=not base_only))
     return 0
 
 

@@ -43,12 +43,33 @@ def load(path: Path, format: str = "auto", system_prompt: str | None = None) -> 
     if path.is_dir() or path.suffix not in (".jsonl", ".json"):
         raise UserError(f"--data {path}: this version reads .jsonl files (one JSON object per "
                         "line, with a `messages` list or a `text` field).")
-    rows = _read_jsonl(path)
+    if format not in ("auto", "messages", "text"):
+        raise UserError(f"data.format {format!r} is not one of auto, messages, text.")
+    rows = _read_json_array(path) if _is_json_array(path) else _read_jsonl(path)
     if not rows:
         raise UserError(f"--data {path} holds no examples.")
     detected = _detect(rows[0], path) if format == "auto" else format
     checked = tuple(_check(row, detected, path, line, system_prompt) for line, row in rows)
     return Dataset(path=path.resolve(), format=detected, rows=checked, fingerprint=fingerprint(path))
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return path.suffix == ".json" and head.startswith(b"[")
+
+
+def _read_json_array(path: Path) -> list[tuple[int, dict]]:
+    """A .json file holding one list of examples; "line" numbers are list positions."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}).") from None
+    for index, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}, item {index}: expected a JSON object, got "
+                            f"{type(row).__name__}.")
+    return list(enumerate(rows, start=1))
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:

@@ -8,8 +8,10 @@ from ftlaunch import rundir
 from ftlaunch.errors import UserError
 
 
-def load_adapted(run_dir: Path):
-    """(model with adapter, tokenizer) from a finished run, on CPU or the first GPU."""
+def load_adapted(run_dir: Path, with_adapter: bool = True):
+    """(model with adapter, tokenizer) from a finished run, on CPU or the first GPU.
+
+    with_adapter=False gives the base model alone, to compare before and after."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -28,15 +30,16 @@ def load_adapted(run_dir: Path):
                                                 dtype=dtype)
     else:
         base = AutoModelForCausalLM.from_pretrained(model_info["load_from"], dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(device).eval()
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")) if with_adapter else base
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "adapter"))
     return model, tokenizer
 
 
-def generate(run_dir: Path, prompt: str, max_new_tokens: int = 48) -> str:
+def generate(run_dir: Path, prompt: str, max_new_tokens: int = 48, with_adapter: bool = True) -> str:
     import torch
 
-    model, tokenizer = load_adapted(run_dir)
+    model, tokenizer = load_adapted(run_dir, with_adapter)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              tokenize=False, add_generation_prompt=True)

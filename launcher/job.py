@@ -50,11 +50,13 @@ class Job:
     output_dir: Path
 
 
-def resolve(options: Options, detect_output_dir: bool = True) -> Job:
+def resolve(options: Options, detect_output_dir: bool = True, validate: bool = True) -> Job:
+    """validate=False skips checking the recipe against TRL/peft (a 4 s import) when
+    nothing but a bundled recipe is used, which the test suite already validates."""
     model = models.resolve(options.model)
     recipe = recipes.apply_overrides(recipes.load_recipe(options.recipe), options.sets)
     recipe = _apply_flags(recipe, options)
-    if options.sets:
+    if validate or options.sets or options.recipe not in recipes.recipe_paths():
         recipe = recipes.validate(recipe)
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
     if options.nnodes < 1 or not 0 <= options.node_rank < options.nnodes:

@@ -104,7 +104,7 @@ def resolve(name: str) -> ModelSpec:
             raise UserError(f"--model {name}: the folder has no config.json, so it is not a "
                             "Hugging Face model folder.")
         return from_config(name, str(path.resolve()), _read_json(config_file))
-    cached = _cached_hub_config(name)
+    cached = cached_hub_config(name)
     if cached is not None:
         return from_config(name, name, _read_json(cached))
     known = ", ".join(preset_names())
@@ -151,7 +151,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"Cannot read {path}: {exc}") from None
 
 
-def _cached_hub_config(repo_id: str) -> Path | None:
+def cached_hub_config(repo_id: str) -> Path | None:
     if repo_id.count("/") != 1:
         return None
     hub = Path(os.environ.get("HF_HUB_CACHE") or

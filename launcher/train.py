@@ -10,6 +10,7 @@ itself in ranks/, which is how tests see that all ranks trained together.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ftlaunch import data as data_io
 from ftlaunch import rundir
+from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError
 
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--resume-from", type=Path, default=None)
     args = parser.parse_args(argv)
+    silence_library_noise()
     try:
         run(args.run_dir.resolve(), args.resume_from)
     except UserError as exc:
@@ -127,17 +130,20 @@ def _load_dataset(data_record: dict, recipe: dict):
 
 def _build_trainer(run_dir, plan, recipe, data_format, model, tokenizer, dataset, on_cpu):
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     training = dict(recipe["training"])
+    # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    training[f"{prefix}_checkpointing"] = plan["gradient_checkpointing"]
+    training[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     config = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=plan["per_device_batch_size"],
         gradient_accumulation_steps=plan["gradient_accumulation_steps"],
         max_length=plan["seq_len"],
-        gradient_checkpointing=plan["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=on_cpu,
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
@@ -165,9 +171,11 @@ def _build_trainer(run_dir, plan, recipe, data_format, model, tokenizer, dataset
             print(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                   f"lr {logs.get('learning_rate', 0):.2e}", flush=True)
 
-    return SFTTrainer(model=model, args=config, train_dataset=dataset,
-                      processing_class=tokenizer, peft_config=lora,
-                      callbacks=[MetricsCallback()])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=lora,
+                         callbacks=[MetricsCallback()])
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
+    return trainer
 
 
 class _BatchRecorder:

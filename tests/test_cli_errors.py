@@ -1,0 +1,314 @@
+"""The real `ftlaunch` console script: user errors end in one paragraph and exit 2, never a
+traceback; help, hardware, recipes and a dry run work.
+
+Every command here runs as a subprocess of the installed script, offline, with its cache in
+a temporary directory and its working directory in tmp_path (so no runs/ lands in the tree).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+FTLAUNCH = Path(sys.executable).parent / "ftlaunch"
+USER_ERROR = 2
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftlaunch-cli")
+    env = dict(os.environ)
+    env.update(FTLAUNCH_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
+               HF_HUB_CACHE=str(root / "hf-hub"), HF_DATASETS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    return env
+
+
+@pytest.fixture
+def ftlaunch(cli_env, tmp_path):
+    def run(*args, timeout=120):
+        return subprocess.run([str(FTLAUNCH), *map(str, args)], env=cli_env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def assert_user_error(result, *needles):
+    assert result.returncode == USER_ERROR, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+    assert result.stderr.startswith("ftlaunch: error:"), result.stderr
+    message = result.stderr.strip()
+    assert message.count("ftlaunch: error:") == 1, message
+    assert "\n\n" not in message, f"not one paragraph: {message!r}"
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def test_console_script_is_installed():
+    assert FTLAUNCH.is_file()
+    assert os.access(FTLAUNCH, os.X_OK)
+
+
+# --- user errors --------------------------------------------------------------------------
+
+def test_unknown_model(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "nosuchmodel", "--dry-run", "--output-dir", out)
+    assert_user_error(result, "nosuchmodel", "tiny")
+    assert not out.exists()
+
+
+def test_unknown_model_with_train_word(ftlaunch):
+    result = ftlaunch("train", "--model", "nosuchmodel", "--dry-run")
+    assert_user_error(result, "nosuchmodel")
+
+
+def test_missing_data_file(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--data", "/nonexistent.jsonl", "--dry-run",
+                      "--output-dir", out)
+    assert_user_error(result, "/nonexistent.jsonl")
+    assert not out.exists()
+
+
+def test_bad_data_line_is_reported_before_anything_is_written(ftlaunch, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--data", data, "--dry-run", "--output-dir", out)
+    assert_user_error(result, str(data), "line 3")
+    assert not out.exists()
+
+
+def test_zero_gpus(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--gpus", "0", "--dry-run", "--output-dir", out)
+    assert_user_error(result, "--gpus 0")
+    assert not out.exists()
+
+
+def test_too_many_gpus_here(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--gpus", "99", "--dry-run", "--output-dir", out)
+    assert_user_error(result, "--gpus 99")
+    assert not out.exists()
+
+
+def test_gpus_not_a_number(ftlaunch, tmp_path):
+    result = ftlaunch("--model", "tiny", "--gpus", "two", "--dry-run",
+                      "--output-dir", tmp_path / "run")
+    assert_user_error(result, "two")
+
+
+def test_too_many_gpus_for_described_hardware(ftlaunch):
+    result = ftlaunch("plan", "--hardware", "1xA100-80GB", "--gpus", "3", "--model", "tiny")
+    assert_user_error(result, "--gpus 3", "1")
+
+
+def test_bad_hardware_spec(ftlaunch):
+    result = ftlaunch("plan", "--hardware", "banana", "--model", "tiny")
+    assert_user_error(result, "banana")
+
+
+def test_output_dir_under_a_file(ftlaunch, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory\n", encoding="utf-8")
+    result = ftlaunch("--model", "tiny", "--dry-run", "--output-dir", blocker / "run")
+    assert_user_error(result, "afile")
+    assert blocker.is_file()
+    assert blocker.read_text(encoding="utf-8") == "not a directory\n"
+
+
+def test_existing_directory_that_is_not_a_run_is_left_alone(ftlaunch, tmp_path):
+    foreign = tmp_path / "my-thesis"
+    foreign.mkdir()
+    precious = foreign / "chapter1.txt"
+    precious.write_text("do not touch\n", encoding="utf-8")
+    for extra in ([], ["--fresh"]):
+        result = ftlaunch("--model", "tiny", "--dry-run", "--output-dir", foreign, *extra)
+        assert_user_error(result, str(foreign))
+        assert precious.read_text(encoding="utf-8") == "do not touch\n"
+        assert sorted(p.name for p in foreign.iterdir()) == ["chapter1.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-thesis"]  # nothing moved aside
+
+
+def test_bad_set_key(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--dry-run", "--output-dir", out,
+                      "--set", "learning_rat=1")
+    assert_user_error(result, "learning_rat")
+    assert not out.exists()
+
+
+def test_malformed_set(ftlaunch, tmp_path):
+    result = ftlaunch("--model", "tiny", "--dry-run", "--output-dir", tmp_path / "run",
+                      "--set", "foo")
+    assert_user_error(result, "foo")
+
+
+def test_plan_owned_set_key(ftlaunch, tmp_path):
+    result = ftlaunch("--model", "tiny", "--dry-run", "--output-dir", tmp_path / "run",
+                      "--set", "max_length=5")
+    assert_user_error(result, "--seq-len")
+
+
+@pytest.mark.skipif(_cores() < 2, reason="--gpus 2 on a CPU-only box needs two cores")
+def test_master_port_in_use(ftlaunch, tmp_path):
+    out = tmp_path / "run"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = ftlaunch("--gpus", "2", "--model", "tiny", "--dry-run", "--output-dir", out,
+                          "--master-port", port)
+    assert_user_error(result, "--master-port", str(port))
+    assert not out.exists()
+
+
+def test_recipe_file_with_a_typo_is_refused(ftlaunch, tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("method: lora\ntraining:\n  learnin_rate: 1.0e-4\n", encoding="utf-8")
+    result = ftlaunch("--model", "tiny", "--recipe", recipe, "--dry-run",
+                      "--output-dir", tmp_path / "run")
+    assert_user_error(result, "learnin_rate")
+
+
+# --- plan ---------------------------------------------------------------------------------
+
+def test_plan_that_does_not_fit_exits_2_with_json(ftlaunch):
+    result = ftlaunch("plan", "--model", "llama-3.1-70b", "--hardware", "1xRTX4090-24GB",
+                      "--method", "lora", "--json")
+    assert result.returncode == USER_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["fits"] is False
+    assert plan["reasons"]
+    assert plan["model"]["id"] == "llama-3.1-70b"
+    assert plan["method"] == "lora"
+    assert "does not fit" in result.stderr
+
+
+def test_plan_that_fits_exits_0(ftlaunch):
+    result = ftlaunch("plan", "--model", "llama-3.1-8b", "--hardware", "8xH100-80GB", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["fits"] is True
+    assert plan["num_processes"] == 8
+    assert plan["hardware"]["gpu_name"] == "H100"
+
+
+def test_plan_text(ftlaunch):
+    result = ftlaunch("plan", "--model", "tiny", "--hardware", "2x8xA100-80GB")
+    assert result.returncode == 0, result.stderr
+    assert "tiny" in result.stdout
+    assert "16 process(es) on 2 machine(s)" in result.stdout
+
+
+# --- help and the informational commands ---------------------------------------------------
+
+@pytest.mark.parametrize("args, flags", [
+    ([], ["train", "plan", "hardware", "recipes", "--version"]),
+    (["train"], ["--model", "--gpus", "--data", "--recipe", "--output-dir", "--method",
+                 "--engine", "--max-steps", "--seq-len", "--global-batch-size", "--set",
+                 "--nnodes", "--node-rank", "--master-addr", "--master-port", "--dry-run",
+                 "--fresh"]),
+    (["plan"], ["--model", "--hardware", "--json", "--gpus", "--method", "--set"]),
+    (["hardware"], ["--json"]),
+    (["recipes"], ["recipes"]),
+])
+def test_help(ftlaunch, args, flags):
+    result = ftlaunch(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ftlaunch")
+    for flag in flags:
+        assert flag in result.stdout, flag
+
+
+def test_version(ftlaunch):
+    from ftlaunch import __version__
+
+    result = ftlaunch("--version")
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+def test_hardware_json(ftlaunch):
+    result = ftlaunch("hardware", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["cpu_cores"] >= 1
+    assert data["ram_bytes"] > 0
+    assert data["nodes"] == 1
+    assert isinstance(data["gpus_per_node"], int)
+    assert data["source"] == "detected"
+
+
+def test_hardware_text(ftlaunch):
+    result = ftlaunch("hardware")
+    assert result.returncode == 0, result.stderr
+    assert "cpu cores" in result.stdout
+
+
+def test_recipes_lists_recipes_and_presets(ftlaunch):
+    result = ftlaunch("recipes")
+    assert result.returncode == 0, result.stderr
+    names = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert {"default", "demo", "tiny", "llama-3.1-8b"} <= names
+    assert "meta-llama/Llama-3.1-8B-Instruct" in result.stdout
+
+
+# --- the bare form: a dry run ---------------------------------------------------------------
+
+def test_bare_form_dry_run(ftlaunch, tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    run_dir = tmp_path / "DIR"
+    result = ftlaunch("--model", "tiny", "--gpus", "auto", "--dry-run", "--output-dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "accelerate.commands.launch" in result.stdout
+    assert "ftlaunch.train" in result.stdout
+    assert str((run_dir / "accelerate.yaml").resolve()) in result.stdout
+
+    assert (run_dir / "accelerate.yaml").is_file()
+    assert (run_dir / "run.yaml").is_file()
+    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "adapter").exists()
+    assert not (tmp_path / "runs").exists()
+
+    record = yaml.safe_load((run_dir / "run.yaml").read_text(encoding="utf-8"))
+    assert record["plan"]["fits"] is True
+    assert record["plan"]["model"]["id"] == "tiny"
+    config = load_config_from_file(str(run_dir / "accelerate.yaml"))
+    assert config.num_processes == record["plan"]["num_processes"]
+    assert config.num_machines == 1
+
+    # The same dry run again leaves the run as it is.
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    again = ftlaunch("--model", "tiny", "--gpus", "auto", "--dry-run", "--output-dir", run_dir)
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.skipif(_cores() < 2, reason="--gpus 2 on a CPU-only box needs two cores")
+def test_dry_run_two_workers_writes_a_multi_process_config(ftlaunch, tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    run_dir = tmp_path / "two"
+    result = ftlaunch("train", "--model", "tiny", "--gpus", "2", "--dry-run",
+                      "--output-dir", run_dir)
+    assert result.returncode == 0, result.stderr
+    config = load_config_from_file(str(run_dir / "accelerate.yaml"))
+    assert config.num_processes == 2
+    assert config.main_process_port
+    assert f"--main_process_port {config.main_process_port}" in result.stdout

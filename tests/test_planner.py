@@ -1,0 +1,268 @@
+"""The planner over described hardware: strategy choice, batch arithmetic, the JSON contract.
+
+Exact memory figures are deliberately not asserted (the memory model is being
+recalibrated); only the relations every plan must keep.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ftlaunch import hardware, models, planner
+from ftlaunch.models import lora_parameter_count
+from ftlaunch.planner import TrainSpec
+
+HARDWARE = ["cpu", "1xRTX4090-24GB", "1xV100-32GB", "1xA100-80GB", "4xA100-80GB",
+            "8xH100-80GB", "2x8xA100-80GB"]
+MODELS = ["tiny", "smollm2-135m", "qwen2.5-0.5b", "llama-3.1-8b", "gemma-2-9b", "phi-3-mini",
+          "llama-3.1-70b"]
+METHODS = ["auto", "lora", "qlora"]
+
+
+def _plan(spec: str, model: str, **train) -> planner.Plan:
+    return planner.plan(hardware.parse_spec(spec), models.resolve(model), TrainSpec(**train))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@pytest.mark.parametrize("spec", HARDWARE)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_plan_invariants(spec, model, method):
+    hw = hardware.parse_spec(spec)
+    p = planner.plan(hw, models.resolve(model), TrainSpec(method=method))
+
+    assert p.global_batch_size == (p.per_device_batch_size * p.gradient_accumulation_steps
+                                   * p.num_processes)
+    assert p.per_device_batch_size >= 1 and p.gradient_accumulation_steps >= 1
+    assert p.num_machines == hw.nodes
+    assert p.num_processes == (hw.nodes * hw.gpus_per_node if hw.has_gpus else 1)
+    assert p.method in ("lora", "qlora")
+    if method != "auto":
+        assert p.method == method
+    assert p.engine in planner.ENGINES and p.engine != "auto"
+    if not hw.has_gpus:
+        assert p.engine == "cpu" and p.precision == "fp32"
+    elif hw.nodes * hw.gpus_per_node == 1:
+        assert p.engine == "single"
+    else:
+        assert p.engine in ("ddp", "fsdp", "deepspeed")
+    if hw.has_gpus:
+        assert p.precision == ("bf16" if hw.gpu.bf16 else "fp16")
+    assert p.trainable_parameters == lora_parameter_count(models.resolve(model), 16, "all-linear")
+    assert p.parameters == models.resolve(model).parameters
+    assert p.fits == (p.memory.total <= p.budget_bytes)
+    assert p.reasons, "a plan always says why (chosen strategy, or what was rejected)"
+    assert all(isinstance(r, str) and r for r in p.reasons)
+
+
+def test_plan_is_pure_and_deterministic():
+    hw = hardware.parse_spec("4xA100-80GB")
+    model = models.resolve("llama-3.1-8b")
+    spec = TrainSpec(seq_len=2048, global_batch_size=32)
+    assert planner.plan(hw, model, spec) == planner.plan(hw, model, spec)
+    assert spec == TrainSpec(seq_len=2048, global_batch_size=32)  # inputs untouched
+
+
+def test_cpu_tiny():
+    p = _plan("cpu", "tiny", method="lora")
+    assert p.engine == "cpu"
+    assert p.method == "lora"
+    assert p.fits is True
+    assert p.num_processes == 1
+    assert p.num_machines == 1
+    assert p.on_cpu
+
+
+def test_cpu_auto_tiny_picks_lora():
+    p = _plan("cpu", "tiny")
+    assert (p.engine, p.method, p.fits, p.num_processes) == ("cpu", "lora", True, 1)
+
+
+def test_cpu_two_processes():
+    p = _plan("cpu", "tiny", processes=2)
+    assert p.engine == "cpu"
+    assert p.num_processes == 2
+    assert p.fits
+    assert p.global_batch_size == p.per_device_batch_size * p.gradient_accumulation_steps * 2
+
+
+def test_cpu_budget_is_shared_by_the_workers():
+    one = _plan("cpu", "tiny", processes=1)
+    two = _plan("cpu", "tiny", processes=2)
+    assert two.budget_bytes < one.budget_bytes
+
+
+@pytest.mark.parametrize("spec", ["4xA100-80GB", "8xH100-80GB", "2xRTX4090-24GB"])
+@pytest.mark.parametrize("model", ["tiny", "smollm2-135m", "qwen2.5-0.5b"])
+def test_multi_gpu_small_model_uses_ddp(spec, model):
+    p = _plan(spec, model)
+    assert p.engine == "ddp"
+    assert p.fits
+    assert p.num_processes == hardware.parse_spec(spec).gpus_per_node
+    assert p.zero_stage is None
+
+
+def test_single_gpu_engine():
+    p = _plan("1xA100-80GB", "tiny")
+    assert p.engine == "single"
+    assert p.num_processes == 1
+    assert p.fits
+
+
+def test_two_nodes_of_eight():
+    p = _plan("2x8xA100-80GB", "tiny")
+    assert p.num_machines == 2
+    assert p.num_processes == 16
+    assert p.engine == "ddp"
+    assert p.global_batch_size == p.per_device_batch_size * p.gradient_accumulation_steps * 16
+
+
+@pytest.mark.parametrize("global_batch, spec", [(10, "4xA100-80GB"), (7, "2xA100-80GB"),
+                                                (64, "8xH100-80GB"), (3, "cpu")])
+def test_batch_arithmetic_holds_for_awkward_batches(global_batch, spec):
+    p = _plan(spec, "tiny", global_batch_size=global_batch)
+    assert p.global_batch_size == (p.per_device_batch_size * p.gradient_accumulation_steps
+                                   * p.num_processes)
+    if p.global_batch_size != global_batch:
+        assert any("global batch" in r for r in p.reasons), p.reasons
+
+
+def test_impossible_plan_does_not_fit_and_says_why():
+    p = _plan("1xRTX4090-24GB", "llama-3.1-70b", method="lora")
+    assert p.fits is False
+    assert p.reasons
+    assert p.memory.total > p.budget_bytes
+    assert p.to_json()["fits"] is False
+
+
+def test_bigger_card_never_fits_less():
+    small = _plan("1xRTX4090-24GB", "llama-3.1-8b", method="lora")
+    big = _plan("1xA100-80GB", "llama-3.1-8b", method="lora")
+    assert big.budget_bytes > small.budget_bytes
+    assert big.fits or not small.fits
+
+
+def test_qlora_weights_smaller_than_lora_weights():
+    lora = _plan("1xA100-80GB", "llama-3.1-8b", method="lora")
+    qlora = _plan("1xA100-80GB", "llama-3.1-8b", method="qlora")
+    assert qlora.memory.weights < lora.memory.weights
+
+
+# --- the JSON contract -------------------------------------------------------------------
+
+CONTRACT = {
+    "model": {"id": str, "parameters": int, "trainable_parameters": int},
+    "hardware": {"nodes": int, "gpus_per_node": int, "gpu_name": (str, type(None)),
+                 "gpu_memory_bytes": int},
+    "method": str,
+    "engine": str,
+    "zero_stage": (int, type(None)),
+    "num_processes": int,
+    "num_machines": int,
+    "per_device_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "global_batch_size": int,
+    "seq_len": int,
+    "gradient_checkpointing": bool,
+    "memory": {"per_device_peak_bytes": int, "budget_bytes": int, "weights": int, "adapter": int,
+               "gradients": int, "optimizer": int, "activations": int, "overhead": int},
+    "fits": bool,
+    "reasons": list,
+}
+
+
+def _check_contract(data: dict, contract: dict, where: str = "") -> None:
+    for key, expected in contract.items():
+        assert key in data, f"plan JSON lacks {where}{key}"
+        value = data[key]
+        if isinstance(expected, dict):
+            assert isinstance(value, dict), f"{where}{key} should be an object"
+            _check_contract(value, expected, f"{where}{key}.")
+            continue
+        types = expected if isinstance(expected, tuple) else (expected,)
+        if bool not in types and isinstance(value, bool):
+            raise AssertionError(f"{where}{key} is a bool, expected {types}")
+        assert isinstance(value, types), f"{where}{key}={value!r} is not {types}"
+
+
+@pytest.mark.parametrize("spec, model, train", [
+    ("cpu", "tiny", {}),
+    ("cpu", "tiny", {"processes": 2}),
+    ("1xRTX4090-24GB", "llama-3.1-8b", {}),
+    ("4xA100-80GB", "llama-3.1-70b", {"method": "lora"}),
+    ("2x8xA100-80GB", "qwen2.5-0.5b", {}),
+    ("1xRTX4090-24GB", "llama-3.1-70b", {"method": "lora"}),
+])
+def test_to_json_contract(spec, model, train):
+    p = _plan(spec, model, **train)
+    data = p.to_json()
+    _check_contract(data, CONTRACT)
+    assert json.loads(json.dumps(data)) == data  # plain JSON, nothing exotic
+    hw = hardware.parse_spec(spec)
+    assert data["model"]["id"] == model
+    assert data["model"]["parameters"] == models.resolve(model).parameters
+    assert data["hardware"]["nodes"] == hw.nodes
+    assert data["hardware"]["gpus_per_node"] == hw.gpus_per_node
+    assert data["hardware"]["gpu_name"] == (hw.gpu.name if hw.gpu else None)
+    assert data["num_processes"] == p.num_processes
+    assert data["global_batch_size"] == (data["per_device_batch_size"]
+                                         * data["gradient_accumulation_steps"]
+                                         * data["num_processes"])
+    mem = data["memory"]
+    terms = ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")
+    assert all(mem[t] >= 0 for t in terms)
+    assert mem["per_device_peak_bytes"] >= sum(mem[t] for t in terms)
+    assert data["fits"] == (mem["per_device_peak_bytes"] <= mem["budget_bytes"])
+    assert all(isinstance(r, str) for r in data["reasons"])
+
+
+def test_planning_path_does_not_import_torch():
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import ftlaunch.planner, ftlaunch.job, ftlaunch.cli, sys; print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_making_a_plan_does_not_import_torch():
+    code = ("import sys; from ftlaunch import hardware, models, planner; "
+            "p = planner.plan(hardware.parse_spec('8xH100-80GB'), models.resolve('llama-3.1-70b'), "
+            "planner.TrainSpec()); p.to_json(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("spec, model, method, seq_len", [
+    ("1xRTX4090-24GB", "llama-3.1-70b", "lora", 2048),
+    ("1xRTX4090-24GB", "llama-3.1-8b", "lora", 16384),
+    ("1xA100-40GB", "qwen2.5-32b", "lora", 4096),
+    ("2xRTX4090-24GB", "llama-3.1-70b", "qlora", 8192),
+])
+def test_would_fit_hints_are_plans_that_fit(spec, model, method, seq_len):
+    import re
+    from dataclasses import replace
+
+    p = _plan(spec, model, method=method, seq_len=seq_len)
+    assert not p.fits
+    hints = [r for r in p.reasons if r.startswith("would fit")]
+    assert hints or any("nothing smaller fits" in r for r in p.reasons), p.reasons
+    for hint in hints:
+        kwargs = {"method": method, "seq_len": seq_len}
+        if m := re.search(r"--method (\w+)", hint):
+            kwargs["method"] = m.group(1)
+        if m := re.search(r"--seq-len (\d+)", hint):
+            kwargs["seq_len"] = int(m.group(1))
+        hw_spec = spec
+        if m := re.search(r"--gpus (\d+)", hint):
+            hw_spec = re.sub(r"^\d+x", f"{m.group(1)}x", spec)
+        elif m := re.search(r"(\d+) nodes of 8", hint):
+            hw_spec = f"{m.group(1)}x8x" + spec.split("x", 1)[1]
+        assert _plan(hw_spec, model, **kwargs).fits, (hint, hw_spec, kwargs)

@@ -1,0 +1,130 @@
+"""Bundled recipes and `--set KEY=VALUE` overrides, checked against TRL's and peft's dataclasses."""
+
+import pytest
+
+from ftlaunch import recipes
+from ftlaunch.errors import UserError
+
+BUNDLED = sorted(recipes.recipe_paths())
+
+
+def test_bundled_recipes_exist():
+    assert {"default", "demo"} <= set(BUNDLED)
+    assert "models" not in BUNDLED  # model facts are not a recipe
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_recipe_loads_and_validates(name):
+    recipe = recipes.load_recipe(name)
+    assert recipe.name == name
+    assert recipe.method in recipes.METHODS
+    assert recipe.seq_len >= 1 and recipe.global_batch_size >= 1
+    checked = recipes.validate(recipe)
+    assert set(checked.training) == set(recipe.training)
+    assert set(checked.lora) == set(recipe.lora)
+    if "learning_rate" in checked.training:
+        assert isinstance(checked.training["learning_rate"], float)
+    assert not set(checked.training) & set(recipes.PLAN_OWNED)
+
+
+def test_recipe_loads_from_a_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("method: lora\nseq_len: 256\nglobal_batch_size: 4\n"
+                    "training:\n  learning_rate: 1.0e-5\nlora:\n  r: 4\n", encoding="utf-8")
+    recipe = recipes.validate(recipes.load_recipe(str(path)))
+    assert recipe.name == "mine"
+    assert (recipe.method, recipe.seq_len, recipe.global_batch_size) == ("lora", 256, 4)
+    assert recipe.training["learning_rate"] == 1e-5
+    assert recipe.lora["r"] == 4
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("method: lora\nbogus: 1\n", "bogus"),
+    ("method: sometimes\n", "method"),
+    ("seq_len: -3\n", "seq_len"),
+    ("- just\n- a list\n", "mapping"),
+])
+def test_bad_recipe_files(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        recipes.load_recipe(str(path))
+    assert needle in str(info.value)
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(UserError) as info:
+        recipes.load_recipe("no-such-recipe")
+    assert "no-such-recipe" in str(info.value)
+
+
+def _default_with(*sets):
+    return recipes.apply_overrides(recipes.load_recipe("default"), list(sets))
+
+
+def test_learning_rate_override_becomes_a_float():
+    recipe = recipes.validate(_default_with("learning_rate=1e-4"))
+    value = recipe.training["learning_rate"]
+    assert isinstance(value, float)
+    assert value == 1e-4
+
+
+def test_lora_rank_override():
+    recipe = recipes.validate(_default_with("lora.r=32"))
+    assert recipe.lora["r"] == 32
+    assert isinstance(recipe.lora["r"], int)
+    assert recipe.lora["lora_alpha"] == recipes.load_recipe("default").lora["lora_alpha"]
+
+
+def test_data_system_prompt_override():
+    recipe = recipes.validate(_default_with("data.system_prompt=Hi"))
+    assert recipe.data["system_prompt"] == "Hi"
+
+
+def test_overrides_do_not_change_the_original():
+    original = recipes.load_recipe("default")
+    recipes.apply_overrides(original, ["learning_rate=1e-4", "lora.r=64"])
+    assert original.lora["r"] == 16
+    assert original.training["learning_rate"] == 2.0e-4
+
+
+def test_unknown_training_key_names_the_key():
+    with pytest.raises(UserError) as info:
+        recipes.validate(_default_with("learning_rat=1"))
+    assert "learning_rat" in str(info.value)
+
+
+def test_unknown_lora_key_names_the_key():
+    with pytest.raises(UserError) as info:
+        recipes.validate(_default_with("lora.rank=8"))
+    assert "rank" in str(info.value)
+
+
+def test_unknown_data_key():
+    with pytest.raises(UserError) as info:
+        recipes.validate(_default_with("data.shuffle=true"))
+    assert "shuffle" in str(info.value)
+
+
+def test_wrong_type_is_a_user_error():
+    with pytest.raises(UserError) as info:
+        recipes.validate(_default_with("max_steps=abc"))
+    assert "max_steps" in str(info.value)
+
+
+def test_plan_owned_key_points_at_the_flag():
+    with pytest.raises(UserError) as info:
+        _default_with("max_length=5")
+    assert "--seq-len" in str(info.value)
+
+
+@pytest.mark.parametrize("assignment", ["foo", "=5", ""])
+def test_malformed_set_is_a_user_error(assignment):
+    with pytest.raises(UserError) as info:
+        _default_with(assignment)
+    assert "KEY=VALUE" in str(info.value)
+
+
+def test_nested_key_outside_lora_and_data():
+    with pytest.raises(UserError):
+        _default_with("training.learning_rate=1e-4")
