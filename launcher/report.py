@@ -46,7 +46,7 @@ def hardware_text(hw: Hardware) -> str:
     if hw.gpu is not None:
         cap = hw.gpu.compute_capability
         lines.append(f"  gpu: {hw.gpu.name}, {_gib(hw.gpu.memory_bytes)}, compute capability "
-                     f"{'%d.%d' % cap if cap else 'unknown'}, bf16 {'yes' if hw.gpu.bf16 else 'no'}")
+                     f"{f'{cap[0]}.{cap[1]}' if cap else 'unknown'}, bf16 {'yes' if hw.gpu.bf16 else 'no'}")
     lines.append(f"  cpu cores: {hw.cpu_cores}   ram: {_gib(hw.ram_bytes)}")
     if hw.disk_free_bytes is not None:
         lines.append(f"  free disk (output dir): {_gib(hw.disk_free_bytes)}")

@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(run_dir: Path, resume_from: Path | None) -> None:
     record = rundir.read_run_file(run_dir)
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
-
-    import torch
-
     on_cpu = plan["engine"] == "cpu"
     tokenizer = _load_tokenizer(model_info["tokenizer"])
     model = _load_model(model_info, plan, recipe, on_cpu)
@@ -64,7 +61,6 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         print(f"ftlaunch: training finished, adapter in {run_dir / 'adapter'}", flush=True)
-    del torch
 
 
 def _load_tokenizer(source: str):

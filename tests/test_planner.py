@@ -248,7 +248,6 @@ def test_making_a_plan_does_not_import_torch():
 ])
 def test_would_fit_hints_are_plans_that_fit(spec, model, method, seq_len):
     import re
-    from dataclasses import replace
 
     p = _plan(spec, model, method=method, seq_len=seq_len)
     assert not p.fits
