@@ -70,15 +70,21 @@ def train(job: Job, argv: list[str], echo) -> int:
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu, offline=_is_local(record["model"]))
     code, received = launch.run(argv_launch, env, run_dir / "train.log")
-    if code == 0 and not rundir.is_finished(run_dir):
-        # A worker that stops gracefully on a signal exits 0 without finishing.
-        code = 128 + (received or 15)
+    if received is not None and not (code == 0 and rundir.is_finished(run_dir)):
+        # Stopped by a signal: say so with 128 + signal, whatever the workers returned
+        # (torchrun's agent turns SIGTERM into exit 1; a graceful worker exits 0).
+        code = 128 + received
+    elif code == 0 and not rundir.is_finished(run_dir):
+        code = 1  # the workers claimed success but left no adapter
     if code == 0:
         echo(f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}")
         echo(f"Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
+    elif received is not None:
+        echo(f"Stopped by signal {received} (exit code {code}); re-run the same command to "
+             f"resume from the last checkpoint in {run_dir / 'checkpoints'}.")
     else:
-        echo(f"Training stopped with exit code {code}; re-run the same command to resume "
-             f"from the last checkpoint in {run_dir / 'checkpoints'}.")
+        echo(f"Training failed with exit code {code} (see {run_dir / 'train.log'}); after fixing "
+             "the cause, re-run the same command to resume from the last checkpoint.")
     return code
 
 

@@ -39,3 +39,48 @@ def test_two_cpu_processes_train_one_synchronised_adapter(tmp_path):
     assert plan["per_device_batch_size"] * plan["gradient_accumulation_steps"] * 2 == 8
     steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_and_never_exits_0(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import FTLAUNCH
+
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [FTLAUNCH, "--model", "tiny", "--gpus", "2", "--max-steps", "100000", "--set",
+         "logging_steps=1", "--output-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.5)  # wait until the ranks are training
+    assert (run_dir / "metrics.jsonl").exists(), "training never started"
+    worker_pids = _worker_pids(launcher.pid)
+    assert len(worker_pids) >= 2, worker_pids
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "Stopped by signal" in out
+    time.sleep(1)
+    alive = [pid for pid in worker_pids if _alive(pid)]
+    assert not alive, f"orphaned workers: {alive}"
+    assert not (run_dir / "adapter").exists()
+
+
+def _worker_pids(root: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(root).children(recursive=True)
+            if "ftlaunch.train" in " ".join(p.cmdline())]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
