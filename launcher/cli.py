@@ -174,9 +174,7 @@ def recipes():
 def generate(run_dir, prompt, max_new_tokens, base_only):
     """Generate a reply with a finished run's adapter on its base model (greedy)."""
     from ftlaunch import export
-    from ftlaunch.quiet import silence_library_noise
 
-    silence_library_noise()
     click.echo(export.generate(run_dir, prompt, max_new_tokens, with_adapter=not base_only))
     return 0
 
@@ -189,6 +187,9 @@ def _plan_summary(p) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ftlaunch.quiet import silence_library_noise
+
+    silence_library_noise()
     try:
         code = cli.main(args=argv, prog_name="ftlaunch", standalone_mode=False)
     except UserError as exc:

@@ -43,6 +43,7 @@ def worker_env(num_processes_per_node: int, cpu_cores: int, on_cpu: bool,
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one bar per rank is noise
     if on_cpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
         # Without this every rank starts one thread per core and they fight over them.
         env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores // max(num_processes_per_node, 1))))
     if offline:

@@ -145,9 +145,6 @@ def validate(recipe: Recipe) -> Recipe:
     Returns the recipe with values coerced to the declared types (YAML reads
     1e-4 as a string; SFTConfig wants a float).
     """
-    from ftlaunch.quiet import silence_library_noise
-
-    silence_library_noise()
     from peft import LoraConfig
     from trl import SFTConfig
 
