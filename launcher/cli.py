@@ -58,8 +58,12 @@ def _job_options(func):
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override one recipe key: an SFTConfig field (learning_rate=1e-4), "
                           "lora.r=32, data.system_prompt=... Repeatable."),
-        click.option("--nnodes", type=int, default=1, show_default=True, help="Machines in the job."),
-        click.option("--node-rank", type=int, default=0, show_default=True, help="This machine's rank."),
+        click.option("--nnodes", type=int,
+                     help="Machines in the job. Default: from SLURM or NNODES/WORLD_SIZE "
+                          "variables, else 1."),
+        click.option("--node-rank", type=int,
+                     help="This machine's rank (0 is where rank 0 listens). Default: from "
+                          "SLURM_NODEID / NODE_RANK, else 0."),
         click.option("--master-addr", metavar="HOST", help="Address of node rank 0."),
         click.option("--master-port", type=int, metavar="PORT", help="Port rank 0 listens on."),
         click.option("--random-init", is_flag=True,
@@ -142,10 +146,21 @@ def plan(as_json, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def hardware(as_json):
     """Show the GPUs, CPU cores, RAM and disk ftlaunch sees on this machine."""
-    from ftlaunch import hardware as hw, report
+    import dataclasses
+    import os
+
+    from ftlaunch import cluster, hardware as hw, report
 
     found = hw.detect(Path.cwd())
-    click.echo(json.dumps(found.to_json(), indent=2) if as_json else report.hardware_text(found))
+    context = cluster.from_env(os.environ)
+    if as_json:
+        data = {**found.to_json(), "cluster": dataclasses.asdict(context) if context else None}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(report.hardware_text(found))
+        if context:
+            click.echo(f"  multi-node ({context.source}): {context.nnodes} nodes, this is node "
+                       f"{context.node_rank}, rank 0 at {context.master_addr}:{context.master_port}")
     return 0
 
 

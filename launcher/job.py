@@ -7,10 +7,12 @@ checked against TRL/peft only when there are any (that import costs seconds).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ftlaunch import cluster as cluster_mod
 from ftlaunch import hardware as hw
 from ftlaunch import models, planner, recipes
 from ftlaunch.errors import UserError
@@ -30,8 +32,8 @@ class Options:
     seq_len: int | None = None
     global_batch_size: int | None = None
     sets: tuple[str, ...] = ()
-    nnodes: int = 1
-    node_rank: int = 0
+    nnodes: int | None = None  # None: from SLURM / torchrun-style variables, else 1
+    node_rank: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
     random_init: bool = False
@@ -48,6 +50,7 @@ class Job:
     hardware: hw.Hardware
     plan: planner.Plan
     output_dir: Path
+    cluster: cluster_mod.ClusterContext
 
 
 def resolve(options: Options, detect_output_dir: bool = True, validate: bool = True) -> Job:
@@ -59,13 +62,12 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     if validate or options.sets or options.recipe not in recipes.recipe_paths():
         recipe = recipes.validate(recipe)
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
-    if options.nnodes < 1 or not 0 <= options.node_rank < options.nnodes:
-        raise UserError(f"--node-rank {options.node_rank} must be between 0 and --nnodes - 1 "
-                        f"({options.nnodes - 1}).")
+    cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
+                                  options.master_addr, options.master_port)
     machine = (hw.parse_spec(options.hardware) if options.hardware
                else hw.detect(output_dir if detect_output_dir else None))
-    if options.nnodes > 1 and not options.hardware:
-        machine = hw.with_nodes(machine, options.nnodes)
+    if cluster.nnodes > 1 and not options.hardware:
+        machine = hw.with_nodes(machine, cluster.nnodes)
     spec = planner.TrainSpec(
         seq_len=recipe.seq_len,
         global_batch_size=recipe.global_batch_size,
@@ -77,7 +79,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         lora_dropout=float(recipe.lora.get("lora_dropout", 0.0)),
     )
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
-               plan=planner.plan(machine, model, spec), output_dir=output_dir)
+               plan=planner.plan(machine, model, spec), output_dir=output_dir, cluster=cluster)
 
 
 def processes_per_node(gpus: str, machine: hw.Hardware) -> int | None:

@@ -1,8 +1,22 @@
 """Per-device peak memory of one training step, term by term (bytes). Pure, no torch.
 
-Each term names where its formula comes from. The model is deliberately
-explicit rather than fitted, so a wrong term shows up in a back-test instead
-of hiding inside a fudge factor.
+Each term names where its formula comes from. The model is explicit rather
+than fitted, so a wrong term shows up in a back-test (tests/test_memory.py)
+instead of hiding inside a fudge factor.
+
+The peak is not the sum of everything a step ever allocates: with gradient
+checkpointing the LM head / loss phase (end of forward, start of backward) and
+the recompute of one decoder layer (inside backward) are never alive together.
+So the peak is
+
+    persistent (weights, adapter, its gradients, optimizer state, CUDA context)
+  + saved activations (every layer's input with checkpointing, all of every
+    layer's activations without)
+  + the larger of: one layer's recomputed activations, the loss phase
+    (the loss phase alone when nothing is recomputed: it comes on top).
+
+The terms are reported so that they add up to that peak: `logits` is what the
+loss phase adds beyond the recompute phase.
 """
 
 from __future__ import annotations
@@ -16,11 +30,42 @@ if TYPE_CHECKING:
     from ftlaunch.planner import Candidate, TrainSpec
 
 GIB = 1024**3
+MIB = 1024**2
 
 # NF4 with double quantisation (Dettmers et al. 2023, QLoRA, section 3): 4 bits per
-# weight, plus 8-bit absmax per 64-weight block, plus one fp32 constant per 256
-# blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits.
+# weight, an 8-bit absmax per 64-weight block, one fp32 constant per 256 blocks:
+# 4 + 8/64 + 32/(64*256) = 4.127 bits.
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+
+# The CUDA context with torch's kernels loaded (lazy module loading, CUDA 12):
+# ~0.5 GiB on Ampere/Hopper as nvidia-smi shows for an idle `torch.zeros(1).cuda()`.
+# It is not part of torch.cuda.max_memory_allocated(), but it is on the card.
+CUDA_CONTEXT_BYTES = 512 * MIB
+# NCCL communicators and their buffers once there is a peer (NCCL_BUFFSIZE 4 MiB per
+# channel and peer, a few channels, plus the cuBLAS/NCCL workspaces): ~0.5 GiB.
+NCCL_BYTES = 512 * MIB
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What the training code does that changes memory. The default is ftlaunch's
+    own stack: transformers + PEFT + TRL, eager mode."""
+
+    # PEFT autocasts LoRA weights to fp32 (autocast_adapter_dtype=True), so they,
+    # their gradients and each of AdamW's two moments take 4 bytes.
+    adapter_bytes: int = 4
+    optimizer_bytes: int = 8
+    # transformers' ForCausalLMLoss upcasts the whole logits tensor to fp32 and
+    # cross-entropy keeps an fp32 log-softmax for backward: 4 + 4 bytes per logit,
+    # on top of the 16-bit logits the LM head returns. A chunked loss (torchtune's
+    # CEWithChunkedOutputLoss) keeps only 1/chunks of the fp32 part alive.
+    loss_fp32_bytes_per_logit: int = 8
+    loss_chunks: int = 1
+    # torch.compile fuses RMSNorm and act(gate) * up, so they save fewer tensors.
+    compiled: bool = False
+
+
+HF_TRL = Stack()
 
 
 @dataclass(frozen=True)
@@ -32,30 +77,60 @@ class Breakdown:
     activations: int
     logits: int
     overhead: int
+    cuda_context: int = 0  # part of overhead; on the card but not in torch's allocator
 
     @property
     def total(self) -> int:
         return (self.weights + self.adapter + self.gradients + self.optimizer
                 + self.activations + self.logits + self.overhead)
 
+    @property
+    def allocated(self) -> int:
+        """What torch.cuda.max_memory_allocated() would report: the total less the context."""
+        return self.total - self.cuda_context
+
 
 def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batch: int,
-             world: int, on_gpu: bool, gradient_checkpointing: bool) -> Breakdown:
+             world: int, on_gpu: bool, gradient_checkpointing: bool,
+             stack: Stack = HF_TRL) -> Breakdown:
     sharded = candidate.engine in ("fsdp", "deepspeed")
     shards = world if sharded else 1
-    # On CPU everything is fp32; on GPU weights and activations are 16-bit.
-    act_bytes = 2 if on_gpu else 4
+    elem = 2 if on_gpu else 4  # 16-bit activations on GPU, fp32 on CPU
     trainable = lora_parameter_count(model, spec.lora_rank, spec.lora_targets)
+    # DDP keeps a second copy of the gradients in its all-reduce buckets
+    # (gradient_as_bucket_view is off in the Trainer).
+    grad_copies = 2 if candidate.engine == "ddp" else 1
+    offloaded = candidate.offload  # FSDP offload_params / ZeRO-3 offload: states live on the CPU
+
+    one_layer = layer_activation_bytes(model, spec, micro_batch, elem, stack)
+    loss_phase = loss_bytes(model, spec.seq_len, micro_batch, elem, stack)
+    if gradient_checkpointing:
+        # Each layer's input is kept; one layer at a time is recomputed in backward.
+        checkpoints = model.num_layers * spec.seq_len * micro_batch * model.hidden_size * elem
+        activations = checkpoints + one_layer
+        logits = max(0, loss_phase - one_layer)
+    else:
+        activations = model.num_layers * one_layer
+        logits = loss_phase
+
+    context = CUDA_CONTEXT_BYTES if on_gpu else 0
+    overhead = context + (NCCL_BYTES if on_gpu and world > 1 else 0)
+    if candidate.method == "qlora":
+        # bitsandbytes dequantises one weight matrix at a time to the compute dtype.
+        overhead += 2 * max(i * o for i, o in model.linear_shapes().values())
+    if not on_gpu:
+        overhead += 512 * MIB  # the worker process itself: Python, torch, transformers
+
+    adapter_states = 0 if offloaded else trainable
     return Breakdown(
-        weights=weights_bytes(model, candidate.method, on_gpu, shards, candidate.offload),
-        # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True), their
-        # gradients too; AdamW holds two fp32 moments per trainable parameter.
-        adapter=4 * trainable // shards,
-        gradients=4 * trainable // shards,
-        optimizer=0 if candidate.offload else 8 * trainable // shards,
-        activations=activation_bytes(model, spec, micro_batch, act_bytes, gradient_checkpointing),
-        logits=logits_bytes(model, spec.seq_len, micro_batch, act_bytes),
-        overhead=overhead_bytes(model, candidate, world, on_gpu),
+        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded),
+        adapter=stack.adapter_bytes * adapter_states // shards,
+        gradients=grad_copies * stack.adapter_bytes * adapter_states // shards,
+        optimizer=stack.optimizer_bytes * adapter_states // shards,
+        activations=activations,
+        logits=logits,
+        overhead=overhead,
+        cuda_context=context,
     )
 
 
@@ -63,70 +138,56 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     """Base weights resident on one device.
 
     LoRA: 2 bytes per parameter (bf16/fp16); fp32 on CPU. QLoRA: the decoder's
-    linear layers in NF4, embeddings, lm_head and norms stay 16-bit (bitsandbytes
-    quantises nn.Linear only, and transformers skips lm_head). Sharded engines
-    divide by the world size; with CPU offload only the two layers being gathered
-    (current + prefetched, FSDP's forward/backward prefetch) are on the device.
+    linear layers in NF4; embeddings, lm_head and norms stay 16-bit
+    (bitsandbytes replaces nn.Linear only, and transformers skips lm_head).
+    Sharded engines hold 1/world of it plus the two layers being all-gathered
+    (current and prefetched: FSDP's forward/backward prefetch, ZeRO-3's prefetch
+    bucket); with CPU offload only those two layers and the embeddings are there.
     """
     dense = 2 if on_gpu else 4
     total = model.parameters
     linear = model.num_layers * sum(i * o for i, o in model.linear_shapes().values())
-    if method == "qlora":
-        resident = linear * NF4_BYTES_PER_PARAM + (total - linear) * dense
-        per_layer = linear / model.num_layers * NF4_BYTES_PER_PARAM
-    else:
-        resident = total * dense
-        per_layer = linear / model.num_layers * dense
+    per_linear = NF4_BYTES_PER_PARAM if method == "qlora" else dense
+    resident = linear * per_linear + (total - linear) * dense
+    gathered = 2 * (linear / model.num_layers) * per_linear
     if offload:
-        return int(2 * per_layer)
+        return int(gathered + model.embedding_parameters() * dense)
     if shards > 1:
-        return int(resident / shards + 2 * per_layer)  # gathered layers in flight
+        return int(resident / shards + gathered)
     return int(resident)
 
 
-def activation_bytes(model: ModelSpec, spec: TrainSpec, micro_batch: int, elem: int,
-                     gradient_checkpointing: bool) -> int:
-    """Saved activations of the decoder stack.
+def layer_activation_bytes(model: ModelSpec, spec: TrainSpec, micro_batch: int, elem: int,
+                           stack: Stack) -> int:
+    """Bytes one decoder layer saves for backward at this micro-batch.
 
-    Per layer, following Korthikanti et al. 2022 ("Reducing Activation
-    Recomputation in Large Transformer Models", section 4.1) adapted to
-    GQA + SwiGLU + RMSNorm, with SDPA/flash attention (no s^2 score matrix kept):
+    Per token, following Korthikanti et al. 2022 ("Reducing Activation
+    Recomputation in Large Transformer Models", section 4.1), adapted to
+    GQA + SwiGLU + RMSNorm with SDPA/flash attention (no s^2 score matrix):
       attention: normed input H, q, k, v, attention output   -> H + 2q + 2kv
-      MLP: normed input H, gate, up, act(gate), gate*up       -> H + 4I
-      two RMSNorm inputs saved in fp32                         -> 2 * 2H (x elem)
-      LoRA dropout keeps a masked copy of each target's input -> 3H + q + 2H + I
-    With gradient checkpointing at decoder-layer granularity (HF), only each
-    layer's input hidden state is kept, plus one layer recomputed in backward.
+      MLP: normed input H, gate, up, act(gate), gate * up      -> H + 4I (compiled: H + 3I)
+      two RMSNorms: fp32 input (2 units) + normed bf16 output   -> 6H (compiled: 2H)
+      LoRA dropout keeps a masked copy of each target's input  -> 5H + q + I (all-linear)
     """
-    s, b = spec.seq_len, micro_batch
     h, i = model.hidden_size, model.intermediate_size
     q = model.num_heads * model.head_dim
     kv = model.num_kv_heads * model.head_dim
-    per_token = (h + 2 * q + 2 * kv) + (h + 4 * i) + 4 * h
+    per_token = (h + 2 * q + 2 * kv)
+    per_token += (h + 3 * i) if stack.compiled else (h + 4 * i)
+    per_token += 2 * h if stack.compiled else 6 * h
     if spec.lora_dropout > 0:
-        per_token += 3 * h + q + 2 * h + i
-    one_layer = s * b * per_token * elem
-    if gradient_checkpointing:
-        return model.num_layers * s * b * h * elem + one_layer
-    return model.num_layers * one_layer
+        per_token += _dropout_copies(model, spec.lora_targets)
+    return spec.seq_len * micro_batch * per_token * elem
 
 
-def logits_bytes(model: ModelSpec, seq_len: int, micro_batch: int, elem: int) -> int:
-    """The LM head output and the loss: logits in the model dtype, the fp32 upcast
-    transformers' ForCausalLMLoss makes, and the fp32 gradient of that upcast."""
-    tokens = seq_len * micro_batch
-    return tokens * model.vocab_size * (elem + 4 + 4)
+def _dropout_copies(model: ModelSpec, targets) -> int:
+    """Elements per token that LoRA dropout copies: the input width of each target."""
+    shapes = model.linear_shapes()
+    names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
+    return sum(shapes[n][0] for n in names)
 
 
-def overhead_bytes(model: ModelSpec, candidate: Candidate, world: int, on_gpu: bool) -> int:
-    """CUDA context and kernels (~0.5 GiB on Ampere/Hopper with torch's kernels
-    loaded), NCCL communicator buffers when there are peers (~0.5 GiB), and the
-    dequantised copy of the largest linear layer QLoRA materialises in forward."""
-    if not on_gpu:
-        return int(0.5 * GIB)  # the Python process with torch and transformers loaded
-    extra = int(0.5 * GIB)
-    if world > 1:
-        extra += int(0.5 * GIB)
-    if candidate.method == "qlora":
-        extra += 2 * max(i * o for i, o in model.linear_shapes().values())
-    return extra
+def loss_bytes(model: ModelSpec, seq_len: int, micro_batch: int, elem: int, stack: Stack) -> int:
+    """The LM head output in the compute dtype, plus the fp32 loss working set."""
+    logits = seq_len * micro_batch * model.vocab_size
+    return logits * elem + logits * stack.loss_fp32_bytes_per_logit // stack.loss_chunks

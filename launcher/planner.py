@@ -5,13 +5,12 @@ It walks the strategies from cheapest to most elaborate and takes the first
 that fits the per-device memory budget:
 
     1 GPU:     LoRA (bf16) -> QLoRA
-    n GPUs:    DDP LoRA -> DDP QLoRA -> FSDP QLoRA (or DeepSpeed ZeRO-3)
-               -> the same with CPU offload
+    n GPUs:    DDP LoRA -> FSDP QLoRA (or DeepSpeed ZeRO-3) -> the same with CPU offload
     no GPU:    engine "cpu", N worker processes (gloo)
 
-For each it tries the full micro-batch without gradient checkpointing, then
-with it, then lowers the micro-batch until it fits, and fills the requested
-global batch with gradient accumulation. Memory terms live in `memory.py`.
+For each it lowers the micro-batch, then turns gradient checkpointing on and
+lowers it again, and fills the requested global batch with gradient
+accumulation. Memory terms live in `memory.py`.
 """
 
 from __future__ import annotations
@@ -147,19 +146,32 @@ def _budget(hardware: Hardware, processes_per_node: int) -> int:
 
 
 def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candidate]:
-    methods = ("lora", "qlora") if spec.method == "auto" else (spec.method,)
+    """Strategies from cheapest to most elaborate.
+
+    One device: LoRA on a 16-bit base, else QLoRA. Several GPUs: DDP while a whole
+    replica fits on each (no weight traffic, only LoRA gradients are all-reduced),
+    else shard the 4-bit base (FSDP-QLoRA, or ZeRO-3 with --engine deepspeed),
+    then the same with parameters and optimizer state offloaded to CPU RAM.
+    """
+    lora_ok = spec.method in ("auto", "lora")
+    qlora_ok = spec.method in ("auto", "qlora")
     if not hardware.has_gpus:
-        return [Candidate(m, "cpu") for m in methods]
+        return [Candidate(m, "cpu") for m in ("lora", "qlora") if spec.method in ("auto", m)][:1]
     if world == 1:
-        return [Candidate(m, "single") for m in methods]
-    sharded_engine = "deepspeed" if spec.engine == "deepspeed" else "fsdp"
-    zero = 3 if sharded_engine == "deepspeed" else None
+        return [Candidate(m, "single") for m in ("lora", "qlora") if spec.method in ("auto", m)]
+    # With --method auto, sharding is for QLoRA: a sharded 16-bit base moves 4x the bytes.
+    sharded_method = "lora" if spec.method == "lora" else "qlora"
+    engine = "deepspeed" if spec.engine == "deepspeed" else "fsdp"
+    zero = 3 if engine == "deepspeed" else None
     out: list[Candidate] = []
     if spec.engine in ("auto", "ddp"):
-        out += [Candidate(m, "ddp") for m in methods]
-    if spec.engine in ("auto", "fsdp", "deepspeed"):
-        out += [Candidate(m, sharded_engine, zero) for m in methods]
-        out += [Candidate(m, sharded_engine, zero, offload=True) for m in methods]
+        if lora_ok:
+            out.append(Candidate("lora", "ddp"))
+        if spec.method == "qlora" or (qlora_ok and spec.engine == "ddp"):
+            out.append(Candidate("qlora", "ddp"))
+    if spec.engine != "ddp":
+        out.append(Candidate(sharded_method, engine, zero))
+        out.append(Candidate(sharded_method, engine, zero, offload=True))
     return out
 
 
@@ -173,12 +185,12 @@ def _micro_batches(global_batch: int, world: int) -> list[int]:
 def _batch_options(global_batch: int, world: int) -> list[tuple[int, bool]]:
     """(micro-batch, gradient checkpointing) in the order worth trying.
 
-    Checkpointing costs about a third more compute (one extra forward), so it is
-    off only when the full micro-batch fits without it; past that it goes on
-    first, and the micro-batch comes down under it.
+    A smaller micro-batch with more accumulation costs little throughput;
+    checkpointing costs about a third more compute (one extra forward). So the
+    micro-batch comes down first, and only then does checkpointing go on.
     """
     micro = _micro_batches(global_batch, world)
-    return [(micro[0], False)] + [(m, True) for m in micro]
+    return [(m, False) for m in micro] + [(m, True) for m in micro]
 
 
 def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, checkpointing,

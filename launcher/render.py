@@ -1,12 +1,14 @@
-"""Plan -> accelerate.yaml in the run directory, from the templates in accelerate_configs/.
+"""Plan -> accelerate.yaml (and ds_config.json) in the run directory, from the templates in accelerate_configs/.
 
 The template per engine holds the fixed settings; the plan fills what it
-decided (process and machine counts, precision, rendezvous). The file is a
-plain accelerate config: users can take it and run `accelerate launch` by hand.
+decided (process and machine counts, precision, offload, rendezvous). The files
+are a plain accelerate config and a plain DeepSpeed config: users can take them
+and run `accelerate launch` by hand.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,13 @@ import yaml
 from ftlaunch.errors import UserError
 from ftlaunch.planner import Plan
 from ftlaunch.resources import accelerate_templates_dir
+
+DS_CONFIG_FILE = "ds_config.json"
+# DeepSpeed's own defaults, written out: a config without "auto" must say them.
+_BUCKET = 500_000_000
+_PREFETCH_BUCKET = 50_000_000
+_PERSISTENCE_THRESHOLD = 100_000
+_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -28,15 +37,23 @@ class Rendezvous:
 def template_name(plan: Plan) -> str:
     if plan.engine == "cpu":
         return "cpu-ddp" if plan.num_processes > 1 else "cpu"
-    if plan.engine in ("single", "ddp"):
+    if plan.engine in ("single", "ddp", "fsdp"):
         return plan.engine
+    if plan.engine == "deepspeed":
+        if plan.zero_stage in (2, 3):
+            return f"deepspeed-zero{plan.zero_stage}"
+        raise UserError(
+            f"The plan chose DeepSpeed with ZeRO stage {plan.zero_stage!r}; ftlaunch launches "
+            "ZeRO-2 and ZeRO-3 only. Pass --engine fsdp or --engine ddp instead."
+        )
     raise UserError(
         f"The plan chose engine {plan.engine!r}, which this version of ftlaunch cannot launch "
         "yet. Pass --engine ddp or fewer GPUs, or use a recipe that fits one replica per GPU."
     )
 
 
-def accelerate_config(plan: Plan, rendezvous: Rendezvous) -> dict:
+def accelerate_config(plan: Plan, rendezvous: Rendezvous,
+                      ds_config_path: Path | None = None) -> dict:
     path = accelerate_templates_dir() / f"{template_name(plan)}.yaml"
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     config["num_processes"] = plan.num_processes
@@ -45,12 +62,90 @@ def accelerate_config(plan: Plan, rendezvous: Rendezvous) -> dict:
     if plan.num_processes > 1:
         config["main_process_ip"] = rendezvous.main_process_ip
         config["main_process_port"] = rendezvous.main_process_port
-    config["mixed_precision"] = "no" if plan.precision == "fp32" else plan.precision
+    if plan.engine == "deepspeed":
+        # Precision lives in ds_config.json: accelerate refuses a mixed_precision set
+        # beside a deepspeed_config_file ("... will be ignored").
+        config.pop("mixed_precision", None)
+        if ds_config_path is not None:
+            config["deepspeed_config"]["deepspeed_config_file"] = str(ds_config_path)
+    else:
+        config["mixed_precision"] = "no" if plan.precision == "fp32" else plan.precision
+    if plan.engine == "fsdp":
+        config["fsdp_config"]["fsdp_offload_params"] = bool(plan.offload)
     return config
 
 
-def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path) -> Path:
-    config = accelerate_config(plan, rendezvous)
+def deepspeed_config(plan: Plan, training: dict | None = None) -> dict:
+    """The ds_config.json of a DeepSpeed plan, every value concrete.
+
+    No "auto": DeepSpeedConfig rejects it outside the HF Trainer, and a file that
+    validates standalone is one a user can take elsewhere. The values equal what
+    the Trainer derives from its own arguments (it checks they match). No
+    optimizer or scheduler section: the Trainer creates both, and a section here
+    would replace them.
+    """
+    if plan.engine != "deepspeed" or plan.zero_stage not in (2, 3):
+        raise ValueError(f"not a DeepSpeed ZeRO-2/3 plan: engine {plan.engine!r}, "
+                         f"zero_stage {plan.zero_stage!r}")
+    training = training or {}
+    micro, accumulation = plan.per_device_batch_size, plan.gradient_accumulation_steps
+    zero: dict = {
+        "stage": plan.zero_stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": _BUCKET,
+        "allgather_bucket_size": _BUCKET,
+    }
+    if plan.zero_stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": _PREFETCH_BUCKET,
+            "stage3_param_persistence_threshold": _PERSISTENCE_THRESHOLD,
+            "stage3_max_live_parameters": _LIVE_PARAMETERS,
+            "stage3_max_reuse_distance": _LIVE_PARAMETERS,
+            "sub_group_size": _LIVE_PARAMETERS,
+            # Gather the partitioned weights into a whole 16-bit state dict on save, so
+            # the adapter (and checkpoints) can be written as ordinary files.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
+    if plan.offload:
+        pin = plan.hardware.has_gpus  # pinned host memory only speeds up copies to a GPU
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        if plan.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    config: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * plan.num_processes,
+        "gradient_clipping": float(training.get("max_grad_norm", 1.0)),
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "fp16": {"enabled": plan.precision == "fp16"},
+        "zero_optimization": zero,
+        # The Trainer's AdamW (on the few LoRA parameters) is not one of DeepSpeed's own
+        # optimizers: allow it, and with offload let it step on the CPU as it is.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+    if plan.precision == "fp16":
+        # Dynamic loss scaling, DeepSpeed's defaults written out.
+        config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16,
+                               "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
+    return config
+
+
+def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
+                            training: dict | None = None) -> Path:
+    """Write run_dir/accelerate.yaml, and run_dir/ds_config.json for a DeepSpeed plan.
+
+    `training` is the recipe's training section (gradient clipping for DeepSpeed).
+    """
+    ds_path = None
+    if plan.engine == "deepspeed":
+        ds_path = (run_dir / DS_CONFIG_FILE).resolve()
+        _atomic_write(ds_path, json.dumps(deepspeed_config(plan, training), indent=2) + "\n")
+    config = accelerate_config(plan, rendezvous, ds_path)
     target = run_dir / "accelerate.yaml"
     header = (f"# Written by ftlaunch from accelerate_configs/{template_name(plan)}.yaml for "
               f"{plan.engine} / {plan.method}, {plan.num_processes} process(es).\n")

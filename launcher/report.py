@@ -28,7 +28,11 @@ def plan_text(plan: Plan) -> str:
         "memory per device (peak estimate)",
     ]
     for f in fields(plan.memory):
-        lines.append(f"  {f.name:<12} {_gib(getattr(plan.memory, f.name)):>10}")
+        if f.name == "cuda_context":
+            continue  # shown inside overhead
+        note = (f"  (incl. CUDA context {_gib(plan.memory.cuda_context)})"
+                if f.name == "overhead" and plan.memory.cuda_context else "")
+        lines.append(f"  {f.name:<12} {_gib(getattr(plan.memory, f.name)):>10}{note}")
     headroom = plan.budget_bytes - plan.memory.total
     lines += [
         f"  {'total':<12} {_gib(plan.memory.total):>10}",

@@ -35,8 +35,9 @@ def train(job: Job, argv: list[str], echo) -> int:
     dataset = data_io.load(data_path, job.recipe.data.get("format", "auto"),
                            job.recipe.data.get("system_prompt"))
     render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
-    if options.master_port is not None and options.node_rank == 0:
-        launch.check_port_free(options.master_port)
+    cluster = job.cluster
+    if cluster.master_port is not None and cluster.node_rank == 0:
+        launch.check_port_free(cluster.master_port)
 
     identity = _identity(job, dataset)
     state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not options.dry_run)
@@ -48,9 +49,9 @@ def train(job: Job, argv: list[str], echo) -> int:
              "Nothing to do (pass --fresh to train again from scratch).")
         return 0
 
-    port = options.master_port or (launch.free_port() if plan.num_processes > 1 else None)
-    rendezvous = render.Rendezvous(machine_rank=options.node_rank,
-                                   main_process_ip=options.master_addr or "127.0.0.1",
+    port = cluster.master_port or (launch.free_port() if plan.num_processes > 1 else None)
+    rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
+                                   main_process_ip=cluster.master_addr or "127.0.0.1",
                                    main_process_port=port or 29500)
     argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, state.checkpoint, port)
     if options.dry_run:

@@ -1,0 +1,65 @@
+"""Golden table: (hardware, model, options) -> the strategy the planner must choose.
+
+Defaults are the default recipe's (seq 1024, global batch 16). A change here is a
+change of product behaviour: say why in the commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ftlaunch import hardware, models, planner
+from ftlaunch.planner import TrainSpec
+
+# hardware, model, options -> method, engine, zero stage, offload, processes, machines, fits
+GOLDEN = [
+    # One 24 GB card, Llama-8B: a bf16 replica fits with checkpointing (torchtune measures
+    # 16.2 GiB for LoRA at seq 2048 x batch 2 on a 4090); long context needs QLoRA.
+    ("1xRTX4090-24GB", "llama-8b", {}, "lora", "single", None, False, 1, 1, True),
+    ("1xRTX4090-24GB", "llama-8b", {"seq_len": 8192}, "qlora", "single", None, False, 1, 1, True),
+    ("1xA100-80GB", "llama-8b", {}, "lora", "single", None, False, 1, 1, True),
+    ("1xH100-80GB", "gemma-2-9b", {}, "lora", "single", None, False, 1, 1, True),
+    ("1xRTX3090-24GB", "phi-3-mini", {}, "lora", "single", None, False, 1, 1, True),
+    ("1xT4-16GB", "llama-3.2-1b", {}, "lora", "single", None, False, 1, 1, True),
+    ("1xT4-16GB", "llama-8b", {}, "qlora", "single", None, False, 1, 1, True),
+    ("1xRTX4090-24GB", "qwen2.5-14b", {}, "qlora", "single", None, False, 1, 1, True),
+    ("1xA100-80GB", "llama-70b", {}, "qlora", "single", None, False, 1, 1, True),
+    ("1xRTX4090-24GB", "qwen2.5-32b", {}, "qlora", "single", None, False, 1, 1, False),
+    ("1xRTX4090-24GB", "llama-70b", {"method": "lora"}, "lora", "single", None, False, 1, 1, False),
+    # Several GPUs: DDP while a bf16 replica fits, else shard the 4-bit base.
+    ("4xA100-80GB", "llama-8b", {}, "lora", "ddp", None, False, 4, 1, True),
+    ("8xH100-80GB", "llama-8b", {}, "lora", "ddp", None, False, 8, 1, True),
+    ("4xL4-24GB", "mistral-7b", {}, "lora", "ddp", None, False, 4, 1, True),
+    ("2xRTX4090-24GB", "llama-8b", {"engine": "ddp", "method": "qlora"},
+     "qlora", "ddp", None, False, 2, 1, True),
+    ("2xA100-80GB", "llama-70b", {}, "qlora", "fsdp", None, False, 2, 1, True),
+    ("4xRTX4090-24GB", "llama-70b", {}, "qlora", "fsdp", None, False, 4, 1, True),
+    ("8xH100-80GB", "llama-70b", {}, "qlora", "fsdp", None, False, 8, 1, True),
+    ("8xH100-80GB", "llama-70b", {"engine": "deepspeed"}, "qlora", "deepspeed", 3, False, 8, 1, True),
+    ("4xRTX4090-24GB", "llama-8b", {"engine": "deepspeed"}, "qlora", "deepspeed", 3, False, 4, 1, True),
+    ("8xA10G-24GB", "qwen2.5-72b", {}, "qlora", "fsdp", None, False, 8, 1, True),
+    # Two 24 GB cards hold 70B only with parameters and optimizer state in CPU RAM.
+    ("2xRTX4090-24GB", "llama-70b", {}, "qlora", "fsdp", None, True, 2, 1, True),
+    # Multi-node: the same choice, over every GPU of every node.
+    ("2x8xA100-80GB", "llama-70b", {}, "qlora", "fsdp", None, False, 16, 2, True),
+    ("2x8xH100-80GB", "qwen2.5-72b", {}, "qlora", "fsdp", None, False, 16, 2, True),
+    # No GPU: CPU worker processes.
+    ("cpu", "tiny", {}, "lora", "cpu", None, False, 1, 1, True),
+    ("cpu", "tiny", {"processes": 2}, "lora", "cpu", None, False, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize(
+    "spec, model, options, method, engine, zero, offload, processes, machines, fits", GOLDEN,
+    ids=[f"{g[0]}-{g[1]}-{'-'.join(f'{k}={v}' for k, v in g[2].items()) or 'default'}"
+         for g in GOLDEN])
+def test_golden_plan(spec, model, options, method, engine, zero, offload, processes,
+                     machines, fits):
+    p = planner.plan(hardware.parse_spec(spec), models.resolve(model), TrainSpec(**options))
+    got = (p.method, p.engine, p.zero_stage, p.offload, p.num_processes, p.num_machines, p.fits)
+    assert got == (method, engine, zero, offload, processes, machines, fits), p.reasons
+    assert p.per_device_batch_size * p.gradient_accumulation_steps * p.num_processes == \
+        p.global_batch_size
+    if not fits:
+        assert any(r.startswith(("would fit", "nothing smaller fits")) for r in p.reasons)
+
