@@ -63,6 +63,10 @@ class Stack:
     loss_chunks: int = 1
     # torch.compile fuses RMSNorm and act(gate) * up, so they save fewer tensors.
     compiled: bool = False
+    # PEFT's prepare_model_for_kbit_training casts every 16-bit parameter left after
+    # quantisation (embeddings, lm_head, norms) to fp32; ftlaunch runs it for
+    # unsharded QLoRA only (FSDP/ZeRO-3 need a single dtype).
+    kbit_upcast: bool = True
 
 
 HF_TRL = Stack()
@@ -123,7 +127,8 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
 
     adapter_states = 0 if offloaded else trainable
     return Breakdown(
-        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded),
+        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded,
+                              upcast_rest=stack.kbit_upcast and not sharded),
         adapter=stack.adapter_bytes * adapter_states // shards,
         gradients=grad_copies * stack.adapter_bytes * adapter_states // shards,
         optimizer=stack.optimizer_bytes * adapter_states // shards,
@@ -134,12 +139,14 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     )
 
 
-def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool) -> int:
+def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool,
+                  upcast_rest: bool = False) -> int:
     """Base weights resident on one device.
 
     LoRA: 2 bytes per parameter (bf16/fp16); fp32 on CPU. QLoRA: the decoder's
     linear layers in NF4; embeddings, lm_head and norms stay 16-bit
-    (bitsandbytes replaces nn.Linear only, and transformers skips lm_head).
+    (bitsandbytes replaces nn.Linear only, and transformers skips lm_head), or
+    fp32 after PEFT's k-bit preparation (upcast_rest).
     Sharded engines hold 1/world of it plus the two layers being all-gathered
     (current and prefetched: FSDP's forward/backward prefetch, ZeRO-3's prefetch
     bucket); with CPU offload only those two layers and the embeddings are there.
@@ -148,10 +155,11 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     total = model.parameters
     linear = model.num_layers * sum(i * o for i, o in model.linear_shapes().values())
     per_linear = NF4_BYTES_PER_PARAM if method == "qlora" else dense
-    resident = linear * per_linear + (total - linear) * dense
+    rest = 4 if method == "qlora" and upcast_rest else dense
+    resident = linear * per_linear + (total - linear) * rest
     gathered = 2 * (linear / model.num_layers) * per_linear
     if offload:
-        return int(gathered + model.embedding_parameters() * dense)
+        return int(gathered + model.embedding_parameters() * rest)
     if shards > 1:
         return int(resident / shards + gathered)
     return int(resident)

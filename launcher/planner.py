@@ -252,6 +252,9 @@ def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> li
     """Suggestions that are themselves plans that fit, so following one works."""
     hints = []
     tries = []
+    if spec.engine == "ddp" and hardware.has_gpus:
+        tries.append(("--engine fsdp (shard the base, offload if needed)",
+                      replace(spec, engine="fsdp")))
     if spec.method != "qlora":
         tries.append(("--method qlora", replace(spec, method="qlora")))
     seq = spec.seq_len // 2
@@ -259,8 +262,11 @@ def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> li
         tries.append((f"--method qlora --seq-len {seq}", replace(spec, method="qlora", seq_len=seq)))
         seq //= 2
     for flags, trial in tries:
-        if plan(hardware, model, trial, _hints=False).fits:
-            hints.append(f"would fit: {flags}")
+        alternative = plan(hardware, model, trial, _hints=False)
+        if alternative.fits:
+            chosen = Candidate(alternative.method, alternative.engine, alternative.zero_stage,
+                               alternative.offload)
+            hints.append(f"would fit: {flags}: {_label(chosen)}")
             break
     if hardware.has_gpus:
         for gpus in (2, 4, 8):

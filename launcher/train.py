@@ -104,7 +104,10 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
         except OSError as exc:
             raise UserError(f"Cannot load model {model_info['load_from']}: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if plan["method"] == "qlora":
+    if plan["method"] == "qlora" and plan["engine"] not in ("fsdp", "deepspeed"):
+        # PEFT's preparation keeps norms and embeddings in fp32 for stability (the memory
+        # model counts it). Sharded QLoRA skips it: FSDP/ZeRO-3 flatten parameters into
+        # one dtype, which is why bnb_4bit_quant_storage is the compute dtype.
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -149,6 +152,7 @@ def _build_trainer(run_dir, plan, recipe, data_format, model, tokenizer, dataset
         disable_tqdm=True,
         save_strategy="steps",
         ddp_find_unused_parameters=False if plan["num_processes"] > 1 else None,
+        ddp_backend="gloo" if plan["engine"] == "deepspeed" and not plan["hardware"]["gpus_per_node"] else None,
         dataloader_num_workers=0,
         **training,
     )

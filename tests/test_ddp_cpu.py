@@ -42,7 +42,6 @@ def test_two_cpu_processes_train_one_synchronised_adapter(tmp_path):
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_and_never_exits_0(tmp_path):
-    import os
     import signal
     import subprocess
     import time

@@ -20,7 +20,8 @@ from ftlaunch.planner import Candidate, TrainSpec
 
 # torchtune's stack as its recipes configure it: bf16 LoRA weights, gradients and
 # AdamW moments (2 + 2 + 4 bytes), an 8-chunk fp32 loss, compiled model.
-TORCHTUNE = memory.Stack(adapter_bytes=2, optimizer_bytes=4, loss_chunks=8, compiled=True)
+TORCHTUNE = memory.Stack(adapter_bytes=2, optimizer_bytes=4, loss_chunks=8, compiled=True,
+                         kbit_upcast=False)
 TORCHTUNE_LORA = TrainSpec(seq_len=2048, lora_rank=8, lora_dropout=0.0,
                            lora_targets=("q_proj", "v_proj", "o_proj",
                                          "gate_proj", "up_proj", "down_proj"))
@@ -63,8 +64,12 @@ def test_qlora_weights_are_about_a_quarter_of_bf16_for_the_decoder():
     spec = models.resolve("llama-3.1-70b")
     bf16 = memory.weights_bytes(spec, "lora", True, 1, False)
     nf4 = memory.weights_bytes(spec, "qlora", True, 1, False)
-    # Decoder linears go from 16 to 4.127 bits; embeddings and lm_head stay 16-bit.
+    # Decoder linears go from 16 to 4.127 bits; embeddings and lm_head stay 16-bit...
     assert 0.25 < nf4 / bf16 < 0.30
+    # ...unless PEFT's k-bit preparation upcasts them to fp32: exactly their size more.
+    upcast = memory.weights_bytes(spec, "qlora", True, 1, False, upcast_rest=True)
+    rest = spec.parameters - spec.num_layers * sum(i * o for i, o in spec.linear_shapes().values())
+    assert upcast - nf4 == pytest.approx(2 * rest, abs=8)
 
 
 def test_every_reported_plan_fits_its_budget_or_says_so():
