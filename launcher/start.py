@@ -69,7 +69,8 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
     echo("Launching: " + launch.printable(argv_launch))
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
-                            on_cpu=plan.on_cpu, offline=_is_local(record["model"]))
+                            on_cpu=not plan.hardware.has_gpus,  # any engine, CPU workers
+                            offline=_is_local(record["model"]))
     code, received = launch.run(argv_launch, env, run_dir / "train.log")
     if received is not None and not (code == 0 and rundir.is_finished(run_dir)):
         # Stopped by a signal: say so with 128 + signal, whatever the workers returned
@@ -150,7 +151,7 @@ def _hf_config(spec) -> dict:
 def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvous,
                      materialize: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    render.write_accelerate_config(job.plan, rendezvous, run_dir)
+    render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training)
     record = {
         "ftlaunch_version": __version__,
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

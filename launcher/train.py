@@ -42,11 +42,13 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     record = rundir.read_run_file(run_dir)
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
     on_cpu = plan["engine"] == "cpu"
+    # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
+    # makes from_pretrained build the model already partitioned (zero.Init).
+    config = _training_config(run_dir, plan, recipe, record["data"]["format"], on_cpu)
     tokenizer = _load_tokenizer(model_info["tokenizer"])
     model = _load_model(model_info, plan, recipe, on_cpu)
     dataset = _load_dataset(record["data"], recipe)
-    trainer = _build_trainer(run_dir, plan, recipe, record["data"]["format"], model, tokenizer,
-                             dataset, on_cpu)
+    trainer = _build_trainer(run_dir, config, recipe, model, tokenizer, dataset)
     recorder = _BatchRecorder(trainer.data_collator)
     trainer.data_collator = recorder
 
@@ -56,8 +58,7 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
-    if trainer.is_world_process_zero():
-        _save_adapter(trainer, tokenizer, run_dir / "adapter")
+    _save_adapter(trainer, tokenizer, run_dir / "adapter")
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         print(f"ftlaunch: training finished, adapter in {run_dir / 'adapter'}", flush=True)
@@ -127,10 +128,8 @@ def _load_dataset(data_record: dict, recipe: dict):
     return Dataset.from_list(list(loaded.rows))
 
 
-def _build_trainer(run_dir, plan, recipe, data_format, model, tokenizer, dataset, on_cpu):
-    from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def _training_config(run_dir, plan, recipe, data_format, on_cpu):
+    from trl import SFTConfig
 
     training = dict(recipe["training"])
     # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
@@ -152,10 +151,27 @@ def _build_trainer(run_dir, plan, recipe, data_format, model, tokenizer, dataset
         disable_tqdm=True,
         save_strategy="steps",
         ddp_find_unused_parameters=False if plan["num_processes"] > 1 else None,
-        ddp_backend="gloo" if plan["engine"] == "deepspeed" and not plan["hardware"]["gpus_per_node"] else None,
+        ddp_backend=_ddp_backend(plan),
         dataloader_num_workers=0,
         **training,
     )
+    return config
+
+
+def _ddp_backend(plan: dict) -> str | None:
+    """DeepSpeed without a GPU needs the backend named: accelerate only works it out for
+    CUDA, and without one it would count a single process (and the Trainer's batch
+    arithmetic would disagree with ds_config.json)."""
+    if plan["engine"] == "deepspeed" and not plan["hardware"]["gpus_per_node"]:
+        return "gloo"
+    return None
+
+
+def _build_trainer(run_dir, config, recipe, model, tokenizer, dataset):
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTTrainer
+
     lora = LoraConfig(task_type="CAUSAL_LM", **recipe["lora"])
 
     class MetricsCallback(TrainerCallback):
@@ -196,12 +212,35 @@ class _BatchRecorder:
         return batch
 
 
-def _adapter_checksum(model) -> str:
+def _adapter_checksum(trainer) -> str:
+    """A digest of the trained adapter, the same on every rank when the ranks agree.
+
+    Collective under ZeRO-3 and FSDP (every rank must call it): ZeRO-3 partitions the
+    LoRA weights, so they are gathered first (only the trainable ones, a few MB); FSDP
+    keeps each rank's shard of them, so the shards' digests are gathered and hashed in
+    rank order.
+    """
+    model = trainer.model
+    trainable = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    if trainer.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in trainable):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            return _digest(trainable)
+    if trainer.is_fsdp_enabled and trainer.args.world_size > 1:
+        import torch.distributed as dist
+
+        shards: list = [None] * trainer.args.world_size
+        dist.all_gather_object(shards, _digest(trainable))
+        return hashlib.sha256("".join(shards).encode()).hexdigest()
+    return _digest(trainable)
+
+
+def _digest(named_params) -> str:
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+    for name, param in named_params:
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -218,7 +257,7 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
         "batches": recorder.batches,
         "tokens": recorder.tokens,
         "data_digest": recorder.digest.hexdigest(),
-        "adapter_checksum": _adapter_checksum(trainer.model),
+        "adapter_checksum": _adapter_checksum(trainer),
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
     }
@@ -228,9 +267,28 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
 
 
 def _save_adapter(trainer, tokenizer, target: Path) -> None:
-    # Written beside and renamed: a run counts as finished only when adapter/ is whole.
+    """Every rank calls this; rank 0 writes.
+
+    Written beside and renamed: a run counts as finished only when adapter/ is whole.
+    Sharded engines go through the Trainer's save_model, on every rank, because
+    collecting the adapter is collective there: ZeRO-3 gathers the trainable weights
+    (stage3_gather_16bit_weights_on_model_save), FSDP needs a full state dict
+    (checkpoints are SHARDED_STATE_DICT; the adapter file must be whole).
+    """
     staging = target.with_name(".adapter.tmp")
-    trainer.model.save_pretrained(staging)
+    main = trainer.is_world_process_zero()
+    zero3 = trainer.is_deepspeed_enabled and any(
+        hasattr(p, "ds_id") for p in trainer.model.parameters())
+    if trainer.is_fsdp_enabled or zero3:
+        if trainer.is_fsdp_enabled:
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(staging))
+        if main:
+            (staging / "training_args.bin").unlink(missing_ok=True)
+    elif main:
+        trainer.model.save_pretrained(staging)
+    if not main:
+        return
     tokenizer.save_pretrained(staging)
     if target.exists():
         import shutil
