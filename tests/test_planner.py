@@ -140,6 +140,27 @@ def test_impossible_plan_does_not_fit_and_says_why():
     assert p.to_json()["fits"] is False
 
 
+@pytest.mark.parametrize("spec", HARDWARE)
+@pytest.mark.parametrize("model", MODELS)
+def test_one_gpu_prefers_qlora_to_checkpointing_a_16bit_base(spec, model):
+    p = _plan(spec, model)
+    if p.num_processes != 1 or not p.hardware.has_gpus or not p.fits:
+        return
+    qlora_plain = planner.plan(p.hardware, models.resolve(model), TrainSpec(method="qlora"))
+    if p.method == "lora" and p.gradient_checkpointing:
+        assert qlora_plain.gradient_checkpointing, "QLoRA fitted without checkpointing"
+    if p.method == "qlora" and not p.gradient_checkpointing:
+        assert any("rejected SINGLE LORA" in r and "without gradient checkpointing" in r
+                   for r in p.reasons), p.reasons
+
+
+def test_forced_lora_on_24gb_checkpoints_the_16bit_base():
+    auto = _plan("1xRTX4090-24GB", "llama-3.1-8b")
+    forced = _plan("1xRTX4090-24GB", "llama-3.1-8b", method="lora")
+    assert (auto.method, auto.gradient_checkpointing) == ("qlora", False)
+    assert (forced.method, forced.fits, forced.gradient_checkpointing) == ("lora", True, True)
+
+
 def test_bigger_card_never_fits_less():
     small = _plan("1xRTX4090-24GB", "llama-3.1-8b", method="lora")
     big = _plan("1xA100-80GB", "llama-3.1-8b", method="lora")
