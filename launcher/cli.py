@@ -37,9 +37,21 @@ def _job_options(func):
                           "locally, or a local model folder."),
         click.option("--gpus", default="auto", show_default=True, metavar="auto|N",
                      help="GPUs per node. Without GPUs, N CPU worker processes (gloo)."),
-        click.option("--data", metavar="PATH",
-                     help="Training data, .jsonl with `messages` or `text` per line. "
+        click.option("--data", metavar="PATH|DIR|HUB_ID",
+                     help="Training data: .jsonl/.json/.csv/.parquet, a folder of them, a "
+                          "datasets.save_to_disk folder or a hub dataset id. Formats: messages, "
+                          "ShareGPT, Alpaca, prompt/completion, '### Human/### Assistant' "
+                          "text, plain text (auto-detected; data.format=... overrides). "
                           "Default: the bundled demo dataset."),
+        click.option("--eval-split", type=float, metavar="FRACTION",
+                     help="Hold out this fraction of --data for eval loss and perplexity."),
+        click.option("--eval-data", metavar="PATH", help="A separate evaluation file."),
+        click.option("--packing/--no-packing", default=None,
+                     help="Pack examples into full rows, padding-free (default: on)."),
+        click.option("--system-prompt", metavar="TEXT",
+                     help="Prepended as the system turn of chat examples that have none."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow the model's own Python code from the hub (off unless asked)."),
         click.option("--recipe", default="default", show_default=True, metavar="NAME|PATH",
                      help="Training recipe: a bundled name or a YAML file."),
         click.option("--output-dir", metavar="DIR",
@@ -192,6 +204,86 @@ def generate(run_dir, prompt, max_new_tokens, base_only):
 
     click.echo(export.generate(run_dir, prompt, max_new_tokens, with_adapter=not base_only))
     return 0
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
+              help="Where to write the merged model. Default: RUN_DIR/merged. An existing "
+                   "folder is replaced only if it is an earlier merge of this run.")
+def merge(run_dir, out):
+    """Merge a finished run's adapter into its base model: one standalone model folder.
+
+    The base is reloaded unquantised (bf16 on a GPU, fp32 on CPU; also for QLoRA runs),
+    and the merged model must give the same logits as base + adapter on a probe before
+    anything is written. Loads with plain AutoModelForCausalLM.from_pretrained.
+    """
+    from ftlaunch import export
+
+    path = export.merge(run_dir, out)
+    info = export.read_merge_record(path)
+    click.echo(f"Merged model: {path}")
+    click.echo(f"Checked on {info['probe_tokens']} probe tokens ({info['dtype']} on "
+               f"{info['device']}): max |logit difference| vs base + adapter "
+               f"{info['max_abs_logit_diff']:.3g}, tolerance {info['tolerance']:.3g} (the adapter "
+               f"itself moves the logits by up to {info['adapter_effect']:.3g}).")
+    if info.get("trained_method") == "qlora":
+        click.echo("Note: the adapter was trained against the 4-bit base; it is merged into the "
+                   "unquantised base weights.")
+    return 0
+
+
+@cli.group()
+def data():
+    """Inspect training data as the model will see it."""
+
+
+@data.command()
+@_job_options
+@click.option("--index", type=int, default=0, show_default=True,
+              help="Which example to show (0-based).")
+@click.option("--tokens", "show_tokens", is_flag=True,
+              help="Also list the first tokens with their ids and train/mask.")
+def preview(index, show_tokens, **kwargs):
+    """Show one example rendered as training sees it, with the trained tokens marked
+    [+like this+], and token-length statistics of the whole set against --seq-len."""
+    from ftlaunch import data as data_io, job as job_mod, preview as preview_mod, start
+    from ftlaunch.resources import demo_data_path
+
+    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
+    options = job.recipe.data
+    source = Path(kwargs["data"]).expanduser() if kwargs.get("data") else demo_data_path()
+    dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
+    if not 0 <= index < len(dataset):
+        raise UserError(f"--index {index}: the data has {len(dataset)} examples (0-"
+                        f"{len(dataset) - 1}).")
+    record = start._model_record(job, materialize=True)
+    assistant_only = dataset.kind == "conversational" and options.get("assistant_only_loss", True)
+    tokenizer = preview_mod.load_tokenizer(record, assistant_only)
+    tokenized = [preview_mod.tokenize(tokenizer, row, dataset.kind, assistant_only)
+                 for row in dataset.rows]
+    stats = preview_mod.length_stats(tokenized, job.plan.seq_len)
+    example = tokenized[index]
+    click.echo(f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
+               f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
+    click.echo(f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "
+               "(marked [+ +]):\n")
+    click.echo(preview_mod.render(tokenizer, example, job.plan.seq_len,
+                                  color=sys.stdout.isatty()))
+    if show_tokens:
+        click.echo("\n" + preview_mod.token_table(tokenizer, example))
+    click.echo(f"\ntokens per example: shortest {stats.shortest}, median {stats.median}, "
+               f"95th percentile {stats.p95}, longest {stats.longest}; "
+               f"{stats.over_seq_len} longer than --seq-len {stats.seq_len}")
+    for note in preview_mod.check(stats, str(source)):
+        click.echo(f"note: {note}")
+    return 0
+
+
+def _loss_scope(kind: str, assistant_only: bool) -> str:
+    if kind == "conversational":
+        return "assistant turns only" if assistant_only else "whole conversations"
+    return "the completion only" if kind == "prompt_completion" else "all text"
 
 
 def _plan_summary(p) -> str:

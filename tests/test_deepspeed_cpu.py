@@ -72,5 +72,5 @@ def test_two_cpu_processes_train_with_deepspeed(stage, tmp_path, monkeypatch, ca
     rank = yaml.safe_load((run_dir / "run.yaml").read_text())["recipe"]["lora"]["r"]
     assert weights and all(t.numel() > 0 for t in weights.values())
     assert all(rank in t.shape for t in weights.values())  # whole, not a ZeRO-3 partition
-    steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]

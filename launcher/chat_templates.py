@@ -1,0 +1,70 @@
+"""Which chat template a run trains with, so that loss masking is right.
+
+Assistant-only loss needs `{% generation %}` markers in the template (that is
+how `apply_chat_template(..., return_assistant_tokens_mask=True)` knows which
+tokens the assistant wrote). In order of preference:
+
+  1. the model's own template, when it has the markers;
+  2. TRL's training version of the model's template (TRL ships marked copies of
+     the common families: Llama 3, Qwen, Gemma, Phi-3, ...);
+  3. for a base model without any template: FALLBACK, a plain-text template whose
+     assistant turns end with the tokenizer's EOS, a token a base model already
+     has an embedding for (adding new special tokens would need the embeddings
+     trained too, which LoRA does not do).
+
+A model whose template has no markers and that TRL does not know gets a clear
+error instead of silently training on the user's turns.
+"""
+
+from __future__ import annotations
+
+from ftlaunch.errors import UserError
+
+FALLBACK = (
+    "{%- if bos_token %}{{ bos_token }}{% endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ '### System:\n' + message['content'] + '\n\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}"
+    "{% endgeneration %}{{ '\n\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
+)
+
+
+def choose(tokenizer) -> tuple[str, str]:
+    """(template, where it came from) for assistant-only training with this tokenizer."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    own = tokenizer.chat_template
+    if isinstance(own, dict):
+        own = own.get("default")
+    if not own:
+        return FALLBACK, "ftlaunch fallback (the model has no chat template)"
+    if has_generation_markers(own):
+        return own, "the model's own (it marks assistant turns)"
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:
+        patched = None
+    if patched:
+        return patched, "TRL's training version of the model's template"
+    raise UserError(
+        "The model's chat template does not mark which tokens the assistant wrote "
+        "({% generation %} markers) and TRL has no training version of it, so the loss "
+        "cannot be limited to the assistant's replies. Either train on whole conversations "
+        "with --set data.assistant_only_loss=false, or give the tokenizer a chat template "
+        "with {% generation %}...{% endgeneration %} around assistant content."
+    )
+
+
+def apply(tokenizer) -> str:
+    """Set the training template on the tokenizer (it is saved with the adapter, so
+    generation uses the same format); returns where it came from."""
+    template, source = choose(tokenizer)
+    tokenizer.chat_template = template
+    return source
