@@ -73,13 +73,20 @@ def hf_config(spec_name: str) -> dict:
     return dict(load_presets()[spec_name]["config"])
 
 
-def build_random_model(config: dict, seed: int):
-    """The architecture from its config with seeded random weights (fp32)."""
+def build_random_model(config: dict, seed: int, dtype=None, **from_config_kwargs):
+    """The architecture from its HF config dict with random weights drawn after
+    torch.manual_seed(seed): the same seed and config give the same weights, which is how
+    a --random-init run's base is rebuilt for training, generation and merging.
+
+    dtype defaults to fp32; from_config_kwargs (attn_implementation, trust_remote_code)
+    go to AutoModelForCausalLM.from_config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config),
+                                            dtype=torch.float32 if dtype is None else dtype,
+                                            **from_config_kwargs)
 
 
 def builtin_path(spec: ModelSpec, seed: int = 0) -> Path:
@@ -93,18 +100,29 @@ def materialize_builtin(spec: ModelSpec, seed: int = 0) -> Path:
     """A folder with the built model and tokenizer, loadable by from_pretrained."""
     name = spec.source.removeprefix("builtin:")
     config = hf_config(name)
-    target = builtin_path(spec, seed)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+
+    def build():
         tokenizer = build_tokenizer(config["vocab_size"])
         model = build_random_model(config, seed)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model, tokenizer
+
+    return _materialize(builtin_path(spec, seed), name, build)
+
+
+def _materialize(target: Path, name: str, build) -> Path:
+    """`target` holding what build() returns, (model, tokenizer), saved once: built in a
+    hidden staging sibling and renamed into place, so a folder with a config.json is
+    always complete. A concurrent builder that got there first wins; ours is dropped."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model, tokenizer = build()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -136,15 +154,16 @@ def chatml_template(default_system: str | None) -> str:
     )
 
 
-def with_generation_markers(tokenizer) -> bool:
+def with_generation_markers(tokenizer) -> None:
     """Give a ChatML tokenizer a marker-carrying template that renders identically.
 
-    Returns False (and changes nothing) when the template is not plain ChatML or
-    any probe conversation renders differently: then the model's own template stays.
+    Changes nothing when the template already has markers, is not plain ChatML, or any
+    probe conversation renders differently: then the model's own template stays (and
+    chat_templates.choose decides at training time what the loss can use).
     """
     original = tokenizer.chat_template or ""
     if "{% generation %}" in original or "<|im_start|>" not in original:
-        return "{% generation %}" in original
+        return
     probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
     head = probe.split("<|im_start|>user")[0]
     default_system = None
@@ -161,9 +180,8 @@ def with_generation_markers(tokenizer) -> bool:
             got = tokenizer.apply_chat_template(turns, **kwargs)
             tokenizer.chat_template = original
             if got != expected:
-                return False
+                return
     tokenizer.chat_template = candidate
-    return True
 
 
 def gguf_file(preset: str) -> Path | None:
@@ -188,16 +206,12 @@ def gguf_path(preset: str) -> Path:
 
 def materialize_gguf(preset: str) -> Path:
     """Convert the packaged GGUF once into a bf16 HF folder (weights dequantised)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = gguf_file(preset)
-    target = gguf_path(preset)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=target.parent))
-    try:
+
+    def build():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
                                                      dtype=torch.float32)
@@ -206,15 +220,7 @@ def materialize_gguf(preset: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
-        model = model.to(torch.bfloat16)
         with_generation_markers(tokenizer)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return model.to(torch.bfloat16), tokenizer
+
+    return _materialize(gguf_path(preset), preset, build)

@@ -247,23 +247,18 @@ def data():
 def preview(index, show_tokens, **kwargs):
     """Show one example rendered as training sees it, with the trained tokens marked
     [+like this+], and token-length statistics of the whole set against --seq-len."""
-    from ftlaunch import data as data_io, job as job_mod, preview as preview_mod, start
-    from ftlaunch.resources import demo_data_path
+    from ftlaunch import job as job_mod, preview as preview_mod, start
 
     job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
-    options = job.recipe.data
-    source = Path(kwargs["data"]).expanduser() if kwargs.get("data") else demo_data_path()
-    dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
+    dataset, _ = start.load_data(job)
     if not 0 <= index < len(dataset):
         raise UserError(f"--index {index}: the data has {len(dataset)} examples (0-"
                         f"{len(dataset) - 1}).")
-    record = start._model_record(job, materialize=True)
-    assistant_only = dataset.kind == "conversational" and options.get("assistant_only_loss", True)
-    tokenizer = preview_mod.load_tokenizer(record, assistant_only)
-    tokenized = [preview_mod.tokenize(tokenizer, row, dataset.kind, assistant_only)
-                 for row in dataset.rows]
+    tokenizer, tokenized, assistant_only = preview_mod.tokenize_dataset(
+        start.model_record(job, materialize=True), dataset, job.recipe.data)
     stats = preview_mod.length_stats(tokenized, job.plan.seq_len)
     example = tokenized[index]
+    source = dataset.path
     click.echo(f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
                f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
     click.echo(f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "

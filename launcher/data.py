@@ -94,13 +94,11 @@ def load(source: str | Path, format: str = "auto", system_prompt: str | None = N
         raise UserError(f"data.format {format!r} is not one of {', '.join(('auto',) + FORMATS)}.")
     text = str(source)
     local = Path(text).expanduser()
-    if local.is_file():
-        _check_suffix(local)
-        return _from_files(local, [local], format, system_prompt, local.resolve(),
-                           fingerprint(local))
-    if local.is_dir() and not _is_saved_dataset(local):
-        return _from_files(local, _data_files(local), format, system_prompt, local.resolve(),
-                           fingerprint(local))
+    if local.is_file() or (local.is_dir() and not _is_saved_dataset(local)):
+        if local.is_file():
+            _check_suffix(local)
+        files = [local] if local.is_file() else _data_files(local)
+        return _from_files(local, files, format, system_prompt)
     if local.is_dir():
         label, columns, rows = _read_saved(local)
         origin, digest = local.resolve(), fingerprint(local)
@@ -183,18 +181,19 @@ def _family(path: Path) -> str:
     return "json" if suffix in (".json", ".jsonl") else suffix
 
 
-def _from_files(label_path: Path, files: list[Path], format: str, system_prompt: str | None,
-                origin: Path, digest: str) -> Dataset:
+def _from_files(label_path: Path, files: list[Path], format: str,
+                system_prompt: str | None) -> Dataset:
     """Read each file, tell the format from each file's first example, and require one."""
     rows: list[_Row] = []
     first_format: tuple[str, str] | None = None  # (format, where)
     for file in files:
         file_columns, file_rows = _read_file(file)
-        if file_columns is not None and file_rows:
-            _check_columns(file, file_columns,
-                           format if format != "auto" else _detect(file_rows[0]))
-        if format == "auto" and file_rows:
-            detected = _detect(file_rows[0])
+        if not file_rows:
+            continue
+        detected = format if format != "auto" else _detect(file_rows[0])
+        if file_columns is not None:
+            _check_columns(file, file_columns, detected)
+        if format == "auto":
             if first_format is None:
                 first_format = (detected, file_rows[0].where)
             elif detected != first_format[0]:
@@ -203,7 +202,10 @@ def _from_files(label_path: Path, files: list[Path], format: str, system_prompt:
                                 "one format. Split the files, or set --set data.format=NAME "
                                 "to check all of them against one.")
         rows.extend(file_rows)
-    return _build(str(label_path), None, rows, format, system_prompt, origin, digest)
+    if first_format is not None:
+        format = first_format[0]  # detected once, from the first file's first example
+    return _build(str(label_path), None, rows, format, system_prompt, label_path.resolve(),
+                  fingerprint(label_path))
 
 
 def _read_file(path: Path) -> tuple[set[str] | None, list[_Row]]:
@@ -441,10 +443,8 @@ def _detect(first: _Row) -> str:
                     f"--set data.format={'|'.join(FORMATS)}.")
 
 
-def _check_columns(label, columns: set[str], fmt: str | None) -> None:
+def _check_columns(label, columns: set[str], fmt: str) -> None:
     """CSV, Parquet and datasets have columns: a missing one is one error, not one per row."""
-    if fmt is None:
-        return
     missing = [name for name in REQUIRED[fmt] if name not in columns]
     if missing:
         raise UserError(f"--data {label} (format {fmt}): no {_names(missing)} column"
@@ -483,38 +483,37 @@ def _chat(turns: list[dict], field: str) -> dict:
 
 def _messages(row: dict) -> dict:
     _missing(row, "messages")
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise _Problem("`messages` must be a non-empty list of {role, content} objects")
-    turns = []
-    for turn in messages:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise _Problem("every message needs `role` and `content`")
-        if turn["role"] not in ROLES:
-            raise _Problem(f"role {turn['role']!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(turn["content"], str):
-            raise _Problem("message content must be a string")
-        turns.append({"role": turn["role"], "content": turn["content"]})
-    return _chat(turns, "messages")
+    return _chat(_turns(row["messages"], "messages", "role", "content",
+                        {role: role for role in ROLES}), "messages")
 
 
 def _sharegpt(row: dict) -> dict:
     _missing(row, "sharegpt")
-    conversation = row["conversations"]
-    if not isinstance(conversation, list) or not conversation:
-        raise _Problem("`conversations` must be a non-empty list of {from, value} objects")
+    return _chat(_turns(row["conversations"], "conversations", "from", "value",
+                        SHAREGPT_ROLES, fold_case=True), "conversations")
+
+
+def _turns(items, field: str, speaker_key: str, text_key: str, roles: dict,
+           fold_case: bool = False) -> list[dict]:
+    """A list of {speaker, text} objects as {role, content} turns, checked."""
+    if not isinstance(items, list) or not items:
+        raise _Problem(f"`{field}` must be a non-empty list of {{{speaker_key}, {text_key}}} "
+                       "objects")
     turns = []
-    for turn in conversation:
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise _Problem("every turn in `conversations` needs `from` and `value`")
-        speaker = turn["from"]
-        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+    for item in items:
+        if not isinstance(item, dict) or speaker_key not in item or text_key not in item:
+            raise _Problem(f"every entry of `{field}` needs `{speaker_key}` and `{text_key}`")
+        speaker = item[speaker_key]
+        if isinstance(speaker, str) and fold_case:
+            speaker = speaker.lower()
+        role = roles.get(speaker) if isinstance(speaker, str) else None
         if role is None:
-            raise _Problem(f"`from` {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
-        if not isinstance(turn["value"], str):
-            raise _Problem("`value` must be a string")
-        turns.append({"role": role, "content": turn["value"]})
-    return _chat(turns, "conversations")
+            raise _Problem(f"`{speaker_key}` {item[speaker_key]!r} is not one of "
+                           f"{', '.join(roles)}")
+        if not isinstance(item[text_key], str):
+            raise _Problem(f"`{text_key}` must be a string")
+        turns.append({"role": role, "content": item[text_key]})
+    return turns
 
 
 def _alpaca(row: dict) -> dict:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ftlaunch import rundir
+from ftlaunch.builtin_models import build_random_model
 from ftlaunch.errors import UserError
 
 MERGE_RECORD = "ftlaunch-merge.json"
@@ -51,15 +52,14 @@ def load_base(record: dict, dtype):
     A QLoRA run trained against 4-bit weights, but what is loaded here is always the
     16/32-bit checkpoint at record["model"]["load_from"]; a --random-init run's base is
     rebuilt from its config with the run's seed, exactly as training built it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_info = record["model"]
     trust = bool(model_info.get("trust_remote_code"))
     if model_info.get("random_init"):
-        torch.manual_seed(record["recipe"]["training"].get("seed", 42))
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_info["config"]),
-                                                dtype=dtype, trust_remote_code=trust)
+        seed = record["recipe"]["training"].get("seed", 42)  # what training seeded
+        return build_random_model(model_info["config"], seed, dtype=dtype,
+                                  trust_remote_code=trust)
     try:
         return AutoModelForCausalLM.from_pretrained(model_info["load_from"], dtype=dtype,
                                                     trust_remote_code=trust)
@@ -106,7 +106,6 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
     _check_merge_target(out, run_dir, adapter_digest)  # refusals come before the slow imports
 
     import torch
-    from peft import PeftModel
 
     device, dtype = _device_and_dtype()
     tokenizer = _load_tokenizer(run_dir, record)
@@ -115,7 +114,7 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
         raise UserError(f"The base checkpoint {record['model'].get('load_from')} is itself "
                         "quantised; merging into quantised weights would round the adapter away. "
                         "Merge into an unquantised copy of the base instead. Nothing was saved.")
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).to(device).eval()
+    model = _apply_adapter(base, run_dir).to(device).eval()
     probes = [p.to(device) for p in probe_inputs(tokenizer)]
     with torch.no_grad():
         expected = [model(**p).logits.float() for p in probes]

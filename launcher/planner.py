@@ -70,8 +70,13 @@ class Plan:
     reasons: tuple[str, ...] = field(default=())
 
     @property
+    def strategy(self) -> Candidate:
+        return Candidate(self.method, self.engine, self.zero_stage, self.offload)
+
+    @property
     def on_cpu(self) -> bool:
-        return self.engine == "cpu"
+        """The workers run on CPU (engine "cpu", or any engine on a machine without GPUs)."""
+        return not self.hardware.has_gpus
 
     def to_json(self) -> dict:
         """The plan JSON contract (DESIGN.md section 5)."""
@@ -116,13 +121,12 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
                               checkpointing, fits=mem.total <= budget, reasons=())
             if last.fits:
                 reasons.append(_why(candidate, hardware, world))
-                reasons.extend(_rejections(failed, candidate, budget))
+                reasons.extend(_rejections(failed, last, budget))
                 reasons.extend(_batch_notes(spec, last))
                 return _with_reasons(last, reasons)
         failed[candidate] = last
     assert last is not None
     rejected = _rejections(failed, None, budget)
-    assert last is not None
     hints = _what_would_fit(hardware, model, spec) if _hints else []
     return _with_reasons(last, rejected + hints)
 
@@ -153,21 +157,20 @@ def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candida
     else shard the 4-bit base (FSDP-QLoRA, or ZeRO-3 with --engine deepspeed),
     then the same with parameters and optimizer state offloaded to CPU RAM.
     """
-    lora_ok = spec.method in ("auto", "lora")
-    qlora_ok = spec.method in ("auto", "qlora")
+    methods = [m for m in ("lora", "qlora") if spec.method in ("auto", m)]
     if not hardware.has_gpus:
-        return [Candidate(m, "cpu") for m in ("lora", "qlora") if spec.method in ("auto", m)][:1]
+        return [Candidate(methods[0], "cpu")]
     if world == 1:
-        return [Candidate(m, "single") for m in ("lora", "qlora") if spec.method in ("auto", m)]
+        return [Candidate(m, "single") for m in methods]
     # With --method auto, sharding is for QLoRA: a sharded 16-bit base moves 4x the bytes.
     sharded_method = "lora" if spec.method == "lora" else "qlora"
     engine = "deepspeed" if spec.engine == "deepspeed" else "fsdp"
     zero = 3 if engine == "deepspeed" else None
     out: list[Candidate] = []
     if spec.engine in ("auto", "ddp"):
-        if lora_ok:
+        if "lora" in methods:
             out.append(Candidate("lora", "ddp"))
-        if spec.method == "qlora" or (qlora_ok and spec.engine == "ddp"):
+        if spec.method == "qlora" or ("qlora" in methods and spec.engine == "ddp"):
             out.append(Candidate("qlora", "ddp"))
     if spec.engine != "ddp":
         out.append(Candidate(sharded_method, engine, zero))
@@ -197,22 +200,22 @@ def _stages(hardware: Hardware, spec: TrainSpec, world: int) -> list[tuple[Candi
     QLoRA matches 16-bit LoRA's quality (Dettmers et al. 2023, tables 3-4).
     """
     candidates = _candidates(hardware, spec, world)
-    if world == 1 and hardware.has_gpus and len(candidates) == 2:
+    if world == 1 and hardware.has_gpus and spec.method == "auto":
         return [(c, False) for c in candidates] + [(c, True) for c in candidates]
     return [(c, gc) for c in candidates for gc in (False, True)]
 
 
-def _rejections(failed: dict[Candidate, Plan], chosen: Candidate | None,
-                budget: int) -> list[str]:
+def _rejections(failed: dict[Candidate, Plan], chosen: Plan | None, budget: int) -> list[str]:
     out = []
     for candidate, attempt in failed.items():
-        if candidate == chosen:
+        if chosen is not None and candidate == chosen.strategy:
             continue  # it fitted with checkpointing, after failing without
         note = "" if attempt.gradient_checkpointing else " without gradient checkpointing"
         line = (f"rejected {_label(candidate)}: needs {_gib(attempt.memory.total)} per "
                 f"device{note} even at micro-batch 1, budget {_gib(budget)}")
-        if not attempt.gradient_checkpointing and chosen is not None:
-            line += (f"; {_label(chosen)} without checkpointing is preferred to checkpointing "
+        if (chosen is not None and not attempt.gradient_checkpointing
+                and not chosen.gradient_checkpointing):
+            line += (f"; {_label(chosen.strategy)} without checkpointing is preferred to checkpointing "
                      "a 16-bit base")
         out.append(line)
     return out
@@ -289,9 +292,7 @@ def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> li
     for flags, trial in tries:
         alternative = plan(hardware, model, trial, _hints=False)
         if alternative.fits:
-            chosen = Candidate(alternative.method, alternative.engine, alternative.zero_stage,
-                               alternative.offload)
-            hints.append(f"would fit: {flags}: {_label(chosen)}")
+            hints.append(f"would fit: {flags}: {_label(alternative.strategy)}")
             break
     if hardware.has_gpus:
         for gpus in (2, 4, 8):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
+
+from ftlaunch.rundir import atomic_write
 
 WIDTH, HEIGHT = 640, 360
 LEFT, RIGHT, TOP, BOTTOM = 60, 16, 14, 34  # margins around the plot area
@@ -68,13 +69,7 @@ def write_loss_png(metrics_jsonl: Path, out_png: Path) -> Path | None:
     png = encode_png(WIDTH, HEIGHT, render(train, evals))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(png)
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_png
+    return atomic_write(out_png, png)
 
 
 def render(train: list[tuple[float, float]], evals: list[tuple[float, float]]) -> bytearray:

@@ -33,7 +33,15 @@ class LengthStats:
     seq_len: int
 
 
+def assistant_only(kind: str, data_options: dict) -> bool:
+    """Whether the loss is limited to the assistant's turns (conversational data, unless
+    the recipe says data.assistant_only_loss: false)."""
+    return kind == "conversational" and bool(data_options.get("assistant_only_loss", True))
+
+
 def load_tokenizer(model_record: dict, assistant_only: bool):
+    """The run's tokenizer, with the training chat template when the loss is on assistant
+    turns; returns (tokenizer, where the template came from or None)."""
     from transformers import AutoTokenizer
 
     from ftlaunch import chat_templates
@@ -43,9 +51,16 @@ def load_tokenizer(model_record: dict, assistant_only: bool):
             model_record["tokenizer"], trust_remote_code=bool(model_record.get("trust_remote_code")))
     except OSError as exc:
         raise UserError(f"Cannot load the tokenizer of {model_record['tokenizer']}: {exc}") from None
-    if assistant_only:
-        chat_templates.apply(tokenizer)
-    return tokenizer
+    return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
+
+
+def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None):
+    """(tokenizer, [Tokenized] for `rows` (default: all of dataset), assistant_only)."""
+    only_assistant = assistant_only(dataset.kind, data_options)
+    tokenizer, _ = load_tokenizer(model_record, only_assistant)
+    rows = dataset.rows if rows is None else rows
+    return (tokenizer, [tokenize(tokenizer, row, dataset.kind, only_assistant) for row in rows],
+            only_assistant)
 
 
 def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> Tokenized:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from ftlaunch.data import FORMATS
 from ftlaunch.errors import UserError
 from ftlaunch.resources import recipes_dir
 
@@ -33,8 +34,7 @@ DATA_KEYS: dict[str, type | tuple] = {
     "eval_split": (int, float),  # fraction held out for evaluation
     "eval_data": (str, type(None)),  # a separate evaluation file
 }
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion",
-                "human_assistant", "text")
+DATA_FORMATS = ("auto", *FORMATS)
 METHODS = ("auto", "lora", "qlora")
 
 # SFTConfig fields the plan or a flag decides; setting them by hand would

@@ -17,6 +17,7 @@ import yaml
 from ftlaunch.errors import UserError
 from ftlaunch.planner import Plan
 from ftlaunch.resources import accelerate_templates_dir
+from ftlaunch.rundir import atomic_write
 
 DS_CONFIG_FILE = "ds_config.json"
 # DeepSpeed's own defaults, written out: a config without "auto" must say them.
@@ -144,16 +145,10 @@ def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
     ds_path = None
     if plan.engine == "deepspeed":
         ds_path = (run_dir / DS_CONFIG_FILE).resolve()
-        _atomic_write(ds_path, json.dumps(deepspeed_config(plan, training), indent=2) + "\n")
+        atomic_write(ds_path, json.dumps(deepspeed_config(plan, training), indent=2) + "\n")
     config = accelerate_config(plan, rendezvous, ds_path)
     target = run_dir / "accelerate.yaml"
     header = (f"# Written by ftlaunch from accelerate_configs/{template_name(plan)}.yaml for "
               f"{plan.engine} / {plan.method}, {plan.num_processes} process(es).\n")
-    _atomic_write(target, header + yaml.safe_dump(config, sort_keys=False))
+    atomic_write(target, header + yaml.safe_dump(config, sort_keys=False))
     return target
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -1,10 +1,10 @@
 """The run directory: what a run leaves behind and how a re-run finds it.
 
     run.yaml          resolved config: command, plan, versions, data fingerprint
-    accelerate.yaml   generated
+    accelerate.yaml   generated (ds_config.json too for DeepSpeed)
     checkpoints/      checkpoint-<step>/
     adapter/          final PEFT adapter + tokenizer
-    metrics.jsonl     one line per logged step
+    metrics.jsonl     one line per logged step (and evaluation); loss.png drawn from it
     ranks/            one line per worker process (rank, world size, what it trained)
 
 Nothing here ever deletes a run: a directory that is not ours is refused, a
@@ -93,12 +93,23 @@ def _move_aside(output_dir: Path) -> Path:
     return target
 
 
-def write_run_file(run_dir: Path, record: dict) -> Path:
-    path = run_dir / RUN_FILE
-    tmp = path.with_name(f".{RUN_FILE}.tmp")
-    tmp.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write beside and rename: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_run_file(run_dir: Path, record: dict) -> Path:
+    return atomic_write(run_dir / RUN_FILE, yaml.safe_dump(record, sort_keys=False))
 
 
 def read_run_file(run_dir: Path) -> dict:

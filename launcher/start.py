@@ -29,18 +29,14 @@ def train(job: Job, argv: list[str], echo) -> int:
     if not plan.fits:
         raise UserError("The plan does not fit: " + "; ".join(plan.reasons) +
                         ". `ftlaunch plan` with the same flags shows every memory term.")
-    data_path = Path(options.data).expanduser() if options.data else demo_data_path()
+    if options.random_init and plan.method == "qlora":
+        raise UserError("--random-init with QLoRA is not supported: quantisation needs saved "
+                        "weights. Use --method lora with --random-init.")
     if not options.data:
-        echo(f"No --data given: training on the bundled demo dataset {data_path}.")
-    data_options = job.recipe.data
-    dataset = data_io.load(data_path, data_options.get("format", "auto"),
-                           data_options.get("system_prompt"))
-    eval_dataset = None
-    if data_options.get("eval_data"):
-        eval_dataset = data_io.load(Path(data_options["eval_data"]).expanduser(), dataset.format,
-                                    data_options.get("system_prompt"))
-    _check_eval_split(data_options, dataset, eval_dataset)
-    for note in _token_preflight(job, dataset):
+        echo(f"No --data given: training on the bundled demo dataset {demo_data_path()}.")
+    dataset, eval_dataset = load_data(job)
+    model = model_record(job, materialize=not options.dry_run)
+    for note in _token_preflight(job, dataset, model):
         echo(f"Note: {note}.")
     render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
     cluster = job.cluster
@@ -67,19 +63,19 @@ def train(job: Job, argv: list[str], echo) -> int:
             echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
         else:
             _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
-                             materialize=False)
+                             model)
             echo(f"Wrote {run_dir / 'accelerate.yaml'} and {run_dir / rundir.RUN_FILE}.")
         echo("Launch command (dry run, nothing trained):")
         echo("  " + launch.printable(argv_launch))
         return 0
 
     record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
-                              materialize=True)
+                              model)
     if state.kind == "resume":
         echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
     echo("Launching: " + launch.printable(argv_launch))
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
-                            on_cpu=not plan.hardware.has_gpus,  # any engine, CPU workers
+                            on_cpu=plan.on_cpu,
                             offline=_is_local(record["model"]))
     code, received = launch.run(argv_launch, env, run_dir / "train.log")
     if received is not None and not (code == 0 and rundir.is_finished(run_dir)):
@@ -101,8 +97,9 @@ def train(job: Job, argv: list[str], echo) -> int:
 
 
 def _loss_summary(metrics: Path) -> str:
-    losses = [row["loss"] for row in map(json.loads, metrics.read_text().splitlines())
-              if "loss" in row] if metrics.exists() else []
+    from ftlaunch.plot import read_points
+
+    losses = [loss for _, loss in read_points(metrics)[0]]
     if not losses:
         return "No loss was logged."
     return f"Loss {losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)."
@@ -115,6 +112,19 @@ def _data_record(dataset, eval_dataset) -> dict:
         record["eval"] = {"path": str(eval_dataset.path), "fingerprint": eval_dataset.fingerprint,
                           "examples": len(eval_dataset)}
     return record
+
+
+def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
+    """(training data, evaluation file's data or None), read and validated."""
+    options = job.recipe.data
+    source = Path(job.options.data).expanduser() if job.options.data else demo_data_path()
+    dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
+    eval_dataset = None
+    if options.get("eval_data"):
+        eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
+                                    options.get("system_prompt"))
+    _check_eval_split(options, dataset, eval_dataset)
+    return dataset, eval_dataset
 
 
 def _check_eval_split(data_options: dict, dataset, eval_dataset) -> None:
@@ -132,24 +142,20 @@ def _check_eval_split(data_options: dict, dataset, eval_dataset) -> None:
 _PREFLIGHT_SAMPLE = 2000
 
 
-def _token_preflight(job: Job, dataset) -> list[str]:
+def _token_preflight(job: Job, dataset, record: dict) -> list[str]:
     """Tokenize (a sample of) the data as training will: too-long and untrainable
     examples are reported now, and data with nothing to train on is refused."""
     import random
 
     from ftlaunch import preview
 
-    record = _model_record(job, materialize=not job.options.dry_run)
     if Path(record["tokenizer"]).is_absolute() and not Path(record["tokenizer"]).exists():
         return []  # a dry run before the built-in model was ever built: nothing to read yet
-    assistant_only = dataset.kind == "conversational" and job.recipe.data.get(
-        "assistant_only_loss", True)
-    tokenizer = preview.load_tokenizer(record, assistant_only)
     rows = list(dataset.rows)
     sampled = len(rows) > _PREFLIGHT_SAMPLE
     if sampled:
         rows = random.Random(0).sample(rows, _PREFLIGHT_SAMPLE)
-    tokenized = [preview.tokenize(tokenizer, row, dataset.kind, assistant_only) for row in rows]
+    _, tokenized, _ = preview.tokenize_dataset(record, dataset, job.recipe.data, rows)
     stats = preview.length_stats(tokenized, job.plan.seq_len)
     source = f"--data {dataset.path}" + (f" (a sample of {len(rows)})" if sampled else "")
     return preview.check(stats, source)
@@ -174,12 +180,16 @@ def _is_local(model_record: dict) -> bool:
     return Path(model_record["load_from"]).exists() or bool(model_record.get("random_init"))
 
 
-def _model_record(job: Job, materialize: bool) -> dict:
+def model_record(job: Job, materialize: bool) -> dict:
+    """What the workers load: paths of the weights and tokenizer (built-in and GGUF
+    models are built into the cache when `materialize`)."""
     spec = job.model
     record = {"name": spec.name, "source": spec.source, "random_init": job.options.random_init}
     if spec.is_builtin:
         path = builtin_models.materialize_builtin(spec) if materialize else builtin_models.builtin_path(spec)
         record.update(load_from=str(path), tokenizer=str(path))
+        if job.options.random_init:
+            record["config"] = _hf_config(spec)
         return record
     record["load_from"] = spec.source
     record["tokenizer"] = spec.source
@@ -209,7 +219,7 @@ def _hf_config(spec) -> dict:
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
-                     rendezvous, materialize: bool) -> dict:
+                     rendezvous, model: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training)
     record = {
@@ -218,7 +228,7 @@ def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, a
         "command": list(argv),
         "cwd": str(Path.cwd()),
         "identity": identity,
-        "model": _model_record(job, materialize),
+        "model": model,
         "data": _data_record(dataset, eval_dataset),
         "recipe": job.recipe.to_json(),
         "plan": job.plan.to_json(),

@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from ftlaunch import data as data_io
-from ftlaunch import rundir
+from ftlaunch import preview, rundir
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError
 
@@ -45,7 +47,6 @@ class Session:
     trainer: object
     recorder: "_BatchRecorder"
     tokenizer: object
-    has_eval: bool
 
 
 def build(run_dir: Path) -> Session:
@@ -62,7 +63,7 @@ def build(run_dir: Path) -> Session:
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
-    return Session(trainer, recorder, tokenizer, eval_set is not None)
+    return Session(trainer, recorder, tokenizer)
 
 
 def run(run_dir: Path, resume_from: Path | None) -> None:
@@ -75,7 +76,7 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
     evaluated = {row["step"] for row in trainer.state.log_history if "eval_loss" in row}
-    if session.has_eval and trainer.state.global_step not in evaluated:
+    if trainer.eval_dataset is not None and trainer.state.global_step not in evaluated:
         trainer.evaluate()  # the final adapter's eval loss, logged like the others
     _save_adapter(trainer, tokenizer, run_dir / "adapter")
     trainer.accelerator.wait_for_everyone()
@@ -90,22 +91,15 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
 
 
 def _load_tokenizer(model_info: dict, assistant_only: bool):
-    from transformers import AutoTokenizer
-
-    from ftlaunch import chat_templates
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_info["tokenizer"], trust_remote_code=bool(model_info.get("trust_remote_code")))
+    tokenizer, template = preview.load_tokenizer(model_info, assistant_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if assistant_only:
-        source = chat_templates.apply(tokenizer)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"ftlaunch: chat template: {source}", flush=True)
+    if template and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ftlaunch: chat template: {template}", flush=True)
     return tokenizer
 
 
-def _attention_implementation(plan: dict, dtype) -> str:
+def _attention_implementation(dtype) -> str:
     """flash_attention_2 where it is installed and can run (Ampere or newer, 16-bit),
     else PyTorch's SDPA. Both honour the position_ids of packed sequences."""
     import importlib.util
@@ -121,12 +115,12 @@ def _attention_implementation(plan: dict, dtype) -> str:
 
 def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"],
                                                                          torch.float32)
     kwargs: dict = {"dtype": compute_dtype,
-                    "attn_implementation": _attention_implementation(plan, compute_dtype),
+                    "attn_implementation": _attention_implementation(compute_dtype),
                     "trust_remote_code": bool(model_info.get("trust_remote_code"))}
     if plan["method"] == "qlora":
         from transformers import BitsAndBytesConfig
@@ -141,13 +135,11 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
             bnb_4bit_quant_storage=compute_dtype,
         )
     if model_info.get("random_init"):
-        torch.manual_seed(recipe["training"].get("seed", 42))
-        config = AutoConfig.for_model(**model_info["config"])
-        if plan["method"] == "qlora":
-            raise UserError("--random-init with QLoRA is not supported yet: quantisation needs "
-                            "saved weights. Use --method lora with --random-init.")
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=compute_dtype, attn_implementation=kwargs["attn_implementation"])
+        from ftlaunch.builtin_models import build_random_model
+
+        model = build_random_model(model_info["config"], recipe["training"].get("seed", 42),
+                                   dtype=compute_dtype,
+                                   attn_implementation=kwargs["attn_implementation"])
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_info["load_from"], **kwargs)
@@ -218,7 +210,7 @@ def _training_config(run_dir, plan, recipe, kind, on_cpu, has_eval):
         fp16=plan["precision"] == "fp16",
         # Loss only on what the model should learn to write: the assistant's turns of a
         # conversation, the completion of a prompt/completion pair.
-        assistant_only_loss=kind == "conversational" and data.get("assistant_only_loss", True),
+        assistant_only_loss=preview.assistant_only(kind, data),
         completion_only_loss=kind == "prompt_completion",
         # Best-fit packing, padding-free: examples share a row without attending to each
         # other (position_ids restart per example), and no compute goes to padding.
@@ -273,13 +265,7 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _metrics_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class _MetricsCallback(_metrics_callback_base()):
+class _MetricsCallback(TrainerCallback):
     """metrics.jsonl on rank 0, one line per logged step (and per evaluation), and a
     readable line on stdout.
 
@@ -346,6 +332,12 @@ class _BatchRecorder:
         return batch
 
 
+def _is_zero3(trainer) -> bool:
+    """DeepSpeed partitions the parameters (ZeRO-3 tags each with a ds_id)."""
+    return trainer.is_deepspeed_enabled and any(hasattr(p, "ds_id")
+                                                for p in trainer.model.parameters())
+
+
 def _adapter_checksum(trainer) -> str:
     """A digest of the trained adapter, the same on every rank when the ranks agree.
 
@@ -356,7 +348,7 @@ def _adapter_checksum(trainer) -> str:
     """
     model = trainer.model
     trainable = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
-    if trainer.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in trainable):
+    if _is_zero3(trainer):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
@@ -424,9 +416,7 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     """
     staging = target.with_name(".adapter.tmp")
     main = trainer.is_world_process_zero()
-    zero3 = trainer.is_deepspeed_enabled and any(
-        hasattr(p, "ds_id") for p in trainer.model.parameters())
-    if trainer.is_fsdp_enabled or zero3:
+    if trainer.is_fsdp_enabled or _is_zero3(trainer):
         if trainer.is_fsdp_enabled:
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model(str(staging))

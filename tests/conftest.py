@@ -24,6 +24,23 @@ def offline_cache(tmp_path_factory) -> Path:
     return cache
 
 
+# The one CPU training the export and training tests share (see tiny_run).
+TINY_TRAIN = ("--model", "tiny", "--gpus", "1", "--max-steps", "12", "--global-batch-size", "4",
+              "--seq-len", "128", "--set", "logging_steps=2", "--set", "save_steps=6",
+              "--set", "learning_rate=5e-3")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, offline_cache) -> tuple[subprocess.CompletedProcess, Path]:
+    """(launcher output, run directory) of one finished tiny training on CPU (TINY_TRAIN:
+    12 steps, checkpoints at 6 and 12), made once per session. Shared: a test that writes
+    into the run directory works on a shutil.copytree copy of it."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run_ftlaunch(*TINY_TRAIN, "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, run_dir
+
+
 def run_ftlaunch(*args: str, cwd: Path | None = None, timeout: int = 600,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([FTLAUNCH, *args], cwd=cwd, capture_output=True, text=True,

@@ -7,6 +7,7 @@ a temporary directory and its working directory in tmp_path (so no runs/ lands i
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_gpus_not_a_number(ftlaunch, tmp_path):
 
 def test_too_many_gpus_for_described_hardware(ftlaunch):
     result = ftlaunch("plan", "--hardware", "1xA100-80GB", "--gpus", "3", "--model", "tiny")
-    assert_user_error(result, "--gpus 3", "1")
+    assert_user_error(result, "--gpus 3", "at most --gpus 1")
 
 
 def test_bad_hardware_spec(ftlaunch):
@@ -216,22 +217,35 @@ def test_plan_text(ftlaunch):
 
 # --- help and the informational commands ---------------------------------------------------
 
-@pytest.mark.parametrize("args, flags", [
-    ([], ["train", "plan", "hardware", "recipes", "--version"]),
+def test_top_level_help(ftlaunch):
+    result = ftlaunch("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: ftlaunch [OPTIONS] COMMAND")
+    assert re.search(r"^\s+--version\s", result.stdout, re.MULTILINE), result.stdout
+    # the first word of each line in the Commands: section, not any mention in the prose
+    listing = result.stdout.split("\nCommands:\n", 1)[1]
+    commands = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    assert commands >= {"train", "plan", "hardware", "recipes", "merge", "data", "generate"}, \
+        commands
+
+
+@pytest.mark.parametrize("args, needles", [
     (["train"], ["--model", "--gpus", "--data", "--recipe", "--output-dir", "--method",
                  "--engine", "--max-steps", "--seq-len", "--global-batch-size", "--set",
                  "--nnodes", "--node-rank", "--master-addr", "--master-port", "--dry-run",
-                 "--fresh"]),
+                 "--fresh", "--eval-split", "--eval-data", "--packing", "--no-packing",
+                 "--system-prompt", "--trust-remote-code"]),
     (["plan"], ["--model", "--hardware", "--json", "--gpus", "--method", "--set"]),
     (["hardware"], ["--json"]),
-    (["recipes"], ["recipes"]),
+    (["recipes"], ["List the bundled training recipes and model presets."]),
 ])
-def test_help(ftlaunch, args, flags):
+def test_help(ftlaunch, args, needles):
     result = ftlaunch(*args, "--help")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Usage: ftlaunch")
-    for flag in flags:
-        assert flag in result.stdout, flag
+    assert result.stdout.startswith(f"Usage: ftlaunch {args[0]} ")
+    for needle in needles:
+        # a flag counts only as a whole word: --data must not be found inside --eval-data
+        assert re.search(rf"(?<![\w-]){re.escape(needle)}(?![\w-])", result.stdout), needle
 
 
 def test_version(ftlaunch):
@@ -312,3 +326,11 @@ def test_dry_run_two_workers_writes_a_multi_process_config(ftlaunch, tmp_path):
     assert config.num_processes == 2
     assert config.main_process_port
     assert f"--main_process_port {config.main_process_port}" in result.stdout
+
+
+def test_random_init_with_qlora_is_refused_before_launch(ftlaunch, tmp_path):
+    run_dir = tmp_path / "run"
+    result = ftlaunch("--model", "tiny", "--random-init", "--method", "qlora",
+                      "--output-dir", run_dir)
+    assert_user_error(result, "--random-init", "--method lora")
+    assert not run_dir.exists()

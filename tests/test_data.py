@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import data, demo_data, recipes
+from ftlaunch import data, demo_data
 from ftlaunch.errors import UserError
 from ftlaunch.resources import demo_data_path
 
@@ -142,8 +142,7 @@ def test_format_override(tmp_path):
     assert data.load(path, "text").rows == ({"text": "t"},)
 
 
-def test_recipe_formats_match():
-    assert recipes.DATA_FORMATS == ("auto",) + data.FORMATS
+def test_every_format_has_a_kind():
     assert set(data.KINDS) == set(data.FORMATS)
 
 
@@ -392,8 +391,7 @@ def test_later_row_missing_messages(tmp_path):
 
 def test_later_row_missing_text(tmp_path):
     path = _jsonl(tmp_path / "mixed.jsonl", [{"text": "ok"}, {"text": "ok"}, {"body": "x"}])
-    message = _error(path)
-    assert "line 3" in message and "text" in message
+    assert f"{path}, line 3 (format text): missing `text`." in _error(path)
 
 
 def test_explicit_format_that_does_not_match(tmp_path):
@@ -459,16 +457,17 @@ def test_human_assistant_problems(tmp_path, text, needle):
     assert "line 2 (format human_assistant)" in message and needle in message
 
 
-@pytest.mark.parametrize("turn", [
-    {"role": "robot", "content": "beep"},
-    {"role": "user"},
-    {"role": "user", "content": 5},
-    "just a string",
+@pytest.mark.parametrize("turn, needle", [
+    ({"role": "robot", "content": "beep"},
+     "`role` 'robot' is not one of system, user, assistant"),
+    ({"role": "user"}, "every entry of `messages` needs `role` and `content`"),
+    ({"role": "user", "content": 5}, "`content` must be a string"),
+    ("just a string", "every entry of `messages` needs `role` and `content`"),
 ])
-def test_malformed_turns(tmp_path, turn):
+def test_malformed_turns(tmp_path, turn, needle):
     row = {"messages": [turn, {"role": "assistant", "content": "ok"}]}
     path = _jsonl(tmp_path / "turns.jsonl", [row])
-    assert "line 1" in _error(path)
+    assert f"{path}, line 1 (format messages): {needle}" in _error(path)
 
 
 # ---------------------------------------------------------------- system prompt

@@ -133,33 +133,22 @@ def test_local_folder_with_config_json_resolves(tmp_path):
     assert spec.is_builtin is False
 
 
-def test_local_folder_without_config_json_is_a_user_error(tmp_path):
-    folder = tmp_path / "not-a-model"
+_TINY_WITHOUT_HIDDEN = {k: v for k, v in PRESETS["tiny"]["config"].items() if k != "hidden_size"}
+
+
+@pytest.mark.parametrize("files, named", [
+    ({"weights.bin": b"\0"}, "config.json"),  # no config.json at all
+    ({"config.json": json.dumps({"model_type": "gpt2"}).encode()}, "gpt2"),  # cannot size it
+    ({"config.json": json.dumps(_TINY_WITHOUT_HIDDEN).encode()}, "hidden_size"),  # incomplete
+])
+def test_local_folder_that_cannot_be_sized_is_a_user_error(tmp_path, files, named):
+    folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "weights.bin").write_bytes(b"\0")
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
     with pytest.raises(UserError) as info:
         models.resolve(str(folder))
-    assert "config.json" in str(info.value)
-
-
-def test_local_folder_with_unsupported_architecture(tmp_path):
-    folder = tmp_path / "gpt2ish"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
-    with pytest.raises(UserError) as info:
-        models.resolve(str(folder))
-    assert "gpt2" in str(info.value)
-
-
-def test_local_folder_with_incomplete_config(tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    config = dict(PRESETS["tiny"]["config"])
-    del config["hidden_size"]
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    with pytest.raises(UserError) as info:
-        models.resolve(str(folder))
-    assert "hidden_size" in str(info.value)
+    assert named in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["nosuchmodel", "nosuchorg/nosuchmodel"])

@@ -55,7 +55,6 @@ def test_plan_invariants(spec, model, method):
         assert p.precision == ("bf16" if hw.gpu.bf16 else "fp16")
     assert p.trainable_parameters == lora_parameter_count(models.resolve(model), 16, "all-linear")
     assert p.parameters == models.resolve(model).parameters
-    assert p.fits == (p.memory.total <= p.budget_bytes)
     assert p.reasons, "a plan always says why (chosen strategy, or what was rejected)"
     assert all(isinstance(r, str) and r for r in p.reasons)
 
@@ -140,25 +139,40 @@ def test_impossible_plan_does_not_fit_and_says_why():
     assert p.to_json()["fits"] is False
 
 
-@pytest.mark.parametrize("spec", HARDWARE)
-@pytest.mark.parametrize("model", MODELS)
-def test_one_gpu_prefers_qlora_to_checkpointing_a_16bit_base(spec, model):
-    p = _plan(spec, model)
-    if p.num_processes != 1 or not p.hardware.has_gpus or not p.fits:
-        return
-    qlora_plain = planner.plan(p.hardware, models.resolve(model), TrainSpec(method="qlora"))
-    if p.method == "lora" and p.gradient_checkpointing:
-        assert qlora_plain.gradient_checkpointing, "QLoRA fitted without checkpointing"
-    if p.method == "qlora" and not p.gradient_checkpointing:
+# llama-3.1-8b on one 24 GB card, by sequence length. Each entry is (method,
+# gradient_checkpointing) of the plan that fits, or None when that method does not fit.
+# One GPU with --method auto tries LoRA then QLoRA without checkpointing before either with it.
+@pytest.mark.parametrize("seq_len, auto, forced_lora, forced_qlora", [
+    # the 16-bit base fits as is: LoRA, nothing checkpointed
+    (512, ("lora", False), ("lora", False), ("qlora", False)),
+    # LoRA fits only with checkpointing, QLoRA fits without: QLoRA is preferred
+    (1024, ("qlora", False), ("lora", True), ("qlora", False)),
+    # neither fits without checkpointing: back to LoRA, checkpointed
+    (4096, ("lora", True), ("lora", True), ("qlora", True)),
+    # LoRA does not fit even checkpointed: QLoRA, checkpointed
+    (8192, ("qlora", True), None, ("qlora", True)),
+])
+def test_one_gpu_prefers_qlora_to_checkpointing_a_16bit_base(seq_len, auto, forced_lora,
+                                                              forced_qlora):
+    def chosen(method):
+        p = _plan("1xRTX4090-24GB", "llama-3.1-8b", method=method, seq_len=seq_len)
+        assert p.engine == "single"
+        if method != "auto":
+            assert p.method == method
+        return p, ((p.method, p.gradient_checkpointing) if p.fits else None)
+
+    auto_plan, auto_choice = chosen("auto")
+    assert auto_choice == auto
+    assert chosen("lora")[1] == forced_lora
+    assert chosen("qlora")[1] == forced_qlora
+
+    if auto == ("qlora", False):
         assert any("rejected SINGLE LORA" in r and "without gradient checkpointing" in r
-                   for r in p.reasons), p.reasons
-
-
-def test_forced_lora_on_24gb_checkpoints_the_16bit_base():
-    auto = _plan("1xRTX4090-24GB", "llama-3.1-8b")
-    forced = _plan("1xRTX4090-24GB", "llama-3.1-8b", method="lora")
-    assert (auto.method, auto.gradient_checkpointing) == ("qlora", False)
-    assert (forced.method, forced.fits, forced.gradient_checkpointing) == ("lora", True, True)
+                   for r in auto_plan.reasons), auto_plan.reasons
+    if auto_plan.gradient_checkpointing:
+        # nothing was preferred to checkpointing when the chosen plan checkpoints itself
+        assert not any("is preferred to checkpointing" in r for r in auto_plan.reasons), \
+            auto_plan.reasons
 
 
 def test_bigger_card_never_fits_less():
@@ -238,7 +252,6 @@ def test_to_json_contract(spec, model, train):
     terms = ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")
     assert all(mem[t] >= 0 for t in terms)
     assert mem["per_device_peak_bytes"] >= sum(mem[t] for t in terms)
-    assert data["fits"] == (mem["per_device_peak_bytes"] <= mem["budget_bytes"])
     assert all(isinstance(r, str) for r in data["reasons"])
 
 
@@ -273,7 +286,7 @@ def test_would_fit_hints_are_plans_that_fit(spec, model, method, seq_len):
     p = _plan(spec, model, method=method, seq_len=seq_len)
     assert not p.fits
     hints = [r for r in p.reasons if r.startswith("would fit")]
-    assert hints or any("nothing smaller fits" in r for r in p.reasons), p.reasons
+    assert hints, p.reasons
     for hint in hints:
         kwargs = {"method": method, "seq_len": seq_len}
         if m := re.search(r"--method (\w+)", hint):

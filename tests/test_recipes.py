@@ -88,43 +88,26 @@ def test_overrides_do_not_change_the_original():
     assert original.training["learning_rate"] == 2.0e-4
 
 
-def test_unknown_training_key_names_the_key():
+@pytest.mark.parametrize("override, named", [
+    ("learning_rat=1", "learning_rat"),  # unknown training key
+    ("lora.rank=8", "rank"),  # unknown LoRA key
+    ("data.shuffle=true", "shuffle"),  # unknown data key
+    ("max_steps=abc", "max_steps"),  # wrong type
+])
+def test_bad_override_is_a_user_error_naming_the_key(override, named):
     with pytest.raises(UserError) as info:
-        recipes.validate(_default_with("learning_rat=1"))
-    assert "learning_rat" in str(info.value)
+        recipes.validate(_default_with(override))
+    assert named in str(info.value)
 
 
-def test_unknown_lora_key_names_the_key():
-    with pytest.raises(UserError) as info:
-        recipes.validate(_default_with("lora.rank=8"))
-    assert "rank" in str(info.value)
-
-
-def test_unknown_data_key():
-    with pytest.raises(UserError) as info:
-        recipes.validate(_default_with("data.shuffle=true"))
-    assert "shuffle" in str(info.value)
-
-
-def test_wrong_type_is_a_user_error():
-    with pytest.raises(UserError) as info:
-        recipes.validate(_default_with("max_steps=abc"))
-    assert "max_steps" in str(info.value)
-
-
-def test_plan_owned_key_points_at_the_flag():
-    with pytest.raises(UserError) as info:
-        _default_with("max_length=5")
-    assert "--seq-len" in str(info.value)
-
-
-@pytest.mark.parametrize("assignment", ["foo", "=5", ""])
-def test_malformed_set_is_a_user_error(assignment):
+@pytest.mark.parametrize("assignment, needle", [
+    ("foo", "--set 'foo' must look like KEY=VALUE"),
+    ("=5", "--set '=5' must look like KEY=VALUE"),
+    ("", "--set '' must look like KEY=VALUE"),
+    ("max_length=5", "--set max_length is decided by --seq-len"),  # the plan owns it
+    ("training.learning_rate=1e-4", "only lora.* and data.* keys are nested"),
+])
+def test_rejected_set_is_a_user_error(assignment, needle):
     with pytest.raises(UserError) as info:
         _default_with(assignment)
-    assert "KEY=VALUE" in str(info.value)
-
-
-def test_nested_key_outside_lora_and_data():
-    with pytest.raises(UserError):
-        _default_with("training.learning_rate=1e-4")
+    assert needle in str(info.value)

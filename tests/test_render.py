@@ -15,12 +15,14 @@ MULTI_NODE = render.Rendezvous(machine_rank=1, main_process_ip="10.0.0.1",
                                main_process_port=29555)
 
 CASES = {
-    # id: (hardware spec, processes per node, rendezvous, expected engine)
-    "cpu-1": ("cpu", None, render.Rendezvous(), "cpu"),
-    "cpu-2": ("cpu", 2, render.Rendezvous(main_process_port=29601), "cpu"),
-    "a100-single": ("1xA100-80GB", None, render.Rendezvous(), "single"),
-    "a100x4-ddp": ("4xA100-80GB", None, render.Rendezvous(main_process_port=29602), "ddp"),
-    "2x8xa100-ddp": ("2x8xA100-80GB", None, MULTI_NODE, "ddp"),
+    # id: (hardware spec, processes per node, rendezvous, expected engine,
+    #      expected processes in all, expected machines)
+    "cpu-1": ("cpu", None, render.Rendezvous(), "cpu", 1, 1),
+    "cpu-2": ("cpu", 2, render.Rendezvous(main_process_port=29601), "cpu", 2, 1),
+    "a100-single": ("1xA100-80GB", None, render.Rendezvous(), "single", 1, 1),
+    "a100x4-ddp": ("4xA100-80GB", None, render.Rendezvous(main_process_port=29602), "ddp",
+                   4, 1),
+    "2x8xa100-ddp": ("2x8xA100-80GB", None, MULTI_NODE, "ddp", 16, 2),
 }
 
 
@@ -31,9 +33,10 @@ def _plan(spec, processes):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_accelerate_reads_the_rendered_config(case, tmp_path):
-    spec, processes, rendezvous, engine = CASES[case]
+    spec, processes, rendezvous, engine, num_processes, num_machines = CASES[case]
     plan = _plan(spec, processes)
     assert plan.engine == engine
+    assert (plan.num_processes, plan.num_machines) == (num_processes, num_machines)
     path = render.write_accelerate_config(plan, rendezvous, tmp_path)
     assert path == tmp_path / "accelerate.yaml"
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary behind
@@ -60,16 +63,6 @@ def test_accelerate_reads_the_rendered_config(case, tmp_path):
 def test_cpu_counts():
     assert _plan("cpu", None).num_processes == 1
     assert _plan("cpu", 2).num_processes == 2
-
-
-def test_multi_node_rendezvous(tmp_path):
-    plan = _plan("2x8xA100-80GB", None)
-    config = load_config_from_file(str(render.write_accelerate_config(plan, MULTI_NODE, tmp_path)))
-    assert config.num_processes == 16
-    assert config.num_machines == 2
-    assert config.machine_rank == 1
-    assert config.main_process_ip == "10.0.0.1"
-    assert config.main_process_port == 29555
 
 
 def test_fp16_card_gets_fp16(tmp_path):

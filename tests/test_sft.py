@@ -94,7 +94,7 @@ def test_preview_agrees_with_the_trainer(chat_run):
 
     session, batch = _first_batch(chat_run)
     record = yaml.safe_load((chat_run / "run.yaml").read_text())
-    tokenizer = preview.load_tokenizer(record["model"], assistant_only=True)
+    tokenizer, _ = preview.load_tokenizer(record["model"], assistant_only=True)
     row = batch["input_ids"][0].tolist()
     labels = batch["labels"][0].tolist()
     # Find which example is in row 0 by matching its tokenization.
@@ -245,3 +245,21 @@ def test_lora_on_a_big_model_gets_half_the_learning_rate():
     assert big.recipe.training["learning_rate"] == 1e-4
     assert small.recipe.training["learning_rate"] == 2e-4
     assert asked.recipe.training["learning_rate"] == 3e-4
+
+
+def test_random_init_rebuilds_the_same_base_in_training_and_export(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch(*BASE, "--random-init", "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert record["model"]["random_init"] is True and record["model"]["config"]
+    from ftlaunch import train
+    from ftlaunch.export import load_adapted
+
+    trained_base = train.build(run_dir).trainer.model.get_base_model().state_dict()
+    exported_base = load_adapted(run_dir)[0].get_base_model().state_dict()
+    import torch
+
+    weights = [k for k in trained_base if "lora_" not in k and k.endswith(".weight")]
+    assert weights
+    assert all(torch.equal(trained_base[k], exported_base[k]) for k in weights)

@@ -7,23 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import run_ftlaunch
+from conftest import TINY_TRAIN, run_ftlaunch
 from ftlaunch.resources import demo_data_path
 
-TRAIN = ("--model", "tiny", "--gpus", "1", "--max-steps", "12", "--global-batch-size", "4",
-         "--seq-len", "128", "--set", "logging_steps=2", "--set", "save_steps=6",
-         "--set", "learning_rate=5e-3")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = run_ftlaunch(*TRAIN, "--output-dir", str(run_dir))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc, run_dir
+TRAIN = TINY_TRAIN  # what the session's tiny_run was trained with (tests/conftest.py)
 
 
 def _tree_digest(root: Path) -> str:
@@ -34,8 +23,8 @@ def _tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def test_run_writes_the_run_directory_contract(trained):
-    proc, run_dir = trained
+def test_run_writes_the_run_directory_contract(tiny_run):
+    proc, run_dir = tiny_run
     assert "step 12/12" in proc.stdout  # the workers' output is streamed through
     assert "Done." in proc.stdout
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
@@ -52,20 +41,20 @@ def test_run_writes_the_run_directory_contract(trained):
     assert rank["world_size"] == 1 and rank["global_step"] == 12
 
 
-def test_metrics_log_every_step_and_the_loss_falls(trained):
-    _, run_dir = trained
+def test_metrics_log_every_step_and_the_loss_falls(tiny_run):
+    _, run_dir = tiny_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert all(r["loss"] > 0 and "learning_rate" in r and "grad_norm" in r for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_adapter_loads_with_plain_peft_and_was_trained(trained):
+def test_adapter_loads_with_plain_peft_and_was_trained(tiny_run):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, run_dir = trained
+    _, run_dir = tiny_run
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     base = AutoModelForCausalLM.from_pretrained(record["model"]["load_from"])
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
@@ -76,8 +65,8 @@ def test_adapter_loads_with_plain_peft_and_was_trained(trained):
     assert (run_dir / "adapter" / "tokenizer_config.json").is_file()
 
 
-def test_rerunning_a_finished_run_trains_nothing(trained):
-    _, run_dir = trained
+def test_rerunning_a_finished_run_trains_nothing(tiny_run):
+    _, run_dir = tiny_run
     before = _tree_digest(run_dir / "adapter"), (run_dir / "metrics.jsonl").read_text()
     proc = run_ftlaunch(*TRAIN, "--output-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
@@ -85,8 +74,8 @@ def test_rerunning_a_finished_run_trains_nothing(trained):
     assert (_tree_digest(run_dir / "adapter"), (run_dir / "metrics.jsonl").read_text()) == before
 
 
-def test_changed_settings_are_refused_and_the_run_is_untouched(trained):
-    _, run_dir = trained
+def test_changed_settings_are_refused_and_the_run_is_untouched(tiny_run):
+    _, run_dir = tiny_run
     before = _tree_digest(run_dir)
     args = [a if a != "128" else "256" for a in TRAIN]  # --seq-len 256
     proc = run_ftlaunch(*args, "--output-dir", str(run_dir))
@@ -96,8 +85,8 @@ def test_changed_settings_are_refused_and_the_run_is_untouched(trained):
     assert _tree_digest(run_dir) == before
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(trained, tmp_path):
-    _, finished = trained
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_run, tmp_path):
+    _, finished = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     # As if stopped between step 6 and 12: no adapter, no later checkpoint.
@@ -112,8 +101,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert json.loads((run_dir / "ranks" / "rank-0.json").read_text())["global_step"] == 12
 
 
-def test_fresh_moves_the_old_run_aside(trained, tmp_path):
-    _, finished = trained
+def test_fresh_moves_the_old_run_aside(tiny_run, tmp_path):
+    _, finished = tiny_run
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     digest = _tree_digest(run_dir)
