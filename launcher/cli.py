@@ -108,8 +108,21 @@ def cli():
     """
 
 
+def _stop_options(func):
+    """The flags `train` and `resume` share: how checkpoints and stops are timed."""
+    func = click.option("--save-every", metavar="DURATION",
+                        help="Also write a checkpoint at least this often (30m, 1h), besides "
+                             "every save_steps steps.")(func)
+    func = click.option("--grace", default="120s", show_default=True, metavar="DURATION",
+                        help="On SIGTERM/SIGINT: time to finish the step and write a complete "
+                             "checkpoint before the job is killed (exit code 75 when it made "
+                             "it). A second signal stops at once.")(func)
+    return func
+
+
 @cli.command()
 @_job_options
+@_stop_options
 @click.option("--dry-run", is_flag=True,
               help="Plan, write the configs and print the launch command; train nothing.")
 @click.option("--fresh", is_flag=True,
@@ -120,12 +133,53 @@ def train(**kwargs):
     Writes run.yaml, accelerate.yaml, checkpoints/, metrics.jsonl and adapter/
     into the output directory. Running the same command again resumes from the
     last complete checkpoint; a finished run is left alone.
-    """
-    from ftlaunch import job as job_mod, start
 
+    \b
+    Exit codes: 0 done; 1 training failed; 2 user error; 75 stopped by a signal
+    after writing a complete checkpoint (re-run to resume); 128+N stopped by
+    signal N before a checkpoint was completed (a re-run resumes from the last one).
+    """
+    return _train(kwargs, sys.argv[1:])
+
+
+def _train(kwargs: dict, argv: list[str]) -> int:
+    from ftlaunch import job as job_mod, start
+    from ftlaunch.checkpoints import parse_duration
+
+    kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
+    every = kwargs.pop("save_every")
+    kwargs["save_every_s"] = parse_duration(every, "--save-every") if every else None
     job = job_mod.resolve(_to_options(kwargs))
     click.echo(_plan_summary(job.plan))
-    return start.train(job, sys.argv[1:], click.echo)
+    return start.train(job, argv, click.echo)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("changes", nargs=-1, type=click.UNPROCESSED)
+def resume(run_dir, changes):
+    """Resume RUN_DIR with the command its run.yaml recorded (run from the directory it
+    was started in). Flags after RUN_DIR change that command, e.g. `--gpus 4` after a
+    move to a smaller node, or `--grace 300s`."""
+    import os
+
+    from ftlaunch import rundir
+
+    if not (run_dir / rundir.RUN_FILE).is_file():
+        raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
+                        f"{rundir.RUN_FILE}); nothing to resume.")
+    record = rundir.read_run_file(run_dir)
+    command = [str(a) for a in record.get("command") or []]
+    if command[:1] == ["train"]:
+        command = command[1:]
+    command = [a for a in command if a not in ("--fresh", "--dry-run")]
+    argv = [*command, *changes, "--output-dir", str(run_dir.resolve())]
+    recorded_cwd = record.get("cwd")
+    if recorded_cwd and Path(recorded_cwd).is_dir():
+        os.chdir(recorded_cwd)  # relative --data paths mean what they meant then
+    click.echo(f"ftlaunch resume: ftlaunch {' '.join(argv)}")
+    with train.make_context("ftlaunch train", list(argv)) as ctx:
+        return _train(dict(ctx.params), argv)
 
 
 @cli.command()

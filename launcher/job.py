@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ftlaunch import cluster as cluster_mod
 from ftlaunch import hardware as hw
-from ftlaunch import models, planner, recipes
+from ftlaunch import models, planner, recipes, rundir
 from ftlaunch.errors import UserError
 
 
@@ -45,6 +45,10 @@ class Options:
     hardware: str | None = None
     fresh: bool = False
     dry_run: bool = False
+    grace_s: float = 120.0  # --grace: how long a stop on a signal may take to checkpoint
+    save_every_s: float | None = None  # --save-every: a checkpoint at least this often
+    allow_changed: tuple[str, ...] = ()  # --set resume.allow_changed=...: accepted differences
+
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Job:
 def resolve(options: Options, detect_output_dir: bool = True, validate: bool = True) -> Job:
     """validate=False skips checking the recipe against TRL/peft (a 4 s import) when
     nothing but a bundled recipe is used, which the test suite already validates."""
+    options = _resume_settings(options)
     model = models.resolve(options.model)
     recipe = recipes.apply_overrides(recipes.load_recipe(options.recipe), options.sets)
     recipe = _apply_flags(recipe, options)
@@ -87,6 +92,27 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
                plan=plan, output_dir=output_dir, cluster=cluster)
+
+
+def _resume_settings(options: Options) -> Options:
+    """`--set resume.allow_changed=data,seq_len` is the launcher's, not the recipe's."""
+    sets, allowed = [], list(options.allow_changed)
+    for assignment in options.sets:
+        key, _, value = assignment.partition("=")
+        if not key.strip().startswith("resume."):
+            sets.append(assignment)
+            continue
+        if key.strip() != "resume.allow_changed":
+            raise UserError(f"--set {key.strip()}: the only resume setting is resume.allow_changed "
+                            f"(any of {', '.join(rundir.RESUME_CHANGEABLE)}, comma-separated).")
+        names = [n.strip() for n in value.strip().strip("[]").split(",") if n.strip()]
+        unknown = [n for n in names if n not in rundir.RESUME_CHANGEABLE]
+        if unknown or not names:
+            raise UserError(f"--set resume.allow_changed={value}: {', '.join(unknown) or 'nothing'} "
+                            f"is not something a resume can allow to change; choose from "
+                            f"{', '.join(rundir.RESUME_CHANGEABLE)}.")
+        allowed += names
+    return replace(options, sets=tuple(sets), allow_changed=tuple(dict.fromkeys(allowed)))
 
 
 # LoRA on a 16-bit base of this size and up trains stably at half QLoRA's 2e-4

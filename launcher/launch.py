@@ -1,9 +1,13 @@
 """Start `accelerate launch` on the shared SFT module and stay in charge of it.
 
-The workers run in their own process group so that a signal to the launcher
-reaches every rank (and nothing is left behind if the launcher dies), their
-output is streamed live and also kept in train.log, and the launcher's exit
-code is the training's.
+The workers run in a session of their own: a Ctrl-C or a scheduler's signal
+reaches the launcher, which decides what the workers get (see run). Their
+output is streamed live and also kept in train.log.
+
+Exit codes of `ftlaunch train`: 0 done (adapter/ written); 1 training failed;
+2 user error; PREEMPTED_EXIT (75) stopped on a signal after a complete
+checkpoint, re-run to resume; 128+N stopped by signal N before a checkpoint
+could be completed (a re-run resumes from the last complete one).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ftlaunch.errors import UserError
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try again
 
 
 def command(config_path: Path, run_dir: Path, resume_from: Path | None,
@@ -71,35 +78,126 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             ) from None
 
 
-def run(argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, int | None]:
-    """Run the workers, stream their output; return (exit code, signal received or None)."""
+def run(argv: list[str], env: dict[str, str], log_path: Path,
+        grace_s: float = 120.0) -> tuple[int, int | None]:
+    """Run the workers, stream their output; return (exit code, signal received or None).
+
+    The first SIGTERM/SIGINT goes to the workers themselves (not to torchrun's agent,
+    which would SIGKILL them 30 s later): they finish the step, checkpoint and exit. A
+    second signal, or the grace period running out, kills every process of the job.
+    """
     received: list[int] = []
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    env = {**env, "FTLAUNCH_LAUNCHER_PID": str(os.getpid())}
+    # The workers write to train.log, not to a pipe of ours: if the launcher dies, their
+    # output (and their stop with a checkpoint) does not die with it.
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    known: dict[int, object] = {}  # every process of the job seen so far (workers have
+    # sessions of their own under torchrun, so the process group alone misses them)
+    timer: list[threading.Timer] = []
+
+    def kill_all() -> None:
+        for proc in _job_processes(process, known):
+            _kill(proc, signal.SIGKILL)
+        _signal_group(process, signal.SIGKILL)
 
     def forward(signum, _frame):
         received.append(signum)
-        _signal_group(process, signum if len(received) == 1 else signal.SIGKILL)
+        if len(received) > 1:
+            kill_all()
+            return
+        workers = [p for p in _job_processes(process, known) if _is_worker(p)]
+        if workers:
+            for proc in workers:
+                _kill(proc, signum)
+        else:  # nothing is training yet: nothing to save
+            _signal_group(process, signum)
+        timer.append(threading.Timer(grace_s, kill_all))
+        timer[0].daemon = True
+        timer[0].start()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(log_path, "ab") as log:
-            assert process.stdout is not None
-            for line in iter(process.stdout.readline, b""):
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
-                log.write(line)
-                log.flush()
+        _follow(log_path, offset, process)
         code = process.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        for pending in timer:
+            pending.cancel()
         if process.poll() is None:  # the launcher itself is failing: take the workers with it
-            _signal_group(process, signal.SIGKILL)
+            kill_all()
             process.wait()
+        for proc in _job_processes(process, known):  # nothing outlives the launcher
+            _kill(proc, signal.SIGKILL)
     if code < 0:
         code = 128 - code
     return code, (received[0] if received else None)
+
+
+def _follow(log_path: Path, offset: int, process: subprocess.Popen) -> None:
+    """Stream what the workers append to train.log until the launch process exits."""
+    import time
+
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        while True:
+            finished = process.poll() is not None
+            chunk = log.read()
+            if chunk:
+                try:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                except (BrokenPipeError, ValueError):
+                    pass  # nobody reads our output any more; train.log still has it
+            elif finished:
+                return
+            else:
+                time.sleep(0.05)
+
+
+def _job_processes(process: subprocess.Popen, known: dict) -> list:
+    """The job's processes still alive: the launch process's descendants now, plus any
+    seen before (a worker whose agent died is re-parented away from our tree)."""
+    import psutil
+
+    try:
+        for proc in psutil.Process(process.pid).children(recursive=True):
+            known.setdefault(proc.pid, proc)
+    except psutil.Error:
+        pass
+    alive = []
+    for pid, proc in list(known.items()):
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+            else:
+                known.pop(pid)
+        except psutil.Error:
+            known.pop(pid)
+    return alive
+
+
+def _is_worker(proc) -> bool:
+    import psutil
+
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return False
+    # torchrun's agent is the `accelerate launch` process; its arguments name the module too.
+    return "ftlaunch.train" in args and "accelerate.commands.launch" not in args
+
+
+def _kill(proc, signum: int) -> None:
+    import psutil
+
+    try:
+        proc.send_signal(signum)
+    except psutil.Error:
+        pass
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

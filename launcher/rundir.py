@@ -2,7 +2,9 @@
 
     run.yaml          resolved config: command, plan, versions, data fingerprint
     accelerate.yaml   generated (ds_config.json too for DeepSpeed)
-    checkpoints/      checkpoint-<step>/
+    checkpoints/      checkpoint-<step>/ complete ones only (ftlaunch.checkpoints);
+                      .incoming/ being written, set-aside/ torn ones kept for inspection
+    stopped.json      present after a stop on a signal with a complete checkpoint
     adapter/          final PEFT adapter + tokenizer
     metrics.jsonl     one line per logged step (and evaluation); loss.png drawn from it
     ranks/            one line per worker process (rank, world size, what it trained)
@@ -13,6 +15,7 @@ changed command is refused, and --fresh moves the old run aside.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -20,15 +23,26 @@ from pathlib import Path
 
 import yaml
 
+from ftlaunch import checkpoints
 from ftlaunch.errors import UserError
 
 RUN_FILE = "run.yaml"
+# Written by rank 0 after a stop on a signal, once the stop's checkpoint is complete:
+# how the launcher tells "preempted, resumable" from "done" and from "failed".
+STOP_FILE = "stopped.json"
+# Identity fields (start._identity) that --set resume.allow_changed may let a resume change,
+# and the global batch a checkpoint was trained with. Not the LoRA shape or
+# --random-init: the checkpoint's weights would not load.
+RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_len",
+                     "global_batch")
 
 
 @dataclass(frozen=True)
 class RunState:
     kind: str  # "new" | "resume" | "finished"
-    checkpoint: Path | None = None
+    checkpoint: checkpoints.Checkpoint | None = None  # newest complete one, to resume from
+    torn: tuple[tuple[Path, str], ...] = ()  # checkpoint directories that do not count, and why
+    allowed_changes: tuple[str, ...] = ()  # identity differences resume.allow_changed let through
     moved_aside_to: Path | None = None
 
 
@@ -45,8 +59,13 @@ def check_writable(output_dir: Path) -> None:
                         "creating files). Choose another --output-dir.")
 
 
-def prepare(output_dir: Path, identity: dict, fresh: bool) -> RunState:
-    """Decide between a new run, a resume and an already finished run."""
+def prepare(output_dir: Path, identity: dict, fresh: bool,
+            allow_changed: tuple[str, ...] = ()) -> RunState:
+    """Decide between a new run, a resume and an already finished run.
+
+    Only --fresh changes anything on disk here (it moves the old run aside); torn
+    checkpoints are found but set aside by set_aside_torn, once the caller has
+    accepted the resume."""
     check_writable(output_dir)
     moved = None
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -60,26 +79,47 @@ def prepare(output_dir: Path, identity: dict, fresh: bool) -> RunState:
         else:
             previous = read_run_file(output_dir).get("identity", {})
             differences = describe_differences(previous, identity)
-            if differences:
+            refused = [key for key in differences if key not in allow_changed]
+            if refused:
+                allowable = [k for k in refused if k in RESUME_CHANGEABLE]
+                fixed = [k for k in refused if k not in RESUME_CHANGEABLE]
                 raise UserError(
-                    f"{output_dir} holds a run made with different settings ({'; '.join(differences)}). "
-                    "Resuming it with these would mix two trainings. Re-run the original command to "
-                    "resume it, pass --fresh to move it aside and start over, or pick another "
-                    "--output-dir."
+                    f"{output_dir} holds a run made with different settings "
+                    f"({'; '.join(differences[k] for k in refused)}). Resuming it with these would "
+                    "mix two trainings. Re-run the original command to resume it, pass --fresh to "
+                    "move it aside and start over, or pick another --output-dir"
+                    + (f"; if the change is deliberate, allow it with --set "
+                       f"resume.allow_changed={','.join(allowable)}" if allowable else "")
+                    + (f" ({' and '.join(fixed)} cannot change in a resume: the checkpoint's "
+                       "weights would not load)" if fixed else "") + "."
                 )
+            allowed = tuple(differences[k] for k in differences if k in allow_changed)
             if is_finished(output_dir):
                 return RunState("finished")
-            checkpoint = last_checkpoint(output_dir)
-            if checkpoint is not None:
-                return RunState("resume", checkpoint=checkpoint)
+            found = checkpoints.scan(output_dir / "checkpoints")
+            return RunState("resume" if found.newest else "new", checkpoint=found.newest,
+                            torn=tuple(found.torn), allowed_changes=allowed)
     output_dir.mkdir(parents=True, exist_ok=True)
     return RunState("new", moved_aside_to=moved)
 
 
-def describe_differences(previous: dict, current: dict) -> list[str]:
+def set_aside_torn(output_dir: Path, state: RunState) -> list[str]:
+    """Move the torn checkpoints out of checkpoints/; one line per move, for the log."""
+    root = output_dir / "checkpoints"
+    lines = []
+    for path, why in state.torn:
+        if path.exists():
+            target = checkpoints.set_aside(path, root)
+            lines.append(f"{path.name} is not a complete checkpoint ({why}); moved to "
+                         f"{target.relative_to(output_dir)}")
+    checkpoints.clear_incoming(root)
+    return lines
+
+
+def describe_differences(previous: dict, current: dict) -> dict[str, str]:
     keys = sorted(set(previous) | set(current))
-    return [f"{k}: was {previous.get(k)!r}, now {current.get(k)!r}"
-            for k in keys if previous.get(k) != current.get(k)]
+    return {k: f"{k}: was {previous.get(k)!r}, now {current.get(k)!r}"
+            for k in keys if previous.get(k) != current.get(k)}
 
 
 def _move_aside(output_dir: Path) -> Path:
@@ -98,10 +138,10 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes do
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -124,9 +164,16 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint that the Trainer finished writing (trainer_state.json is its last file)."""
-    root = run_dir / "checkpoints"
-    done = [p for p in root.glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+def write_stop_record(run_dir: Path, record: dict) -> Path:
+    return atomic_write(run_dir / STOP_FILE, json.dumps(record) + "\n")
+
+
+def read_stop_record(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / STOP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def clear_stop_record(run_dir: Path) -> None:
+    (run_dir / STOP_FILE).unlink(missing_ok=True)

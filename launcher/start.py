@@ -14,7 +14,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ftlaunch import __version__, builtin_models, launch, models, render, rundir
+from ftlaunch import __version__, builtin_models, checkpoints, launch, models, render, rundir
 from ftlaunch import data as data_io
 from ftlaunch.errors import UserError
 from ftlaunch.job import Job
@@ -44,7 +44,9 @@ def train(job: Job, argv: list[str], echo) -> int:
         launch.check_port_free(cluster.master_port)
 
     identity = _identity(job, dataset, eval_dataset)
-    state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not options.dry_run)
+    dry = options.dry_run
+    state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not dry,
+                           allow_changed=options.allow_changed)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
         echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
@@ -52,13 +54,20 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo(f"{run_dir} already finished; its adapter is in {run_dir / 'adapter'}. "
              "Nothing to do (pass --fresh to train again from scratch).")
         return 0
+    notes = [f"changed on purpose (resume.allow_changed): {text}" for text in state.allowed_changes]
+    if state.checkpoint is not None:
+        notes += resume_notes(state.checkpoint, plan, job.recipe, options.allow_changed)
 
     port = cluster.master_port or (launch.free_port() if plan.num_processes > 1 else None)
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr or "127.0.0.1",
                                    main_process_port=port or 29500)
-    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, state.checkpoint, port)
-    if options.dry_run:
+    resume_from = state.checkpoint.path if state.checkpoint else None
+    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, resume_from, port)
+    if dry:
+        torn = [f"{path.name} is not a complete checkpoint ({why})" for path, why in state.torn]
+        for note in notes + torn:
+            echo(f"Note: {note}.")
         if state.kind == "resume" or (run_dir / rundir.RUN_FILE).exists():
             echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
         else:
@@ -69,31 +78,95 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo("  " + launch.printable(argv_launch))
         return 0
 
+    notes += rundir.set_aside_torn(run_dir, state)
     record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
                               model)
+    rundir.clear_stop_record(run_dir)
     if state.kind == "resume":
-        echo(f"Resuming {run_dir} from {state.checkpoint.name}.")
+        notes.insert(0, f"resuming {run_dir} from {state.checkpoint.path.name}")
+    _log(run_dir, notes, echo)
     echo("Launching: " + launch.printable(argv_launch))
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu,
                             offline=_is_local(record["model"]))
-    code, received = launch.run(argv_launch, env, run_dir / "train.log")
-    if received is not None and not (code == 0 and rundir.is_finished(run_dir)):
-        # Stopped by a signal: say so with 128 + signal, whatever the workers returned
-        # (torchrun's agent turns SIGTERM into exit 1; a graceful worker exits 0).
-        code = 128 + received
-    elif code == 0 and not rundir.is_finished(run_dir):
-        code = 1  # the workers claimed success but left no adapter
-    if code == 0:
+    code, received = launch.run(argv_launch, env, run_dir / "train.log", options.grace_s)
+    return _outcome(run_dir, code, received, echo)
+
+
+def _log(run_dir: Path, notes: list[str], echo) -> None:
+    """What the launcher decided, on the terminal and in train.log with the workers' lines."""
+    if not notes:
+        return
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        for note in notes:
+            echo(f"ftlaunch: {note}.")
+            log.write(f"ftlaunch: {note}.\n")
+
+
+def _outcome(run_dir: Path, code: int, received: int | None, echo) -> int:
+    """The launcher's exit code: done, preempted with a checkpoint, stopped, failed."""
+    if rundir.is_finished(run_dir) and code == 0:
         echo(f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}")
         echo(f"Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
-    elif received is not None:
-        echo(f"Stopped by signal {received} (exit code {code}); re-run the same command to "
-             f"resume from the last checkpoint in {run_dir / 'checkpoints'}.")
+        return 0
+    stop = rundir.read_stop_record(run_dir)
+    if stop is not None and checkpoints.verify(Path(stop["checkpoint"]))[0] is None:
+        echo(f"Preempted ({stop['why']}): stopped after step {stop['step']} with a complete "
+             f"checkpoint, {stop['checkpoint']}. Exit code {launch.PREEMPTED_EXIT}: re-run the "
+             f"same command (or `ftlaunch resume {run_dir}`) to continue from there.")
+        return launch.PREEMPTED_EXIT
+    last = checkpoints.scan(run_dir / "checkpoints").newest
+    since = f"{last.path.name}" if last else "the start (no checkpoint was completed)"
+    if received is not None:
+        code = 128 + received  # whatever torchrun made of it, this was a stop by signal
+        echo(f"Stopped by signal {received} before a checkpoint could be completed (exit code "
+             f"{code}); re-run the same command to resume from {since}.")
     else:
+        code = code or 1  # the workers claimed success but left no adapter
         echo(f"Training failed with exit code {code} (see {run_dir / 'train.log'}); after fixing "
-             "the cause, re-run the same command to resume from the last checkpoint.")
+             f"the cause, re-run the same command to resume from {since}.")
     return code
+
+
+def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
+    """Whether a checkpoint can continue under this plan, and what differs.
+
+    The global batch (micro-batch x accumulation x processes) must stay what it was so
+    that a step, the learning-rate schedule and the samples seen mean the same; the
+    process count may change for checkpoints whose optimizer state is not sharded."""
+    was = checkpoint.manifest
+    name = checkpoint.path.name
+    fmt = checkpoints.FORMATS.get(plan.engine, plan.engine)
+    if was.get("format") != fmt:
+        raise UserError(
+            f"{name} was written by a {was.get('engine')} run; this plan trains with "
+            f"{plan.engine}, which cannot load it. Resume with the original --engine / --gpus, "
+            "or pass --fresh to start over.")
+    max_steps = int(recipe.training.get("max_steps") or -1)
+    if 0 < max_steps <= checkpoint.step:
+        raise UserError(f"{name} is at step {checkpoint.step}, not before --max-steps {max_steps}: "
+                        "there is nothing left to train. Raise --max-steps, or pass --fresh.")
+    notes = []
+    if was.get("global_batch_size") != plan.global_batch_size and "global_batch" not in allow_changed:
+        raise UserError(
+            f"{name} was trained with a global batch of {was.get('global_batch_size')} "
+            f"({was.get('world_size')} processes x micro-batch {was.get('per_device_batch_size')} x "
+            f"accumulation {was.get('gradient_accumulation_steps')}); this plan's is "
+            f"{plan.global_batch_size}. Use --global-batch-size {was.get('global_batch_size')} "
+            "(and a process count it divides over), or --set resume.allow_changed=global_batch.")
+    if was.get("world_size") != plan.num_processes:
+        if fmt != "trainer":
+            raise UserError(
+                f"{name} holds {plan.engine} optimizer shards for {was.get('world_size')} "
+                f"processes; resuming it on {plan.num_processes} is not supported. Resume with "
+                f"{was.get('world_size')} processes, or pass --fresh.")
+        notes.append(
+            f"{name} was written by {was.get('world_size')} processes (micro-batch "
+            f"{was.get('per_device_batch_size')} x accumulation "
+            f"{was.get('gradient_accumulation_steps')}); resuming on {plan.num_processes} (micro-batch "
+            f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
+            f"batch {plan.global_batch_size}, {was.get('samples_seen')} samples seen so far")
+    return notes
 
 
 def _loss_summary(metrics: Path) -> str:
@@ -234,9 +307,25 @@ def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, a
         "plan": job.plan.to_json(),
         "hardware": job.hardware.to_json(),
         "versions": _versions(),
+        "plan_hash": plan_hash(job.plan),
+        "checkpointing": {"keep": _keep(job.recipe), "save_every_s": job.options.save_every_s,
+                          "grace_s": job.options.grace_s},
     }
     rundir.write_run_file(run_dir, record)
     return record
+
+
+def plan_hash(plan) -> str:
+    import hashlib
+
+    text = json.dumps(plan.to_json(), sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _keep(recipe) -> int | None:
+    """Complete checkpoints kept: the recipe's save_total_limit (default 2; null keeps all)."""
+    value = recipe.training.get("save_total_limit", 2)
+    return None if value is None else max(int(value), 1)
 
 
 def _versions() -> dict:

@@ -15,14 +15,16 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ftlaunch import checkpoints, preview, rundir
 from ftlaunch import data as data_io
-from ftlaunch import preview, rundir
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError
 
@@ -47,9 +49,10 @@ class Session:
     trainer: object
     recorder: "_BatchRecorder"
     tokenizer: object
+    checkpointing: "_Checkpointing"
 
 
-def build(run_dir: Path) -> Session:
+def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     """Everything up to trainer.train(): also how tests inspect the real batches."""
     record = rundir.read_run_file(run_dir)
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
@@ -63,16 +66,33 @@ def build(run_dir: Path) -> Session:
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
-    return Session(trainer, recorder, tokenizer)
+    checkpointing = _Checkpointing(run_dir, record, stop or _StopRequest())
+    trainer.add_callback(checkpointing)
+    return Session(trainer, recorder, tokenizer, checkpointing)
 
 
 def run(run_dir: Path, resume_from: Path | None) -> None:
-    session = build(run_dir)
+    stop = _StopRequest()
+    stop.install()  # first thing: a signal during model loading must not kill this rank
+    record = rundir.read_run_file(run_dir)
+    _watch_launcher(stop, float(record.get("checkpointing", {}).get("grace_s", 120)))
+    session = build(run_dir, stop)
     trainer, recorder, tokenizer = session.trainer, session.recorder, session.tokenizer
-    if resume_from is not None and trainer.is_world_process_zero():
-        _trim_metrics(run_dir / "metrics.jsonl", _checkpoint_step(resume_from))
+    if trainer.is_world_process_zero():  # a run killed before its first checkpoint starts over
+        _trim_metrics(run_dir / "metrics.jsonl", _checkpoint_step(resume_from) if resume_from else 0)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    stopped_at = session.checkpointing.stopped_at
+    if stopped_at is not None:
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
+            rundir.write_stop_record(run_dir, {"step": stopped_at, "why": stop.reason,
+                                               "checkpoint": str(checkpoint)})
+            print(f"ftlaunch: stopped ({stop.reason}) after step {stopped_at}; "
+                  f"{checkpoint.name} is complete", flush=True)
+        return
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
     evaluated = {row["step"] for row in trainer.state.log_history if "eval_loss" in row}
@@ -83,6 +103,7 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     if trainer.is_world_process_zero():
         from ftlaunch.plot import write_loss_png
 
+        checkpoints.clear_incoming(run_dir / "checkpoints")  # only TRL's model card is left there
         try:
             write_loss_png(run_dir / "metrics.jsonl", run_dir / "loss.png")
         except OSError as exc:  # a picture is not worth failing a finished training for
@@ -187,6 +208,9 @@ def _training_config(run_dir, plan, recipe, kind, on_cpu, has_eval):
     from trl import SFTConfig
 
     training = dict(recipe["training"])
+    # Retention is ours (ftlaunch.checkpoints.retain): it only ever deletes after a newer
+    # checkpoint is complete.
+    training.pop("save_total_limit", None)
     data = recipe["data"]
     # Paged AdamW rides out memory spikes on a GPU (QLoRA paper); it needs CUDA.
     training.setdefault("optim", "adamw_torch" if not plan["hardware"]["gpus_per_node"]
@@ -201,7 +225,9 @@ def _training_config(run_dir, plan, recipe, kind, on_cpu, has_eval):
     training[f"{prefix}_checkpointing"] = plan["gradient_checkpointing"]
     training[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     config = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        # The Trainer writes into the staging area; _Checkpointing moves each checkpoint
+        # into checkpoints/ once it is complete.
+        output_dir=str(run_dir / "checkpoints" / checkpoints.INCOMING),
         per_device_train_batch_size=plan["per_device_batch_size"],
         gradient_accumulation_steps=plan["gradient_accumulation_steps"],
         max_length=plan["seq_len"],
@@ -439,12 +465,165 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint: those steps run again."""
+    """On resume, drop lines logged after the checkpoint: those steps run again. A line
+    cut short by a hard kill is dropped too."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    rundir.atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT on this rank: finish the step, checkpoint, stop (see _Checkpointing).
+
+    Later signals are ignored here: torchrun's agent forwards the scheduler's signal
+    again, and the launcher is the one that turns a second signal into a hard stop.
+    """
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+def _watch_launcher(stop: _StopRequest, grace_s: float) -> None:
+    """If the launcher dies without stopping us (SIGKILL, OOM killer), stop like on a
+    signal: checkpoint at the next step; exit anyway after the grace period."""
+    pid = int(os.environ.get("FTLAUNCH_LAUNCHER_PID", "0") or 0)
+    if not pid:
+        return
+    import psutil
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(2)
+        if stop.reason is None:
+            stop.reason = "launcher exited"
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ftlaunch-watchdog", daemon=True).start()
+
+
+def _agree(stop: bool, save_due: bool) -> tuple[bool, bool]:
+    """(stop, save) as every rank sees it: any rank's stop request, rank 0's clock.
+
+    One tiny all-reduce per optimizer step, on every rank at the same step, so all
+    ranks stop and checkpoint at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stop, save_due
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    flags = torch.tensor([int(stop), int(save_due and dist.get_rank() == 0)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class _Checkpointing(TrainerCallback):
+    """Complete checkpoints only (ftlaunch.checkpoints), every save_steps and every
+    --save-every, and a stop with a checkpoint at the same step on every rank.
+
+    The last step writes no checkpoint: adapter/ is written right after it, and a
+    checkpoint at max_steps would be one a resume must never train from (the Trainer
+    would run a step past the end)."""
+
+    def __init__(self, run_dir: Path, record: dict, stop: _StopRequest):
+        settings = record.get("checkpointing") or {}
+        self.root = run_dir / "checkpoints"
+        self.keep = settings.get("keep", 2)
+        self.save_every = settings.get("save_every_s")
+        self.record = record
+        self.stop = stop
+        self.stopped_at: int | None = None
+        self._reason = "steps"
+        self._last_save = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_save = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = bool(self.save_every) and time.monotonic() - self._last_save >= self.save_every
+        stop, due = _agree(self.stop.requested, due)
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+            return
+        if stop:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+            self._reason = "stop requested"
+            if args.should_save:
+                print(f"ftlaunch: stop requested ({self.stop.reason or 'another rank'}): saving "
+                      f"a checkpoint at step {state.global_step}", flush=True)
+        elif due:
+            control.should_save = True
+            self._reason = "time"
+        else:
+            self._reason = "steps"
+
+    def on_save(self, args, state, control, **kwargs):
+        _barrier()  # every rank has written its part (its RNG state, its shards)
+        staging = self.root / checkpoints.INCOMING / f"checkpoint-{state.global_step}"
+        if args.should_save and staging.is_dir():
+            target = checkpoints.finalize(staging, self.root, self._manifest(args, state))
+            checkpoints.retain(self.root, self.keep)
+            print(f"ftlaunch: {target.name} complete ({self._reason})", flush=True)
+        _barrier()
+        self._last_save = time.monotonic()
+
+    def _manifest(self, args, state) -> dict:
+        import datetime as dt
+
+        plan, record = self.record["plan"], self.record
+        global_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                        * args.world_size)
+        return {
+            "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "reason": self._reason,
+            "world_size": args.world_size,
+            "per_device_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "global_batch_size": global_batch,
+            "samples_seen": state.global_step * global_batch,
+            "max_steps": state.max_steps,
+            "engine": plan["engine"],
+            "format": checkpoints.FORMATS.get(plan["engine"], plan["engine"]),
+            "plan_hash": record.get("plan_hash"),
+            "data_fingerprint": record["data"]["fingerprint"],
+            "identity": record.get("identity"),
+            "versions": {k: v for k, v in record.get("versions", {}).items() if k != "executable"},
+        }
 
 
 if __name__ == "__main__":

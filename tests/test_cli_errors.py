@@ -334,3 +334,26 @@ def test_random_init_with_qlora_is_refused_before_launch(ftlaunch, tmp_path):
                       "--output-dir", run_dir)
     assert_user_error(result, "--random-init", "--method lora")
     assert not run_dir.exists()
+
+
+def test_bad_grace_duration(ftlaunch, tmp_path):
+    assert_user_error(ftlaunch("--model", "tiny", "--grace", "soon", "--output-dir",
+                               tmp_path / "run"), "--grace 'soon'", "30m")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_save_every_duration(ftlaunch, tmp_path):
+    assert_user_error(ftlaunch("--model", "tiny", "--save-every", "0m", "--output-dir",
+                               tmp_path / "run"), "--save-every '0m'")
+
+
+def test_unknown_resume_setting(ftlaunch, tmp_path):
+    assert_user_error(ftlaunch("--model", "tiny", "--set", "resume.allow_changed=lora,colour",
+                               "--output-dir", tmp_path / "run"), "lora, colour", "seq_len")
+    assert_user_error(ftlaunch("--model", "tiny", "--set", "resume.keep=3",
+                               "--output-dir", tmp_path / "run"), "resume.allow_changed")
+
+
+def test_resume_of_a_directory_that_is_not_a_run(ftlaunch, tmp_path):
+    (tmp_path / "somewhere").mkdir()
+    assert_user_error(ftlaunch("resume", tmp_path / "somewhere"), "not an ftlaunch run directory")

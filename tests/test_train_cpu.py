@@ -35,8 +35,10 @@ def test_run_writes_the_run_directory_contract(tiny_run):
         demo_data_path().read_bytes()).hexdigest()
     assert record["versions"]["torch"] and record["versions"]["trl"]
     assert record["command"][:2] == ["--model", "tiny"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == [
-        "checkpoint-12", "checkpoint-6"]
+    # The last step writes adapter/, not a checkpoint (a resume from it would train a
+    # step past the end); every checkpoint there is complete, with its marker.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-6"]
+    assert (run_dir / "checkpoints" / "checkpoint-6" / "ftlaunch-checkpoint.json").is_file()
     rank = json.loads((run_dir / "ranks" / "rank-0.json").read_text())
     assert rank["world_size"] == 1 and rank["global_step"] == 12
 
@@ -91,10 +93,9 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_run, tmp_path)
     shutil.copytree(finished, run_dir)
     # As if stopped between step 6 and 12: no adapter, no later checkpoint.
     shutil.rmtree(run_dir / "adapter")
-    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-12")
     proc = run_ftlaunch(*TRAIN, "--output-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Resuming" in proc.stdout and "checkpoint-6" in proc.stdout
+    assert f"resuming {run_dir} from checkpoint-6" in proc.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]  # no step logged twice
     assert (run_dir / "adapter" / "adapter_config.json").is_file()

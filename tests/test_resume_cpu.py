@@ -1,0 +1,330 @@
+"""Resume that never loses work, with real processes and real signals.
+
+An uninterrupted tiny run is the reference; the same run stopped by SIGKILL at
+random moments (one of them while a checkpoint is being written) or by SIGTERM,
+and resumed until done, must end with bitwise-equal adapter weights and the same
+logged loss sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import FTLAUNCH, run_ftlaunch
+
+pytestmark = pytest.mark.slow
+
+# 12 steps of 4 examples, a checkpoint every 3 steps, a loss logged every step;
+# LoRA dropout stays on (recipe default) so the RNG state must be restored too.
+RUN = ("--model", "tiny", "--max-steps", "12", "--global-batch-size", "4", "--seq-len", "64",
+       "--set", "logging_steps=1", "--set", "save_steps=3", "--set", "learning_rate=5e-3")
+PREEMPTED_EXIT = 75
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs on 1 and 2 processes: {processes: run_dir}."""
+    runs = {}
+    for gpus in ("1", "2"):
+        run_dir = tmp_path_factory.mktemp("reference") / f"run-{gpus}"
+        proc = run_ftlaunch(*RUN, "--gpus", gpus, "--output-dir", str(run_dir))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[gpus] = run_dir
+    return runs
+
+
+def _start(*args: str, log: Path) -> subprocess.Popen:
+    """The launcher in a process group of its own, as a scheduler starts a job."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([FTLAUNCH, *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _job(launcher: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _power_loss(launcher: subprocess.Popen, procs: list[psutil.Process] | None = None) -> None:
+    """SIGKILL every process of the job at once: nothing gets to clean up."""
+    procs = procs or _job(launcher)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait(timeout=30)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _wait(predicate, launcher: subprocess.Popen, timeout: float = 300, poll: float = 0.002):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if launcher.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _logged_steps(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return max(steps, default=0)
+
+
+def _incoming(run_dir: Path) -> set[tuple[str, int]]:
+    """Checkpoints being written (or left half-written), by name and inode."""
+    root = run_dir / "checkpoints" / ".incoming"
+    try:
+        return {(p.name, p.stat().st_ino) for p in root.glob("checkpoint-*")}
+    except OSError:
+        return set()
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    import torch
+
+    left, right = adapter(a), adapter(b)
+    assert sorted(left) == sorted(right)
+    different = [name for name in left if not torch.equal(left[name], right[name])]
+    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[:3]}"
+
+
+def _alive(procs: list[psutil.Process]) -> list[int]:
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("gpus", ["1", "2"])
+def test_sigkill_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(
+        gpus, reference, tmp_path):
+    seed = int(os.environ.get("FTLAUNCH_CHAOS_SEED", random.randrange(10**6)))
+    rng = random.Random(seed)
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    args = (*RUN, "--gpus", gpus, "--output-dir", str(run_dir))
+    # Kill after a random logged step plus a random delay, and once as soon as a
+    # checkpoint is being written (again at the next save if the kill came too late).
+    moments = [("step", rng.randint(1, 4)), ("checkpoint write", None),
+               ("step", rng.randint(8, 10))]
+    torn = 0
+    for kind, step in moments:
+        launcher = _start(*args, log=log)
+        if kind == "step":
+            started = _logged_steps(run_dir)
+            target = max(step, started + 1)
+            hit = _wait(lambda: _logged_steps(run_dir) >= target, launcher)  # noqa: B023
+            time.sleep(rng.uniform(0, 0.05))  # a step takes ~30 ms here
+        else:
+            hit = False
+            for _ in range(3):
+                old = _incoming(run_dir)  # torn by an earlier kill: set aside at start
+                # Once training runs, the job's processes are known: the kill is then
+                # only a few system calls after the checkpoint directory appears.
+                started = _logged_steps(run_dir)
+                if not _wait(lambda: _logged_steps(run_dir) > started, launcher,  # noqa: B023
+                             poll=0.02):
+                    break
+                procs = _job(launcher)
+                if not _wait(lambda: bool(_incoming(run_dir) - old), launcher,  # noqa: B023
+                             poll=0.001):
+                    break
+                _power_loss(launcher, procs)
+                if _incoming(run_dir) - old:
+                    torn += 1
+                    hit = True
+                    break
+                launcher = _start(*args, log=log)
+        if launcher.poll() is None:
+            _power_loss(launcher)
+        assert hit or kind == "step", f"seed {seed}: never caught a checkpoint being written"
+    final = run_ftlaunch(*args)
+    output = log.read_text() + final.stdout
+    assert final.returncode == 0, f"seed {seed}\n" + output[-3000:] + final.stderr
+    assert torn >= 1
+    assert "is not a complete checkpoint (it was being written when the run stopped)" in output
+    assert losses(run_dir) == losses(reference[gpus]), f"seed {seed}"
+    assert_same_adapter(run_dir, reference[gpus])
+
+
+def test_sigterm_checkpoints_every_rank_exits_75_and_resume_matches(reference, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    # No periodic checkpoint before the stop: the only one is the stop's own.
+    args = (*RUN, "--gpus", "2", "--set", "save_steps=100", "--output-dir", str(run_dir))
+    launcher = _start(*args, log=log)
+    _wait(lambda: _logged_steps(run_dir) >= 4, launcher, poll=0.05)
+    workers = [p for p in _job(launcher)
+               if "ftlaunch.train" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+    assert len(workers) == 2
+    os.killpg(launcher.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
+    assert launcher.wait(timeout=120) == PREEMPTED_EXIT, log.read_text()[-3000:]
+    output = log.read_text()
+    stop = json.loads((run_dir / "stopped.json").read_text())
+    checkpoint = Path(stop["checkpoint"])
+    assert checkpoint.name == f"checkpoint-{stop['step']}" and stop["step"] >= 4
+    assert (checkpoint / "ftlaunch-checkpoint.json").is_file()
+    # Both ranks' RNG states are in it: every rank saved at the same step.
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth",
+                                                                    "rng_state_1.pth"}
+    assert "Preempted (SIGTERM)" in output and "exit code 75" in output.lower()
+    assert not (run_dir / "adapter").exists()
+    time.sleep(1)
+    assert not _alive(workers), "orphaned workers"
+
+    resumed = run_ftlaunch("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir} from {checkpoint.name}" in resumed.stdout
+    assert losses(run_dir) == losses(reference["2"])
+    assert_same_adapter(run_dir, reference["2"])
+
+    again = run_ftlaunch("resume", str(run_dir))
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_second_signal_stops_at_once_and_leaves_no_process(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    # Steps of several seconds, so that the second signal lands mid-step.
+    launcher = _start(*RUN, "--gpus", "2", "--max-steps", "100000", "--global-batch-size", "64",
+                      "--seq-len", "512", "--output-dir", str(run_dir), log=log)
+    _wait(lambda: _logged_steps(run_dir) >= 1, launcher, poll=0.05)
+    job = _job(launcher)
+    launcher.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # two signals at once would arrive as one
+    launcher.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert time.monotonic() - started < 10
+    assert "before a checkpoint could be completed" in log.read_text()
+    time.sleep(1)
+    assert not _alive(job), "processes outlived the launcher"
+    assert not (run_dir / "stopped.json").exists()
+
+
+def test_killing_only_the_launcher_stops_the_workers_with_a_checkpoint(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    launcher = _start(*RUN, "--gpus", "2", "--max-steps", "100000", "--set", "save_steps=100000",
+                      "--output-dir", str(run_dir), log=log)
+    _wait(lambda: _logged_steps(run_dir) >= 1, launcher, poll=0.05)
+    job = _job(launcher)[1:]
+    launcher.kill()
+    launcher.wait()
+    gone, alive = psutil.wait_procs(job, timeout=90)
+    assert not alive, "workers outlived a SIGKILLed launcher"
+    stop = json.loads((run_dir / "stopped.json").read_text())
+    assert stop["why"] == "launcher exited"
+    assert (Path(stop["checkpoint"]) / "ftlaunch-checkpoint.json").is_file()
+
+
+def test_two_processes_resume_on_one_with_the_same_global_batch(tmp_path):
+    # Without dropout the RNG plays no part, so the 1-process continuation must see the
+    # very samples the 2-process run would have: its losses track that run's closely.
+    args = (*RUN, "--set", "lora.lora_dropout=0", "--set", "save_steps=100")
+    uninterrupted = tmp_path / "uninterrupted"
+    proc = run_ftlaunch(*args, "--gpus", "2", "--output-dir", str(uninterrupted))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    launcher = _start(*args, "--gpus", "2", "--output-dir", str(run_dir), log=log)
+    _wait(lambda: _logged_steps(run_dir) >= 3, launcher, poll=0.05)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) == PREEMPTED_EXIT, log.read_text()[-3000:]
+    step = json.loads((run_dir / "stopped.json").read_text())["step"]
+    manifest = json.loads((run_dir / "checkpoints" / f"checkpoint-{step}" /
+                           "ftlaunch-checkpoint.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["global_batch_size"] == 4
+    assert manifest["samples_seen"] == 4 * step
+
+    resumed = run_ftlaunch("resume", str(run_dir), "--gpus", "1")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    note = (f"checkpoint-{step} was written by 2 processes (micro-batch 2 x accumulation 1); "
+            f"resuming on 1 (micro-batch 4 x accumulation 1), global batch 4, {4 * step} samples "
+            "seen so far")
+    assert note in resumed.stdout
+    assert note in (run_dir / "train.log").read_text()
+    rank = json.loads((run_dir / "ranks" / "rank-0.json").read_text())
+    assert rank["world_size"] == 1 and rank["global_step"] == 12
+    resumed_losses, reference_losses = losses(run_dir), losses(uninterrupted)
+    assert [s for s, _ in resumed_losses] == list(range(1, 13))
+    assert resumed_losses[:step] == reference_losses[:step]
+    print("loss after the resume vs uninterrupted:", resumed_losses[step:], reference_losses[step:])
+    for (_, got), (_, want) in zip(resumed_losses[step:], reference_losses[step:]):
+        assert abs(got - want) < 1e-4 * abs(want)
+
+
+def test_a_torn_checkpoint_is_skipped_reported_and_set_aside(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["1"], run_dir)
+    shutil.rmtree(run_dir / "adapter")  # as if killed before the end
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-6",
+                                                                        "checkpoint-9"]
+    optimizer = checkpoints / "checkpoint-9" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # a file cut short
+    shutil.copytree(checkpoints / "checkpoint-9", checkpoints / "checkpoint-11")
+    (checkpoints / "checkpoint-11" / "ftlaunch-checkpoint.json").unlink()  # no marker
+
+    proc = run_ftlaunch(*RUN, "--gpus", "1", "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checkpoint-11 is not a complete checkpoint (it has no completion marker)" in proc.stdout
+    assert "checkpoint-9 is not a complete checkpoint (optimizer.pt has 1000 bytes" in proc.stdout
+    assert f"resuming {run_dir} from checkpoint-6" in proc.stdout
+    assert sorted(p.name.split("-2")[0] for p in (checkpoints / "set-aside").iterdir()) == [
+        "checkpoint-11", "checkpoint-9"]
+    assert losses(run_dir) == losses(reference["1"])
+    assert_same_adapter(run_dir, reference["1"])
+
+
+def test_an_incompatible_resume_is_refused_naming_what_differs(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["1"], run_dir)
+    shutil.rmtree(run_dir / "adapter")
+    before = sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*"))
+    changed = [a if a != "64" else "96" for a in RUN]  # --seq-len 96
+    proc = run_ftlaunch(*changed, "--gpus", "1", "--set", "lora.r=4", "--output-dir", str(run_dir))
+    assert proc.returncode == 2
+    assert "seq_len: was 64, now 96" in proc.stderr and "lora: was" in proc.stderr
+    assert "resume.allow_changed=" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted((p.relative_to(run_dir), p.stat().st_size) for p in run_dir.rglob("*")) == before
+
+    allowed = run_ftlaunch(*changed, "--gpus", "1", "--set", "resume.allow_changed=seq_len",
+                           "--output-dir", str(run_dir))
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "changed on purpose (resume.allow_changed): seq_len: was 64, now 96" in allowed.stdout
+    assert "from checkpoint-9" in allowed.stdout
