@@ -484,22 +484,28 @@ class _StopRequest:
 
     Later signals are ignored here: torchrun's agent forwards the scheduler's signal
     again, and the launcher is the one that turns a second signal into a hard stop.
+    The reason is a small number so that the ranks can agree on it with a max-reduce.
     """
 
+    REASONS = (None, "SIGINT", "SIGTERM", "launcher exited")
+
     def __init__(self):
-        self.reason: str | None = None
+        self.code = 0
 
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        if self.reason is None:
-            self.reason = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        if not self.code:
+            self.code = self.REASONS.index(reason)
 
     @property
-    def requested(self) -> bool:
-        return self.reason is not None
+    def reason(self) -> str | None:
+        return self.REASONS[self.code]
 
 
 def _watch_launcher(stop: _StopRequest, grace_s: float) -> None:
@@ -519,16 +525,16 @@ def _watch_launcher(stop: _StopRequest, grace_s: float) -> None:
     def watch() -> None:
         while not gone():
             time.sleep(2)
-        if stop.reason is None:
-            stop.reason = "launcher exited"
+        stop.request("launcher exited")
         time.sleep(grace_s)
         os._exit(1)
 
     threading.Thread(target=watch, name="ftlaunch-watchdog", daemon=True).start()
 
 
-def _agree(stop: bool, save_due: bool) -> tuple[bool, bool]:
-    """(stop, save) as every rank sees it: any rank's stop request, rank 0's clock.
+def _agree(stop: int, save_due: bool) -> tuple[int, bool]:
+    """(stop reason code, save) as every rank sees it: the ranks' stop requests (the
+    highest code), rank 0's clock.
 
     One tiny all-reduce per optimizer step, on every rank at the same step, so all
     ranks stop and checkpoint at the same step."""
@@ -539,9 +545,9 @@ def _agree(stop: bool, save_due: bool) -> tuple[bool, bool]:
         return stop, save_due
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
-    flags = torch.tensor([int(stop), int(save_due and dist.get_rank() == 0)], device=device)
+    flags = torch.tensor([stop, int(save_due and dist.get_rank() == 0)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    return int(flags[0]), bool(flags[1])
 
 
 def _barrier() -> None:
@@ -575,22 +581,27 @@ class _Checkpointing(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         due = bool(self.save_every) and time.monotonic() - self._last_save >= self.save_every
-        stop, due = _agree(self.stop.requested, due)
+        stop, due = _agree(self.stop.code, due)
         if state.global_step >= state.max_steps:
             control.should_save = False
             return
         if stop:
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
+            self.stop.code = stop  # the reason every rank agreed on
             self._reason = "stop requested"
             if args.should_save:
-                print(f"ftlaunch: stop requested ({self.stop.reason or 'another rank'}): saving "
-                      f"a checkpoint at step {state.global_step}", flush=True)
+                print(f"ftlaunch: stop requested ({self.stop.reason}): saving a checkpoint at "
+                      f"step {state.global_step}", flush=True)
         elif due:
             control.should_save = True
             self._reason = "time"
         else:
             self._reason = "steps"
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:  # save_strategy="epoch": same rule
+            control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every rank has written its part (its RNG state, its shards)

@@ -32,7 +32,7 @@ def test_two_cpu_processes_train_with_deepspeed(stage, tmp_path, monkeypatch, ca
         monkeypatch.setattr(render, "_PERSISTENCE_THRESHOLD", 0)
     run_dir = tmp_path / "run"
     options = job_mod.Options(model="tiny", gpus="2", max_steps=4, seq_len=128,
-                              global_batch_size=8, sets=("logging_steps=2",),
+                              global_batch_size=8, sets=("logging_steps=2", "save_steps=2"),
                               output_dir=str(run_dir))
     job = job_mod.resolve(options)
     assert not job.plan.hardware.has_gpus and job.plan.num_processes == 2
@@ -59,7 +59,7 @@ def test_two_cpu_processes_train_with_deepspeed(stage, tmp_path, monkeypatch, ca
 
     # DeepSpeed's engine did the training: its checkpoint holds one optimizer partition
     # per rank (ZeRO-3: model partitions too).
-    step_dir = run_dir / "checkpoints" / "checkpoint-4" / "global_step4"
+    step_dir = run_dir / "checkpoints" / "checkpoint-2" / "global_step2"
     assert sorted(p.name for p in step_dir.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
@@ -74,3 +74,19 @@ def test_two_cpu_processes_train_with_deepspeed(stage, tmp_path, monkeypatch, ca
     assert all(rank in t.shape for t in weights.values())  # whole, not a ZeRO-3 partition
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+
+    # The same run killed after its step-2 checkpoint resumes through DeepSpeed's own
+    # checkpoint loading (partitioned optimizer state, and ZeRO-3 partitioned weights)
+    # and ends where the uninterrupted run ended.
+    import shutil
+
+    first = json.loads((run_dir / "ranks" / "rank-0.json").read_text())["adapter_checksum"]
+    shutil.rmtree(run_dir / "adapter")
+    shutil.rmtree(run_dir / "ranks")
+    code = start.train(job, ["--model", "tiny"], print)
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert f"resuming {run_dir} from checkpoint-2" in out
+    ranks = [json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["global_step"] == 4 for r in ranks)
+    assert ranks[0]["adapter_checksum"] == ranks[1]["adapter_checksum"] == first

@@ -328,3 +328,15 @@ def test_an_incompatible_resume_is_refused_naming_what_differs(reference, tmp_pa
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert "changed on purpose (resume.allow_changed): seq_len: was 64, now 96" in allowed.stdout
     assert "from checkpoint-9" in allowed.stdout
+
+
+def test_save_every_writes_time_based_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch(*RUN, "--gpus", "1", "--set", "save_steps=1000", "--save-every", "0.1s",
+                        "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kept = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    assert 1 <= len(kept) <= 2  # save_total_limit 2
+    assert all(json.loads((p / "ftlaunch-checkpoint.json").read_text())["reason"] == "time"
+               for p in kept)
+    assert "complete (time)" in proc.stdout
