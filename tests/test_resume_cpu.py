@@ -340,3 +340,15 @@ def test_save_every_writes_time_based_checkpoints(tmp_path):
     assert all(json.loads((p / "ftlaunch-checkpoint.json").read_text())["reason"] == "time"
                for p in kept)
     assert "complete (time)" in proc.stdout
+
+
+def test_ctrl_c_on_one_process_is_a_preemption_too(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    launcher = _start(*RUN, "--gpus", "1", "--max-steps", "100000", "--output-dir", str(run_dir),
+                      log=log)
+    _wait(lambda: _logged_steps(run_dir) >= 2, launcher, poll=0.05)
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=120) == PREEMPTED_EXIT, log.read_text()[-3000:]
+    stop = json.loads((run_dir / "stopped.json").read_text())
+    assert stop["why"] == "SIGINT"
+    assert (Path(stop["checkpoint"]) / "ftlaunch-checkpoint.json").is_file()
