@@ -45,7 +45,7 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ftlaunch"
 
 
-def build_tokenizer(vocab_size: int = 512):
+def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,28 +89,33 @@ def build_random_model(config: dict, seed: int, dtype=None, **from_config_kwargs
                                             **from_config_kwargs)
 
 
-def builtin_path(spec: ModelSpec, seed: int = 0) -> Path:
+# The built-in presets' weights: random, and the same on every machine.
+_BUILTIN_SEED = 0
+
+
+def builtin_path(spec: ModelSpec) -> Path:
     """Where the built model lives in the cache; a new build recipe gets a new folder."""
     name = spec.source.removeprefix("builtin:")
-    key = hashlib.sha256(json.dumps([hf_config(name), seed, _BUILD_VERSION], sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps([hf_config(name), _BUILTIN_SEED, _BUILD_VERSION],
+                                    sort_keys=True).encode())
     return cache_dir() / "models" / f"{name}-{key.hexdigest()[:12]}"
 
 
-def materialize_builtin(spec: ModelSpec, seed: int = 0) -> Path:
+def materialize_builtin(spec: ModelSpec) -> Path:
     """A folder with the built model and tokenizer, loadable by from_pretrained."""
     name = spec.source.removeprefix("builtin:")
     config = hf_config(name)
 
     def build():
         tokenizer = build_tokenizer(config["vocab_size"])
-        model = build_random_model(config, seed)
+        model = build_random_model(config, _BUILTIN_SEED)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model, tokenizer
 
-    return _materialize(builtin_path(spec, seed), name, build)
+    return _materialize(builtin_path(spec), name, build)
 
 
 def _materialize(target: Path, name: str, build) -> Path:
@@ -133,55 +138,6 @@ def _materialize(target: Path, name: str, build) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def chatml_template(default_system: str | None) -> str:
-    """ChatML with `{% generation %}` around assistant turns (what TRL's assistant-only
-    loss needs), rendering the same text as the ChatML templates models ship with."""
-    default = ""
-    if default_system:
-        literal = default_system.replace("\\", "\\\\").replace("'", "\\'")
-        default = ("{% if loop.first and messages[0]['role'] != 'system' %}"
-                   "{{ '<|im_start|>system\\n" + literal + "<|im_end|>\\n' }}{% endif %}")
-    return (
-        "{% for message in messages %}" + default +
-        "{% if message['role'] == 'assistant' %}"
-        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-        "{% endgeneration %}{{ '\\n' }}"
-        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-
-
-def with_generation_markers(tokenizer) -> None:
-    """Give a ChatML tokenizer a marker-carrying template that renders identically.
-
-    Changes nothing when the template already has markers, is not plain ChatML, or any
-    probe conversation renders differently: then the model's own template stays (and
-    chat_templates.choose decides at training time what the loss can use).
-    """
-    original = tokenizer.chat_template or ""
-    if "{% generation %}" in original or "<|im_start|>" not in original:
-        return
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-    head = probe.split("<|im_start|>user")[0]
-    default_system = None
-    if head.startswith("<|im_start|>system\n") and head.endswith("<|im_end|>\n"):
-        default_system = head[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
-    candidate = chatml_template(default_system)
-    conversations = [row["messages"] for row in demo_data.examples(8)]
-    for messages in conversations:
-        for prompt_only in (False, True):
-            turns = messages[:-1] if prompt_only else messages
-            kwargs = {"tokenize": False, "add_generation_prompt": prompt_only}
-            expected = tokenizer.apply_chat_template(turns, **kwargs)
-            tokenizer.chat_template = candidate
-            got = tokenizer.apply_chat_template(turns, **kwargs)
-            tokenizer.chat_template = original
-            if got != expected:
-                return
-    tokenizer.chat_template = candidate
 
 
 def gguf_file(preset: str) -> Path | None:
@@ -220,7 +176,6 @@ def materialize_gguf(preset: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
-        with_generation_markers(tokenizer)
         return model.to(torch.bfloat16), tokenizer
 
     return _materialize(gguf_path(preset), preset, build)

@@ -18,7 +18,6 @@ No torch here: the launcher validates checkpoints before it starts a worker.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ftlaunch.hashing import file_sha256
 
 MARKER = "ftlaunch-checkpoint.json"
 INCOMING = ".incoming"
@@ -101,7 +102,7 @@ def verify(path: Path) -> tuple[str | None, dict]:
         size = file.stat().st_size
         if size != expected["bytes"]:
             return f"{name} has {size} bytes, {expected['bytes']} were written", {}
-        if _sha256(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum", {}
     return None, manifest
 
@@ -114,7 +115,7 @@ def finalize(staging: Path, root: Path, manifest: dict) -> Path:
         if name == MARKER:
             continue
         _fsync_file(file)
-        files[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        files[name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
     for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}):
         _fsync_dir(directory)
     manifest = {**manifest, "step": step_of(staging), "files": files}
@@ -172,14 +173,6 @@ def clear_incoming(root: Path) -> None:
         shutil.rmtree(incoming, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -196,23 +189,3 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems (and all of Windows) cannot fsync a directory
     finally:
         os.close(fd)
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str, flag: str) -> float:
-    """'90', '90s', '30m', '1h', '1h30m' -> seconds."""
-    from ftlaunch.errors import UserError
-
-    value = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        seconds = float(value)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise UserError(f"{flag} {text!r} is not a duration; write it like 90s, 30m or 1h30m.")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"{flag} {text!r} must be longer than zero.")
-    return seconds

@@ -9,6 +9,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -108,6 +109,24 @@ def cli():
     """
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """'90', '90s', '30m', '1h', '1h30m' -> seconds."""
+    value = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise UserError(f"{flag} {text!r} is not a duration; write it like 90s, 30m or 1h30m.")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"{flag} {text!r} must be longer than zero.")
+    return seconds
+
+
 def _stop_options(func):
     """The flags `train` and `resume` share: how checkpoints and stops are timed."""
     func = click.option("--save-every", metavar="DURATION",
@@ -144,7 +163,6 @@ def train(**kwargs):
 
 def _train(kwargs: dict, argv: list[str]) -> int:
     from ftlaunch import job as job_mod, start
-    from ftlaunch.checkpoints import parse_duration
 
     kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
     every = kwargs.pop("save_every")
@@ -336,10 +354,12 @@ def _loss_scope(kind: str, assistant_only: bool) -> str:
 
 
 def _plan_summary(p) -> str:
+    from ftlaunch.hardware import GIB, format_gib
+
     return (f"ftlaunch plan: {p.model_id} | {p.method} on {p.engine} x{p.num_processes} | "
             f"micro-batch {p.per_device_batch_size} x accumulation {p.gradient_accumulation_steps} "
             f"= global {p.global_batch_size} | seq {p.seq_len} | "
-            f"peak {p.memory.total / 1024**3:.2f} of {p.budget_bytes / 1024**3:.2f} GiB per device")
+            f"peak {p.memory.total / GIB:.2f} of {format_gib(p.budget_bytes, 2)} per device")
 
 
 def main(argv: list[str] | None = None) -> None:

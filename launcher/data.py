@@ -34,17 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftlaunch.errors import UserError
+from ftlaunch.hashing import update_with_file
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "human_assistant", "text")
 KINDS = {
     "messages": "conversational",
     "sharegpt": "conversational",
     "alpaca": "conversational",
-    "human_assistant": "conversational",
     "prompt_completion": "prompt_completion",
+    "human_assistant": "conversational",
     "text": "text",
 }
+FORMATS = tuple(KINDS)
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
@@ -133,9 +134,7 @@ def fingerprint(path: Path) -> str:
 
 def _hash_file(digest, path: Path) -> None:
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        update_with_file(digest, path)
     except OSError as exc:
         raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
 
@@ -202,8 +201,6 @@ def _from_files(label_path: Path, files: list[Path], format: str,
                                 "one format. Split the files, or set --set data.format=NAME "
                                 "to check all of them against one.")
         rows.extend(file_rows)
-    if first_format is not None:
-        format = first_format[0]  # detected once, from the first file's first example
     return _build(str(label_path), None, rows, format, system_prompt, label_path.resolve(),
                   fingerprint(label_path))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from ftlaunch import rundir
 from ftlaunch.builtin_models import build_random_model
 from ftlaunch.errors import UserError
+from ftlaunch.hashing import update_with_file
 
 MERGE_RECORD = "ftlaunch-merge.json"
 
@@ -212,10 +213,12 @@ def _apply_adapter(base, run_dir: Path):
 
 
 def _load_tokenizer(run_dir: Path, record: dict):
-    from transformers import AutoTokenizer
+    """The tokenizer saved with the adapter (with the chat template training used)."""
+    from ftlaunch import preview
 
-    return AutoTokenizer.from_pretrained(
-        str(run_dir / "adapter"), trust_remote_code=bool(record["model"].get("trust_remote_code")))
+    tokenizer, _ = preview.load_tokenizer({**record["model"], "tokenizer": str(run_dir / "adapter")},
+                                          assistant_only=False)
+    return tokenizer
 
 
 def _adapter_digest(run_dir: Path) -> str:
@@ -224,9 +227,7 @@ def _adapter_digest(run_dir: Path) -> str:
         path = run_dir / "adapter" / name
         if path.is_file():
             digest.update(name.encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            update_with_file(digest, path)
     return "sha256:" + digest.hexdigest()
 
 

@@ -21,6 +21,12 @@ from ftlaunch.errors import UserError
 
 GIB = 1024**3
 
+
+def format_gib(n: int, digits: int) -> str:
+    """Bytes as GiB for people, e.g. format_gib(3 * GIB // 2, 1) == "1.5 GiB"."""
+    return f"{n / GIB:.{digits}f} GiB"
+
+
 # Compute capability of GPUs that specs name; bf16 needs sm_80 (Ampere) or newer.
 _KNOWN_GPUS: dict[str, tuple[int, int]] = {
     "H200": (9, 0),

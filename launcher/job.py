@@ -167,7 +167,6 @@ def _apply_flags(recipe: recipes.Recipe, options: Options) -> recipes.Recipe:
         if options.epochs <= 0:
             raise UserError(f"--epochs {options.epochs} must be positive.")
         training["num_train_epochs"] = options.epochs
-        training.setdefault("max_steps", -1)
         if options.max_steps is None:
             training["max_steps"] = -1  # --epochs alone means: run the epochs
     data = dict(recipe.data)

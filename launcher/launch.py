@@ -96,12 +96,14 @@ def run(argv: list[str], env: dict[str, str], log_path: Path,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     known: dict[int, object] = {}  # every process of the job seen so far (workers have
     # sessions of their own under torchrun, so the process group alone misses them)
-    timer: list[threading.Timer] = []
 
     def kill_all() -> None:
         for proc in _job_processes(process, known):
             _kill(proc, signal.SIGKILL)
         _signal_group(process, signal.SIGKILL)
+
+    grace = threading.Timer(grace_s, kill_all)
+    grace.daemon = True
 
     def forward(signum, _frame):
         received.append(signum)
@@ -114,9 +116,7 @@ def run(argv: list[str], env: dict[str, str], log_path: Path,
                 _kill(proc, signum)
         else:  # nothing is training yet: nothing to save
             _signal_group(process, signum)
-        timer.append(threading.Timer(grace_s, kill_all))
-        timer[0].daemon = True
-        timer[0].start()
+        grace.start()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -125,13 +125,11 @@ def run(argv: list[str], env: dict[str, str], log_path: Path,
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for pending in timer:
-            pending.cancel()
-        if process.poll() is None:  # the launcher itself is failing: take the workers with it
-            kill_all()
-            process.wait()
-        for proc in _job_processes(process, known):  # nothing outlives the launcher
-            _kill(proc, signal.SIGKILL)
+        grace.cancel()
+        # Nothing outlives the launcher: not the workers of a launcher that is itself
+        # failing, not a worker left behind by its agent.
+        kill_all()
+        process.wait()
     if code < 0:
         code = 128 - code
     return code, (received[0] if received else None)

@@ -29,7 +29,6 @@ from ftlaunch.models import ModelSpec, lora_parameter_count
 if TYPE_CHECKING:
     from ftlaunch.planner import Candidate, TrainSpec
 
-GIB = 1024**3
 MIB = 1024**2
 
 # NF4 with double quantisation (Dettmers et al. 2023, QLoRA, section 3): 4 bits per
@@ -190,9 +189,7 @@ def layer_activation_bytes(model: ModelSpec, spec: TrainSpec, micro_batch: int, 
 
 def _dropout_copies(model: ModelSpec, targets) -> int:
     """Elements per token that LoRA dropout copies: the input width of each target."""
-    shapes = model.linear_shapes()
-    names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
-    return sum(shapes[n][0] for n in names)
+    return sum(i for i, _ in model.lora_target_shapes(targets))
 
 
 def loss_bytes(model: ModelSpec, seq_len: int, micro_batch: int, elem: int, stack: Stack) -> int:

@@ -35,8 +35,6 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     tie_word_embeddings: bool
-    max_position_embeddings: int
-    published_parameters: int | None = None
 
     @property
     def is_builtin(self) -> bool:
@@ -55,6 +53,14 @@ class ModelSpec:
                     "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_target_shapes(self, targets: tuple[str, ...] | str) -> list[tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer that LoRA
+        targets: all of them for "all-linear", else the named ones this architecture has."""
+        shapes = self.linear_shapes()
+        if targets == "all-linear":
+            return list(shapes.values())
+        return [shapes[t] for t in targets if t in shapes]
 
     def embedding_parameters(self) -> int:
         """Input embedding plus an untied lm_head: the weights QLoRA keeps in 16 bits."""
@@ -76,9 +82,7 @@ def parameter_count(spec: ModelSpec) -> int:
 
 def lora_parameter_count(spec: ModelSpec, rank: int, targets: tuple[str, ...] | str) -> int:
     """LoRA adds A (r x in) and B (out x r) to each targeted linear layer."""
-    shapes = spec.linear_shapes()
-    names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
-    return spec.num_layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
+    return spec.num_layers * sum(rank * (i + o) for i, o in spec.lora_target_shapes(targets))
 
 
 @lru_cache(maxsize=1)
@@ -96,7 +100,7 @@ def resolve(name: str) -> ModelSpec:
     presets = load_presets()
     for key, entry in presets.items():
         if name == key or name in entry.get("aliases", ()) or name == entry["id"]:
-            return from_config(key, entry["id"], entry["config"], entry.get("parameters"))
+            return from_config(key, entry["id"], entry["config"])
     path = Path(name).expanduser()
     if path.exists():
         config_file = path / "config.json"
@@ -115,7 +119,7 @@ def resolve(name: str) -> ModelSpec:
     )
 
 
-def from_config(name: str, source: str, config: dict, published: int | None = None) -> ModelSpec:
+def from_config(name: str, source: str, config: dict) -> ModelSpec:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
@@ -137,8 +141,6 @@ def from_config(name: str, source: str, config: dict, published: int | None = No
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            published_parameters=published,
         )
     except KeyError as missing:
         raise UserError(f"--model {name}: its config.json lacks {missing}.") from None

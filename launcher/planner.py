@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ftlaunch import memory
-from ftlaunch.hardware import GIB, Hardware
+from ftlaunch.hardware import Hardware, format_gib
 from ftlaunch.models import ModelSpec, lora_parameter_count
 
 ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed", "cpu")
@@ -57,7 +57,6 @@ class Plan:
     zero_stage: int | None
     offload: bool
     num_processes: int
-    num_machines: int
     per_device_batch_size: int
     gradient_accumulation_steps: int
     global_batch_size: int
@@ -66,8 +65,15 @@ class Plan:
     precision: str  # bf16 | fp16 | fp32
     memory: memory.Breakdown
     budget_bytes: int
-    fits: bool
     reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def num_machines(self) -> int:
+        return self.hardware.nodes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.budget_bytes
 
     @property
     def strategy(self) -> Candidate:
@@ -118,17 +124,17 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
             mem = memory.estimate(model, spec, candidate, micro, world,
                                   on_gpu=hardware.has_gpus, gradient_checkpointing=checkpointing)
             last = _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
-                              checkpointing, fits=mem.total <= budget, reasons=())
+                              checkpointing)
             if last.fits:
                 reasons.append(_why(candidate, hardware, world))
                 reasons.extend(_rejections(failed, last, budget))
                 reasons.extend(_batch_notes(spec, last))
-                return _with_reasons(last, reasons)
+                return replace(last, reasons=tuple(reasons))
         failed[candidate] = last
     assert last is not None
     rejected = _rejections(failed, None, budget)
     hints = _what_would_fit(hardware, model, spec) if _hints else []
-    return _with_reasons(last, rejected + hints)
+    return replace(last, reasons=tuple(rejected + hints))
 
 
 def _processes_per_node(hardware: Hardware, spec: TrainSpec) -> int:
@@ -211,8 +217,8 @@ def _rejections(failed: dict[Candidate, Plan], chosen: Plan | None, budget: int)
         if chosen is not None and candidate == chosen.strategy:
             continue  # it fitted with checkpointing, after failing without
         note = "" if attempt.gradient_checkpointing else " without gradient checkpointing"
-        line = (f"rejected {_label(candidate)}: needs {_gib(attempt.memory.total)} per "
-                f"device{note} even at micro-batch 1, budget {_gib(budget)}")
+        line = (f"rejected {_label(candidate)}: needs {format_gib(attempt.memory.total, 1)} per "
+                f"device{note} even at micro-batch 1, budget {format_gib(budget, 1)}")
         if (chosen is not None and not attempt.gradient_checkpointing
                 and not chosen.gradient_checkpointing):
             line += (f"; {_label(chosen.strategy)} without checkpointing is preferred to checkpointing "
@@ -221,8 +227,8 @@ def _rejections(failed: dict[Candidate, Plan], chosen: Plan | None, budget: int)
     return out
 
 
-def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, checkpointing,
-               fits, reasons) -> Plan:
+def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
+               checkpointing) -> Plan:
     accumulation = max(spec.global_batch_size // (micro * world), 1)
     precision = "fp32" if not hardware.has_gpus else ("bf16" if hardware.gpu.bf16 else "fp16")
     return Plan(
@@ -235,7 +241,6 @@ def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, chec
         zero_stage=candidate.zero_stage,
         offload=candidate.offload,
         num_processes=world,
-        num_machines=hardware.nodes,
         per_device_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         global_batch_size=micro * accumulation * world,
@@ -244,13 +249,7 @@ def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget, chec
         precision=precision,
         memory=mem,
         budget_bytes=budget,
-        fits=fits,
-        reasons=tuple(reasons),
     )
-
-
-def _with_reasons(p: Plan, reasons: list[str]) -> Plan:
-    return replace(p, reasons=tuple(reasons))
 
 
 def _label(c: Candidate) -> str:
@@ -309,7 +308,3 @@ def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> li
                     hints.append(f"would fit: {more.nodes} nodes of 8 such GPUs")
                     break
     return hints or ["nothing smaller fits either: use a smaller model or GPUs with more memory"]
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"

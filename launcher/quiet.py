@@ -1,7 +1,6 @@
 """Silence library messages that are noise for an ftlaunch user, and only those."""
 
 import logging
-import os
 import warnings
 
 
@@ -12,7 +11,12 @@ def silence_library_noise() -> None:
     # Libraries calling each other's renamed transformers-5 attributes: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6",
                             category=FutureWarning)
-    # DeepSpeed, imported by accelerate when installed, announces on every CPU-only
-    # import that it fell back to the CPU; say so up front instead.
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidiactl"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed, imported by accelerate when installed, warns on every CPU-only import that
+    # it fell back to the CPU. Filtered, not avoided by setting DS_ACCELERATOR here: that
+    # guess would reach the workers, whose accelerator the plan decides (launch.worker_env).
+    logging.getLogger("DeepSpeed").addFilter(_NotTheCpuFallback())
+
+
+class _NotTheCpuFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ftlaunch.hardware import GIB, Hardware
+from ftlaunch.hardware import Hardware, format_gib
 from ftlaunch.planner import Plan
 
 
@@ -30,14 +30,14 @@ def plan_text(plan: Plan) -> str:
     for f in fields(plan.memory):
         if f.name == "cuda_context":
             continue  # shown inside overhead
-        note = (f"  (incl. CUDA context {_gib(plan.memory.cuda_context)})"
+        note = (f"  (incl. CUDA context {format_gib(plan.memory.cuda_context, 2)})"
                 if f.name == "overhead" and plan.memory.cuda_context else "")
-        lines.append(f"  {f.name:<12} {_gib(getattr(plan.memory, f.name)):>10}{note}")
+        lines.append(f"  {f.name:<12} {format_gib(getattr(plan.memory, f.name), 2):>10}{note}")
     headroom = plan.budget_bytes - plan.memory.total
     lines += [
-        f"  {'total':<12} {_gib(plan.memory.total):>10}",
-        f"  {'budget':<12} {_gib(plan.budget_bytes):>10}",
-        f"  {'headroom':<12} {_gib(headroom):>10}",
+        f"  {'total':<12} {format_gib(plan.memory.total, 2):>10}",
+        f"  {'budget':<12} {format_gib(plan.budget_bytes, 2):>10}",
+        f"  {'headroom':<12} {format_gib(headroom, 2):>10}",
         "",
         "fits" if plan.fits else "DOES NOT FIT",
     ]
@@ -49,13 +49,9 @@ def hardware_text(hw: Hardware) -> str:
     lines = [hw.describe()]
     if hw.gpu is not None:
         cap = hw.gpu.compute_capability
-        lines.append(f"  gpu: {hw.gpu.name}, {_gib(hw.gpu.memory_bytes)}, compute capability "
+        lines.append(f"  gpu: {hw.gpu.name}, {format_gib(hw.gpu.memory_bytes, 2)}, compute capability "
                      f"{f'{cap[0]}.{cap[1]}' if cap else 'unknown'}, bf16 {'yes' if hw.gpu.bf16 else 'no'}")
-    lines.append(f"  cpu cores: {hw.cpu_cores}   ram: {_gib(hw.ram_bytes)}")
+    lines.append(f"  cpu cores: {hw.cpu_cores}   ram: {format_gib(hw.ram_bytes, 2)}")
     if hw.disk_free_bytes is not None:
-        lines.append(f"  free disk (output dir): {_gib(hw.disk_free_bytes)}")
+        lines.append(f"  free disk (output dir): {format_gib(hw.disk_free_bytes, 2)}")
     return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"

@@ -103,16 +103,18 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
     return RunState("new", moved_aside_to=moved)
 
 
-def set_aside_torn(output_dir: Path, state: RunState) -> list[str]:
-    """Move the torn checkpoints out of checkpoints/; one line per move, for the log."""
+def set_aside_torn(output_dir: Path, state: RunState, move: bool = True) -> list[str]:
+    """Move the torn checkpoints out of checkpoints/ (unless not `move`: a dry run only
+    says so); one line per checkpoint, for the log."""
     root = output_dir / "checkpoints"
     lines = []
     for path, why in state.torn:
-        if path.exists():
-            target = checkpoints.set_aside(path, root)
-            lines.append(f"{path.name} is not a complete checkpoint ({why}); moved to "
-                         f"{target.relative_to(output_dir)}")
-    checkpoints.clear_incoming(root)
+        line = f"{path.name} is not a complete checkpoint ({why})"
+        if move and path.exists():
+            line += f"; moved to {checkpoints.set_aside(path, root).relative_to(output_dir)}"
+        lines.append(line)
+    if move:
+        checkpoints.clear_incoming(root)
     return lines
 
 

@@ -65,8 +65,7 @@ def train(job: Job, argv: list[str], echo) -> int:
     resume_from = state.checkpoint.path if state.checkpoint else None
     argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, resume_from, port)
     if dry:
-        torn = [f"{path.name} is not a complete checkpoint ({why})" for path, why in state.torn]
-        for note in notes + torn:
+        for note in notes + rundir.set_aside_torn(run_dir, state, move=False):
             echo(f"Note: {note}.")
         if state.kind == "resume" or (run_dir / rundir.RUN_FILE).exists():
             echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
@@ -285,9 +284,8 @@ def model_record(job: Job, materialize: bool) -> dict:
 
 
 def _hf_config(spec) -> dict:
-    presets = models.load_presets()
-    if spec.name in presets:
-        return dict(presets[spec.name]["config"])
+    if spec.name in models.load_presets():
+        return builtin_models.hf_config(spec.name)
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 

@@ -75,17 +75,16 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     stop = _StopRequest()
     stop.install()  # first thing: a signal during model loading must not kill this rank
     record = rundir.read_run_file(run_dir)
-    _watch_launcher(stop, float(record.get("checkpointing", {}).get("grace_s", 120)))
+    _watch_launcher(stop, float(record["checkpointing"]["grace_s"]))
     session = build(run_dir, stop)
     trainer, recorder, tokenizer = session.trainer, session.recorder, session.tokenizer
     if trainer.is_world_process_zero():  # a run killed before its first checkpoint starts over
-        _trim_metrics(run_dir / "metrics.jsonl", _checkpoint_step(resume_from) if resume_from else 0)
+        _trim_metrics(run_dir / "metrics.jsonl", checkpoints.step_of(resume_from) if resume_from else 0)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     stopped_at = session.checkpointing.stopped_at
-    if stopped_at is not None:
-        trainer.accelerator.wait_for_everyone()
+    if stopped_at is not None:  # the stop's checkpoint is complete: on_save waited for all ranks
         if trainer.is_world_process_zero():
             checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
             rundir.write_stop_record(run_dir, {"step": stopped_at, "why": stop.reason,
@@ -460,10 +459,6 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     staging.rename(target)
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint: those steps run again. A line
     cut short by a hard kill is dropped too."""
@@ -532,22 +527,16 @@ def _watch_launcher(stop: _StopRequest, grace_s: float) -> None:
     threading.Thread(target=watch, name="ftlaunch-watchdog", daemon=True).start()
 
 
-def _agree(stop: int, save_due: bool) -> tuple[int, bool]:
-    """(stop reason code, save) as every rank sees it: the ranks' stop requests (the
-    highest code), rank 0's clock.
-
-    One tiny all-reduce per optimizer step, on every rank at the same step, so all
-    ranks stop and checkpoint at the same step."""
+def _agreement_device():
+    """Where the ranks' per-step flags are reduced, or None on one process."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return stop, save_due
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    flags = torch.tensor([stop, int(save_due and dist.get_rank() == 0)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags[0]), bool(flags[1])
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -566,22 +555,38 @@ class _Checkpointing(TrainerCallback):
     would run a step past the end)."""
 
     def __init__(self, run_dir: Path, record: dict, stop: _StopRequest):
-        settings = record.get("checkpointing") or {}
+        settings = record["checkpointing"]
         self.root = run_dir / "checkpoints"
-        self.keep = settings.get("keep", 2)
-        self.save_every = settings.get("save_every_s")
+        self.keep = settings["keep"]
+        self.save_every = settings["save_every_s"]
         self.record = record
         self.stop = stop
         self.stopped_at: int | None = None
         self._reason = "steps"
         self._last_save = time.monotonic()
+        self._device = None  # of the per-step agreement; None on one process
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
+        self._device = _agreement_device()
+
+    def _agree(self, save_due: bool) -> tuple[int, bool]:
+        """(stop reason code, save) as every rank sees it: the ranks' stop requests (the
+        highest code), rank 0's clock. One tiny all-reduce per optimizer step, on every
+        rank at the same step, so all ranks stop and checkpoint at the same step."""
+        if self._device is None:
+            return self.stop.code, save_due
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor([self.stop.code, int(save_due and dist.get_rank() == 0)],
+                             device=self._device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
 
     def on_step_end(self, args, state, control, **kwargs):
         due = bool(self.save_every) and time.monotonic() - self._last_save >= self.save_every
-        stop, due = _agree(self.stop.code, due)
+        stop, due = self._agree(due)
         if state.global_step >= state.max_steps:
             control.should_save = False
             return

@@ -33,7 +33,7 @@ TINY_TRAIN = ("--model", "tiny", "--gpus", "1", "--max-steps", "12", "--global-b
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, offline_cache) -> tuple[subprocess.CompletedProcess, Path]:
     """(launcher output, run directory) of one finished tiny training on CPU (TINY_TRAIN:
-    12 steps, checkpoints at 6 and 12), made once per session. Shared: a test that writes
+    12 steps, a checkpoint at 6; the last step writes adapter/), made once per session. Shared: a test that writes
     into the run directory works on a shutil.copytree copy of it."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     proc = run_ftlaunch(*TINY_TRAIN, "--output-dir", str(run_dir))

@@ -89,18 +89,6 @@ def test_a_torn_leftover_of_the_same_step_is_set_aside_not_overwritten(tmp_path)
     assert (kept / "old").read_text() == "x"
 
 
-@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h30m", 5400),
-                                           ("1.5h", 5400)])
-def test_durations(text, seconds):
-    assert checkpoints.parse_duration(text, "--grace") == seconds
-
-
-@pytest.mark.parametrize("text", ["soon", "-5s", "0", "10x", "5m3"])
-def test_bad_durations(text):
-    with pytest.raises(UserError, match="--grace"):
-        checkpoints.parse_duration(text, "--grace")
-
-
 def _plan(processes: int, global_batch: int = 4, engine: str = "auto", gpus: str = "cpu"):
     machine = hardware.parse_spec(gpus)
     spec = planner.TrainSpec(seq_len=64, global_batch_size=global_batch, method="lora",

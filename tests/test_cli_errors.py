@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftlaunch.cli import parse_duration
+from ftlaunch.errors import UserError
+
 FTLAUNCH = Path(sys.executable).parent / "ftlaunch"
 USER_ERROR = 2
 
@@ -357,3 +360,15 @@ def test_unknown_resume_setting(ftlaunch, tmp_path):
 def test_resume_of_a_directory_that_is_not_a_run(ftlaunch, tmp_path):
     (tmp_path / "somewhere").mkdir()
     assert_user_error(ftlaunch("resume", tmp_path / "somewhere"), "not an ftlaunch run directory")
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h30m", 5400),
+                                           ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text, "--grace") == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "-5s", "0", "10x", "5m3"])
+def test_bad_durations(text):
+    with pytest.raises(UserError, match="--grace"):
+        parse_duration(text, "--grace")

@@ -120,14 +120,16 @@ def test_text_mentioning_only_one_marker_is_plain_text(tmp_path):
     assert ds.format == "text"
 
 
-@pytest.mark.parametrize("row, expected", [
-    (CHAT, "messages"), (SHAREGPT, "sharegpt"), (ALPACA, "alpaca"),
-    (PROMPT_COMPLETION, "prompt_completion"), (GUANACO, "human_assistant"), (TEXT, "text"),
+@pytest.mark.parametrize("row, expected, kind", [
+    (CHAT, "messages", "conversational"), (SHAREGPT, "sharegpt", "conversational"),
+    (ALPACA, "alpaca", "conversational"), (PROMPT_COMPLETION, "prompt_completion",
+                                           "prompt_completion"),
+    (GUANACO, "human_assistant", "conversational"), (TEXT, "text", "text"),
 ])
-def test_detection_and_kinds(tmp_path, row, expected):
+def test_detection_and_kinds(tmp_path, row, expected, kind):
     ds = data.load(_jsonl(tmp_path / "d.jsonl", [row]))
     assert ds.format == expected
-    assert ds.kind == data.KINDS[expected]
+    assert ds.kind == kind
     assert data.load(ds.path, ds.format).rows == ds.rows  # what a worker does with run.yaml
 
 
@@ -140,10 +142,6 @@ def test_format_override(tmp_path):
     path = _jsonl(tmp_path / "both.jsonl", [both])
     assert data.load(path).format == "alpaca"
     assert data.load(path, "text").rows == ({"text": "t"},)
-
-
-def test_every_format_has_a_kind():
-    assert set(data.KINDS) == set(data.FORMATS)
 
 
 def test_unknown_format_name(tmp_path):
@@ -381,6 +379,10 @@ def test_several_bad_rows_are_counted(tmp_path):
     assert "4 more examples have problems" in message
     assert "line 3 (format text): missing `text`" in message
     assert "line 5" in message and "and 1 more" in message
+    assert "The format was told from the first example" in message
+    # Named by the user, the format is no guess: no hint.
+    named = _error(_jsonl(tmp_path / "n.jsonl", rows), format="text")
+    assert "The format was told from the first example" not in named
 
 
 def test_later_row_missing_messages(tmp_path):
@@ -502,11 +504,6 @@ def test_system_prompt_rejected_for_non_chat_data(tmp_path, row):
     message = _error(path, system_prompt="Be brief.")
     assert "chat data only" in message and str(path) in message
     assert data.load(path, system_prompt=None).rows == (row,)
-
-
-def test_no_system_prompt_leaves_rows_alone(tmp_path):
-    path = _jsonl(tmp_path / "chat.jsonl", [CHAT])
-    assert data.load(path).rows[0] == CHAT
 
 
 # ---------------------------------------------------------------- fingerprints

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftlaunch.checkpoints import parse_duration
+from ftlaunch.cli import parse_duration
 from ftlaunch.cli import train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"

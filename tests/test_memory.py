@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from ftlaunch import memory, models
+from ftlaunch.hardware import GIB
 from ftlaunch.planner import Candidate, TrainSpec
 
 # torchtune's stack as its recipes configure it: bf16 LoRA weights, gradients and
@@ -32,7 +33,7 @@ def test_llama_8b_single_4090_matches_torchtune_within_15_percent(method, publis
     spec = models.resolve("llama-3.1-8b")
     mem = memory.estimate(spec, TORCHTUNE_LORA, Candidate(method, "single"), micro_batch=2,
                           world=1, on_gpu=True, gradient_checkpointing=True, stack=TORCHTUNE)
-    predicted = mem.allocated / memory.GIB
+    predicted = mem.allocated / GIB
     assert abs(predicted - published_gib) / published_gib <= 0.15, (predicted, mem)
 
 

@@ -39,7 +39,6 @@ def test_accelerate_reads_the_rendered_config(case, tmp_path):
     assert (plan.num_processes, plan.num_machines) == (num_processes, num_machines)
     path = render.write_accelerate_config(plan, rendezvous, tmp_path)
     assert path == tmp_path / "accelerate.yaml"
-    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary behind
 
     config = load_config_from_file(str(path))
 
@@ -58,11 +57,6 @@ def test_accelerate_reads_the_rendered_config(case, tmp_path):
     else:
         assert not config.use_cpu
         assert config.mixed_precision == plan.precision
-
-
-def test_cpu_counts():
-    assert _plan("cpu", None).num_processes == 1
-    assert _plan("cpu", 2).num_processes == 2
 
 
 def test_fp16_card_gets_fp16(tmp_path):
@@ -225,7 +219,6 @@ def test_deepspeed_config(stage, offload, tmp_path, monkeypatch):
     path = render.write_accelerate_config(plan, render.Rendezvous(main_process_port=29604),
                                           tmp_path, {"max_grad_norm": 0.3})
     ds_path = tmp_path / render.DS_CONFIG_FILE
-    assert not list(tmp_path.glob(".*.tmp"))
 
     config = load_config_from_file(str(path))
     assert config.distributed_type == DistributedType.DEEPSPEED
@@ -298,11 +291,10 @@ def test_deepspeed_config_needs_a_deepspeed_plan():
         render.deepspeed_config(_fsdp())
 
 
-def test_deepspeed_rewrite_is_atomic_and_absolute(tmp_path, monkeypatch):
+def test_deepspeed_config_path_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     render.write_accelerate_config(_deepspeed(2), render.Rendezvous(), run_dir.relative_to(tmp_path))
     config = yaml.safe_load((run_dir / "accelerate.yaml").read_text(encoding="utf-8"))
     assert config["deepspeed_config"]["deepspeed_config_file"] == str(run_dir / "ds_config.json")
-    assert not list(run_dir.glob(".*.tmp"))

@@ -305,8 +305,11 @@ def test_a_torn_checkpoint_is_skipped_reported_and_set_aside(reference, tmp_path
     assert "checkpoint-11 is not a complete checkpoint (it has no completion marker)" in proc.stdout
     assert "checkpoint-9 is not a complete checkpoint (optimizer.pt has 1000 bytes" in proc.stdout
     assert f"resuming {run_dir} from checkpoint-6" in proc.stdout
-    assert sorted(p.name.split("-2")[0] for p in (checkpoints / "set-aside").iterdir()) == [
-        "checkpoint-11", "checkpoint-9"]
+    # Both are kept, as they were, out of the way: their truncated optimizer.pt is still there.
+    kept = list((checkpoints / "set-aside").iterdir())
+    assert len(kept) == 2 and all((p / "optimizer.pt").stat().st_size == 1000 for p in kept)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-6",
+                                                                        "checkpoint-9"]
     assert losses(run_dir) == losses(reference["1"])
     assert_same_adapter(run_dir, reference["1"])
 
