@@ -79,6 +79,11 @@ def _job_options(func):
                           "SLURM_NODEID / NODE_RANK, else 0."),
         click.option("--master-addr", metavar="HOST", help="Address of node rank 0."),
         click.option("--master-port", type=int, metavar="PORT", help="Port rank 0 listens on."),
+        click.option("--hardware", "hardware", metavar="SPEC",
+                     help="Plan for described hardware instead of this machine: 1xRTX4090-24GB, "
+                          "8xH100-80GB (one node; --nnodes or SLURM multiplies it), "
+                          "2x8xA100-80GB (nodes x GPUs), cpu. Training runs on what it finds: "
+                          "with `train` only together with --dry-run."),
         click.option("--random-init", is_flag=True,
                      help="Build the architecture from its config with random weights (benchmarks, "
                           "hardware checks; nothing downloaded)."),
@@ -129,6 +134,9 @@ def parse_duration(text: str, flag: str) -> float:
 
 def _stop_options(func):
     """The flags `train` and `resume` share: how checkpoints and stops are timed."""
+    func = click.option("--join-timeout", default="15m", show_default=True, metavar="DURATION",
+                        help="Multi-node: how long the nodes wait for each other to start "
+                             "before giving up (exit 2).")(func)
     func = click.option("--save-every", metavar="DURATION",
                         help="Also write a checkpoint at least this often (30m, 1h), besides "
                              "every save_steps steps.")(func)
@@ -161,9 +169,25 @@ def train(**kwargs):
     return _train(kwargs, sys.argv[1:])
 
 
+def _cluster_json(context) -> dict:
+    return {"nnodes": context.nnodes, "node_rank": context.node_rank,
+            "master_addr": context.master_addr, "master_port": context.master_port,
+            "source": context.source}
+
+
+def _cluster_line(context) -> str:
+    return (f"Multi-node ({context.source}): {context.nnodes} nodes, this is node "
+            f"{context.node_rank}, node 0 at {context.master_addr}:{context.master_port}")
+
+
 def _train(kwargs: dict, argv: list[str]) -> int:
     from ftlaunch import job as job_mod, start
 
+    if kwargs.get("hardware") and not kwargs.get("dry_run"):
+        raise UserError(f"--hardware {kwargs['hardware']} describes a machine to plan for; "
+                        "training runs on the hardware it finds. Use it with --dry-run (to "
+                        "write the configs for that machine) or with `ftlaunch plan`.")
+    kwargs["join_timeout_s"] = parse_duration(kwargs.pop("join_timeout"), "--join-timeout")
     kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
     every = kwargs.pop("save_every")
     kwargs["save_every_s"] = parse_duration(every, "--save-every") if every else None
@@ -202,9 +226,6 @@ def resume(run_dir, changes):
 
 @cli.command()
 @_job_options
-@click.option("--hardware", "hardware", metavar="SPEC",
-              help="Plan for described hardware instead of this machine: 1xRTX4090-24GB, "
-                   "8xH100-80GB, 2x8xA100-80GB (nodes x GPUs), cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(as_json, **kwargs):
     """Show how a job would train here (or on --hardware), and whether it fits.
@@ -216,9 +237,12 @@ def plan(as_json, **kwargs):
 
     job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
     if as_json:
-        click.echo(json.dumps(job.plan.to_json(), indent=2))
+        click.echo(json.dumps({**job.plan.to_json(), "cluster": _cluster_json(job.cluster)},
+                              indent=2))
     else:
         click.echo(report.plan_text(job.plan))
+        if job.cluster.nnodes > 1:
+            click.echo(_cluster_line(job.cluster))
     if not job.plan.fits:
         click.echo("ftlaunch: the plan does not fit: " + "; ".join(job.plan.reasons) + ".",
                    err=True)
@@ -230,7 +254,6 @@ def plan(as_json, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def hardware(as_json):
     """Show the GPUs, CPU cores, RAM and disk ftlaunch sees on this machine."""
-    import dataclasses
     import os
 
     from ftlaunch import cluster, hardware as hw, report
@@ -238,13 +261,12 @@ def hardware(as_json):
     found = hw.detect(Path.cwd())
     context = cluster.from_env(os.environ)
     if as_json:
-        data = {**found.to_json(), "cluster": dataclasses.asdict(context) if context else None}
+        data = {**found.to_json(), "cluster": _cluster_json(context) if context else None}
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(report.hardware_text(found))
         if context:
-            click.echo(f"  multi-node ({context.source}): {context.nnodes} nodes, this is node "
-                       f"{context.node_rank}, rank 0 at {context.master_addr}:{context.master_port}")
+            click.echo("  " + _cluster_line(context))
     return 0
 
 

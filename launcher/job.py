@@ -47,6 +47,7 @@ class Options:
     dry_run: bool = False
     grace_s: float = 120.0  # --grace: how long a stop on a signal may take to checkpoint
     save_every_s: float | None = None  # --save-every: a checkpoint at least this often
+    join_timeout_s: float = 900.0  # --join-timeout: how long the nodes wait for each other
     allow_changed: tuple[str, ...] = ()  # --set resume.allow_changed=...: accepted differences
 
 
@@ -74,10 +75,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
     cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
                                   options.master_addr, options.master_port)
-    machine = (hw.parse_spec(options.hardware) if options.hardware
-               else hw.detect(output_dir if detect_output_dir else None))
-    if cluster.nnodes > 1 and not options.hardware:
-        machine = hw.with_nodes(machine, cluster.nnodes)
+    machine = _machine(options, cluster, output_dir if detect_output_dir else None)
     spec = planner.TrainSpec(
         seq_len=recipe.seq_len,
         global_batch_size=recipe.global_batch_size,
@@ -92,6 +90,22 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
                plan=plan, output_dir=output_dir, cluster=cluster)
+
+
+def _machine(options: Options, cluster: cluster_mod.ClusterContext,
+             output_dir: Path | None) -> hw.Hardware:
+    """This node's hardware (detected, or described by --hardware), times the nodes of the
+    job. A described multi-node spec must agree with a multi-node context."""
+    if not options.hardware:
+        return hw.with_nodes(hw.detect(output_dir), cluster.nnodes)
+    machine = hw.parse_spec(options.hardware)
+    if machine.nodes == 1:
+        return hw.with_nodes(machine, cluster.nnodes)
+    if cluster.nnodes > 1 and machine.nodes != cluster.nnodes:
+        raise UserError(f"--hardware {options.hardware} describes {machine.nodes} nodes, but "
+                        f"{cluster.source} says {cluster.nnodes}. Describe one node "
+                        f"(e.g. {machine.gpus_per_node}x...) and let the job's node count apply.")
+    return machine
 
 
 def _resume_settings(options: Options) -> Options:

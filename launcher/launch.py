@@ -27,10 +27,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try agai
 
 
 def command(config_path: Path, run_dir: Path, resume_from: Path | None,
-            main_process_port: int | None) -> list[str]:
+            main_process_port: int | None, node=None) -> list[str]:
+    """`node` (a render.Rendezvous) names this node's rank and node 0's address on the
+    command line: on a shared run directory every node launches from node 0's
+    accelerate.yaml, whose machine_rank is node 0's."""
     # `python -m accelerate.commands.launch` is `accelerate launch` from this same interpreter,
     # so the workers always run in the environment ftlaunch was installed into.
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path)]
+    if node is not None:
+        argv += ["--machine_rank", str(node.machine_rank),
+                 "--main_process_ip", node.main_process_ip]
     if main_process_port is not None:
         argv += ["--main_process_port", str(main_process_port)]
     argv += ["-m", "ftlaunch.train", "--run-dir", str(run_dir)]
@@ -43,9 +49,29 @@ def printable(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
+# Set for the workers of GPU jobs unless the environment already says otherwise.
+DISTRIBUTED_DEFAULTS = {
+    # A failed or timed-out collective aborts the job instead of leaving it hanging, so
+    # the launcher sees a failure (and a re-run resumes) rather than a silent stall.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # NCCL's own reason for a failure (a bad interface, an IB error) lands in train.log.
+    "NCCL_DEBUG": "WARN",
+}
+_DISTRIBUTED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "TORCH_DISTRIBUTED_")
+
+
+def distributed_env(plan, environ) -> dict[str, str]:
+    """The distributed settings the workers get: the defaults above for multi-GPU plans,
+    then whatever NCCL/gloo variables the environment sets (they win)."""
+    env = dict(DISTRIBUTED_DEFAULTS) if plan.num_processes > 1 and not plan.on_cpu else {}
+    env.update({k: v for k, v in environ.items() if k.startswith(_DISTRIBUTED_PREFIXES)})
+    return dict(sorted(env.items()))
+
+
 def worker_env(num_processes_per_node: int, cpu_cores: int, on_cpu: bool,
-               offline: bool) -> dict[str, str]:
+               offline: bool, distributed: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(distributed or {})
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one bar per rank is noise
@@ -67,7 +93,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Bind it for a moment where rank 0 will: a busy port fails now, not in torchrun.
+    With SO_REUSEADDR, as torchrun's store binds, so the closing connections of a run
+    that just ended (TIME_WAIT) do not count as busy; a listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -76,7 +76,7 @@ def accelerate_config(plan: Plan, rendezvous: Rendezvous,
     return config
 
 
-def deepspeed_config(plan: Plan, training: dict | None = None) -> dict:
+def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool = False) -> dict:
     """The ds_config.json of a DeepSpeed plan, every value concrete.
 
     No "auto": DeepSpeedConfig rejects it outside the HF Trainer, and a file that
@@ -129,6 +129,10 @@ def deepspeed_config(plan: Plan, training: dict | None = None) -> dict:
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+    if node_local:
+        # Run directories on each node's own disk: every node's first rank writes the
+        # model states beside its ranks' optimizer shards, so each node can resume alone.
+        config["checkpoint"] = {"use_node_local_storage": True}
     if plan.precision == "fp16":
         # Dynamic loss scaling, DeepSpeed's defaults written out.
         config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16,
@@ -137,7 +141,7 @@ def deepspeed_config(plan: Plan, training: dict | None = None) -> dict:
 
 
 def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
-                            training: dict | None = None) -> Path:
+                            training: dict | None = None, node_local: bool = False) -> Path:
     """Write run_dir/accelerate.yaml, and run_dir/ds_config.json for a DeepSpeed plan.
 
     `training` is the recipe's training section (gradient clipping for DeepSpeed).
@@ -145,7 +149,8 @@ def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
     ds_path = None
     if plan.engine == "deepspeed":
         ds_path = (run_dir / DS_CONFIG_FILE).resolve()
-        atomic_write(ds_path, json.dumps(deepspeed_config(plan, training), indent=2) + "\n")
+        atomic_write(ds_path, json.dumps(deepspeed_config(plan, training, node_local),
+                                         indent=2) + "\n")
     config = accelerate_config(plan, rendezvous, ds_path)
     target = run_dir / "accelerate.yaml"
     header = (f"# Written by ftlaunch from accelerate_configs/{template_name(plan)}.yaml for "

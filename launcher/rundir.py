@@ -27,6 +27,9 @@ from ftlaunch import checkpoints
 from ftlaunch.errors import UserError
 
 RUN_FILE = "run.yaml"
+# Node 0 of a multi-node job marks its run directory with this + a launch id while the
+# nodes meet (ftlaunch.nodes): it is how other nodes find out they share the directory.
+LAUNCH_MARK = ".ftlaunch-launch-"
 # Written by rank 0 after a stop on a signal, once the stop's checkpoint is complete:
 # how the launcher tells "preempted, resumable" from "done" and from "failed".
 STOP_FILE = "stopped.json"
@@ -41,6 +44,7 @@ RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_
 class RunState:
     kind: str  # "new" | "resume" | "finished"
     checkpoint: checkpoints.Checkpoint | None = None  # newest complete one, to resume from
+    complete: tuple[checkpoints.Checkpoint, ...] = ()  # every complete one, oldest first
     torn: tuple[tuple[Path, str], ...] = ()  # checkpoint directories that do not count, and why
     allowed_changes: tuple[str, ...] = ()  # identity differences resume.allow_changed let through
     moved_aside_to: Path | None = None
@@ -68,7 +72,8 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
     accepted the resume."""
     check_writable(output_dir)
     moved = None
-    if output_dir.exists() and any(output_dir.iterdir()):
+    if output_dir.exists() and any(not p.name.startswith(LAUNCH_MARK)
+                                   for p in output_dir.iterdir()):
         if not (output_dir / RUN_FILE).is_file():
             raise UserError(
                 f"--output-dir {output_dir} exists and is not an ftlaunch run (it has no "
@@ -98,7 +103,8 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
                 return RunState("finished")
             found = checkpoints.scan(output_dir / "checkpoints")
             return RunState("resume" if found.newest else "new", checkpoint=found.newest,
-                            torn=tuple(found.torn), allowed_changes=allowed)
+                            complete=tuple(found.complete), torn=tuple(found.torn),
+                            allowed_changes=allowed)
     output_dir.mkdir(parents=True, exist_ok=True)
     return RunState("new", moved_aside_to=moved)
 
@@ -115,6 +121,19 @@ def set_aside_torn(output_dir: Path, state: RunState, move: bool = True) -> list
         lines.append(line)
     if move:
         checkpoints.clear_incoming(root)
+    return lines
+
+
+def set_aside_newer(output_dir: Path, state: RunState, step: int | None) -> list[str]:
+    """Checkpoints past `step` (the newest complete on every node of a multi-node job
+    with node-local run directories) move to set-aside/: training runs those steps
+    again, and retention must not count them as newer than what it writes."""
+    root = output_dir / "checkpoints"
+    lines = []
+    for checkpoint in state.complete:
+        if (step is None or checkpoint.step > step) and checkpoint.path.exists():
+            moved = checkpoints.set_aside(checkpoint.path, root).relative_to(output_dir)
+            lines.append(f"{checkpoint.path.name} is not complete on every node; moved to {moved}")
     return lines
 
 

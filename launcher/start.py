@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from ftlaunch import __version__, builtin_models, checkpoints, launch, models, render, rundir
+from ftlaunch import __version__, builtin_models, checkpoints, launch, models, nodes, render, rundir
 from ftlaunch import data as data_io
 from ftlaunch.errors import UserError
 from ftlaunch.job import Job
@@ -32,16 +33,18 @@ def train(job: Job, argv: list[str], echo) -> int:
     if options.random_init and plan.method == "qlora":
         raise UserError("--random-init with QLoRA is not supported: quantisation needs saved "
                         "weights. Use --method lora with --random-init.")
+    render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
+    cluster = job.cluster
+    if cluster.nnodes > 1 and cluster.node_rank > 0 and not options.dry_run:
+        return _train_joining_node(job, argv, echo)
     if not options.data:
         echo(f"No --data given: training on the bundled demo dataset {demo_data_path()}.")
     dataset, eval_dataset = load_data(job)
     model = model_record(job, materialize=not options.dry_run)
     for note in _token_preflight(job, dataset, model):
         echo(f"Note: {note}.")
-    render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
-    cluster = job.cluster
     if cluster.master_port is not None and cluster.node_rank == 0:
-        launch.check_port_free(cluster.master_port)
+        launch.check_port_free(cluster.master_port, nodes.bind_host(cluster.master_addr))
 
     identity = _identity(job, dataset, eval_dataset)
     dry = options.dry_run
@@ -62,34 +65,183 @@ def train(job: Job, argv: list[str], echo) -> int:
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr or "127.0.0.1",
                                    main_process_port=port or 29500)
-    resume_from = state.checkpoint.path if state.checkpoint else None
-    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, resume_from, port)
     if dry:
+        resume_from = state.checkpoint.path if state.checkpoint else None
         for note in notes + rundir.set_aside_torn(run_dir, state, move=False):
             echo(f"Note: {note}.")
         if state.kind == "resume" or (run_dir / rundir.RUN_FILE).exists():
             echo(f"(dry run: {run_dir} holds a run already; its files are left as they are)")
         else:
             _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
-                             model)
+                             model, _nodes_record(job, None))
             echo(f"Wrote {run_dir / 'accelerate.yaml'} and {run_dir / rundir.RUN_FILE}.")
         echo("Launch command (dry run, nothing trained):")
-        echo("  " + launch.printable(argv_launch))
+        echo("  " + launch.printable(launch.command(
+            run_dir / "accelerate.yaml", run_dir, resume_from, port,
+            rendezvous if cluster.nnodes > 1 else None)))
         return 0
 
-    notes += rundir.set_aside_torn(run_dir, state)
-    record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv, rendezvous,
-                              model)
-    rundir.clear_stop_record(run_dir)
-    if state.kind == "resume":
-        notes.insert(0, f"resuming {run_dir} from {state.checkpoint.path.name}")
+    def start_files(verdict: nodes.Verdict | None) -> tuple[dict, Path | None]:
+        """The run files every worker reads, written once the nodes (if several) agreed."""
+        checkpoint = state.checkpoint
+        if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
+            notes.extend(rundir.set_aside_newer(run_dir, state, verdict.resume_step))
+            checkpoint = next((c for c in state.complete if c.step == verdict.resume_step), None)
+            if checkpoint is not None and checkpoint is not state.checkpoint:
+                notes.extend(resume_notes(checkpoint, plan, job.recipe, options.allow_changed))
+        notes.extend(rundir.set_aside_torn(run_dir, state))
+        if verdict is not None and verdict.storage == nodes.NODE_LOCAL and plan.engine == "fsdp":
+            raise UserError(_FSDP_NEEDS_SHARED)
+        record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
+                                  rendezvous, model, _nodes_record(job, verdict))
+        rundir.clear_stop_record(run_dir)
+        if checkpoint is not None:
+            notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
+        return record, checkpoint.path if checkpoint else None
+
+    if cluster.nnodes > 1:
+        started: list = []
+        _meet_as_node_zero(job, run_dir, state, port, identity,
+                           lambda v: started.append(start_files(v)), echo)
+        record, resume_from = started[0]
+    else:
+        record, resume_from = start_files(None)
     _log(run_dir, notes, echo)
+    return _launch(job, run_dir, run_dir / "train.log", record, resume_from, port, rendezvous,
+                   echo)
+
+
+_FSDP_NEEDS_SHARED = (
+    "FSDP writes each checkpoint as shards of every rank plus one index, which a node can only "
+    "load when it sees all of them: node-local run directories cannot hold it. Put --output-dir "
+    "on a filesystem shared by every node (mounted at the same path), or use --engine "
+    "deepspeed, whose checkpoints can be kept per node.")
+
+
+def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: Path | None,
+            port: int | None, rendezvous: render.Rendezvous, echo) -> int:
+    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, resume_from, port,
+                                 rendezvous if job.cluster.nnodes > 1 else None)
     echo("Launching: " + launch.printable(argv_launch))
+    plan = job.plan
     env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
-                            on_cpu=plan.on_cpu,
-                            offline=_is_local(record["model"]))
-    code, received = launch.run(argv_launch, env, run_dir / "train.log", options.grace_s)
+                            on_cpu=plan.on_cpu, offline=_is_local(record["model"]),
+                            distributed=record["distributed"]["env"])
+    code, received = launch.run(argv_launch, env, log_path, job.options.grace_s)
     return _outcome(run_dir, code, received, echo)
+
+
+def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
+               error: str | None = None) -> dict:
+    return nodes.hello(job.cluster.node_rank, job.hardware, plan_hash(job.plan), __version__,
+                       run_dir, data_fingerprint, shared, steps, error)
+
+
+def _meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict, on_go,
+                       echo) -> nodes.Verdict:
+    """Node 0 of several: wait for the other nodes, check they match, agree on storage
+    and on the checkpoint to resume from; the run files are written (on_go) before any
+    node is told to start."""
+    cluster = job.cluster
+    launch_id = nodes.mark_launch(run_dir)
+    mine = _own_hello(job, run_dir, True, [c.step for c in state.complete], identity["data"])
+    storage_ok = {nodes.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
+    try:
+        verdict = nodes.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
+                              job.options.join_timeout_s,
+                              lambda others: nodes.decide([mine, *others], storage_ok), on_go,
+                              log=echo)
+    finally:
+        nodes.unmark_launch(run_dir, launch_id)
+    if not verdict.ok:
+        raise UserError(f"The nodes cannot train together: {verdict.message}")
+    echo(f"ftlaunch: {cluster.nnodes} nodes agree ({verdict.storage} run directory"
+         + (f", resuming from step {verdict.resume_step}" if verdict.resume_step else "") + ")")
+    return verdict
+
+
+def _train_joining_node(job: Job, argv: list[str], echo) -> int:
+    """Node R > 0 of a multi-node job: preflight, meet node 0, then start this node's
+    workers. With node 0's run directory shared, nothing is written here but this
+    node's log; with a directory of its own, this node keeps a full copy."""
+    cluster, options, plan = job.cluster, job.options, job.plan
+    run_dir = job.output_dir.expanduser().resolve()
+    try:  # needed only with a run directory of this node's own; the error waits till then
+        dataset, eval_dataset = load_data(job)
+        data_error = None
+    except UserError as exc:
+        dataset = eval_dataset = None
+        data_error = str(exc)
+    model = model_record(job, materialize=True)
+    port = cluster.master_port or 29500
+    rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
+                                   main_process_ip=cluster.master_addr, main_process_port=port)
+    local: dict = {}
+
+    def make_hello(launch_id: str) -> dict:
+        if nodes.sees_launch(run_dir, launch_id):
+            return _own_hello(job, run_dir, True, None, None)
+        try:
+            if data_error:
+                raise UserError(data_error)
+            identity = _identity(job, dataset, eval_dataset)
+            local["identity"] = identity
+            if options.fresh:  # moved aside once the nodes agree, not before
+                rundir.check_writable(run_dir)
+                return _own_hello(job, run_dir, False, [], identity["data"])
+            state = rundir.prepare(run_dir, identity, fresh=False,
+                                   allow_changed=options.allow_changed)
+            if state.kind == "finished":
+                raise UserError(f"{run_dir} on node {cluster.node_rank} holds a finished run; "
+                                "pass --fresh on every node to train again")
+            local["state"] = state
+            return _own_hello(job, run_dir, False, [c.step for c in state.complete],
+                              identity["data"])
+        except UserError as exc:
+            return _own_hello(job, run_dir, False, [], None, error=str(exc))
+
+    verdict = nodes.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
+    if not verdict.ok:
+        raise UserError(f"The nodes cannot train together: {verdict.message}")
+    if verdict.storage == nodes.SHARED:
+        echo(f"ftlaunch: node {cluster.node_rank} joined; node 0 wrote the run files in {run_dir}")
+        resume_from = (run_dir / "checkpoints" / f"checkpoint-{verdict.resume_step}"
+                       if verdict.resume_step is not None else None)
+        record = rundir.read_run_file(run_dir)
+        return _launch(job, run_dir, run_dir / f"train.node-{cluster.node_rank}.log", record,
+                       resume_from, port, rendezvous, echo)
+    # A run directory of this node's own: the same files node 0 writes in its own.
+    if options.fresh:
+        state = rundir.prepare(run_dir, local["identity"], fresh=True,
+                               allow_changed=options.allow_changed)
+    else:
+        state = local["state"]
+    notes = rundir.set_aside_newer(run_dir, state, verdict.resume_step)
+    notes += rundir.set_aside_torn(run_dir, state)
+    checkpoint = next((c for c in state.complete if c.step == verdict.resume_step), None)
+    if checkpoint is not None:
+        notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
+        notes += resume_notes(checkpoint, plan, job.recipe, options.allow_changed)
+    record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
+                              rendezvous, model, _nodes_record(job, verdict))
+    rundir.clear_stop_record(run_dir)
+    _log(run_dir, notes, echo)
+    return _launch(job, run_dir, run_dir / "train.log", record,
+                   checkpoint.path if checkpoint else None, port, rendezvous, echo)
+
+
+def _nodes_record(job: Job, verdict: nodes.Verdict | None) -> dict:
+    """run.yaml's account of the nodes: how many, which this copy belongs to, where the
+    checkpoints live, and every node's hardware as it reported it."""
+    cluster = job.cluster
+    record = {"nnodes": cluster.nnodes, "node_rank": cluster.node_rank, "source": cluster.source,
+              "storage": verdict.storage if verdict else nodes.SHARED}
+    if cluster.nnodes > 1:
+        record["master"] = f"{cluster.master_addr}:{cluster.master_port}"
+    if verdict is not None:
+        record["nodes"] = [{"node_rank": h["node_rank"], "host": h["host"],
+                            "hardware": h["hardware"]} for h in verdict.nodes]
+    return record
 
 
 def _log(run_dir: Path, notes: list[str], echo) -> None:
@@ -171,6 +323,8 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
 def _loss_summary(metrics: Path) -> str:
     from ftlaunch.plot import read_points
 
+    if not metrics.exists():  # a node-local copy of a node other than 0
+        return "The loss is logged in node 0's run directory."
     losses = [loss for _, loss in read_points(metrics)[0]]
     if not losses:
         return "No loss was logged."
@@ -290,9 +444,10 @@ def _hf_config(spec) -> dict:
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
-                     rendezvous, model: dict) -> dict:
+                     rendezvous, model: dict, nodes_record: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training)
+    render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training,
+                                   node_local=nodes_record["storage"] == nodes.NODE_LOCAL)
     record = {
         "ftlaunch_version": __version__,
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -308,9 +463,31 @@ def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, a
         "plan_hash": plan_hash(job.plan),
         "checkpointing": {"keep": _keep(job.recipe), "save_every_s": job.options.save_every_s,
                           "grace_s": job.options.grace_s},
+        "nodes": nodes_record,
+        "distributed": {"timeout_s": collective_timeout_s(job),
+                        "env": launch.distributed_env(job.plan, os.environ)},
     }
     rundir.write_run_file(run_dir, record)
     return record
+
+
+# Reading the weights from a slow network filesystem, per second; a collective waits at
+# most for a load of the whole model and, under ZeRO-3/FSDP, a gather of it at save.
+_SLOW_READ_BYTES_PER_S = 100e6
+_MIN_COLLECTIVE_TIMEOUT_S = 600
+
+
+def collective_timeout_s(job: Job) -> int:
+    """How long a rank waits in a collective before the job is failed (the Trainer's
+    ddp_timeout): ten minutes, or two reads of the 16-bit weights at 100 MB/s for big
+    models. Shorter than torch's 30-minute default for most models, since no rank
+    preprocesses data any more (the launcher tokenized it): a hang shows up sooner.
+    `--set ddp_timeout=SECONDS` overrides it."""
+    asked = job.recipe.training.get("ddp_timeout")
+    if asked is not None:
+        return int(asked)
+    weights = job.model.parameters * 2
+    return int(max(_MIN_COLLECTIVE_TIMEOUT_S, 2 * weights / _SLOW_READ_BYTES_PER_S))
 
 
 def plan_hash(plan) -> str:

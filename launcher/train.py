@@ -61,7 +61,7 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     train_set, eval_set = _load_datasets(record["data"], recipe)
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
-    config = _training_config(run_dir, plan, recipe, kind, on_cpu, eval_set is not None)
+    config = _training_config(run_dir, record, kind, eval_set is not None)
     tokenizer = _load_tokenizer(model_info, config.assistant_only_loss)
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
@@ -83,14 +83,19 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
+    # Who writes the run directory's files: global rank 0, or with node-local run
+    # directories every node's first rank (save_on_each_node), each into its own copy.
+    writes_run_files = trainer.args.should_save
     stopped_at = session.checkpointing.stopped_at
     if stopped_at is not None:  # the stop's checkpoint is complete: on_save waited for all ranks
-        if trainer.is_world_process_zero():
+        if writes_run_files:
             checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
             rundir.write_stop_record(run_dir, {"step": stopped_at, "why": stop.reason,
                                                "checkpoint": str(checkpoint)})
             print(f"ftlaunch: stopped ({stop.reason}) after step {stopped_at}; "
                   f"{checkpoint.name} is complete", flush=True)
+        # No node's launcher may look for stopped.json before it is there.
+        _barrier()
         return
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
@@ -99,10 +104,11 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
         trainer.evaluate()  # the final adapter's eval loss, logged like the others
     _save_adapter(trainer, tokenizer, run_dir / "adapter")
     trainer.accelerator.wait_for_everyone()
+    if writes_run_files:
+        checkpoints.clear_incoming(run_dir / "checkpoints")  # only TRL's model card is left there
     if trainer.is_world_process_zero():
         from ftlaunch.plot import write_loss_png
 
-        checkpoints.clear_incoming(run_dir / "checkpoints")  # only TRL's model card is left there
         try:
             write_loss_png(run_dir / "metrics.jsonl", run_dir / "loss.png")
         except OSError as exc:  # a picture is not worth failing a finished training for
@@ -203,10 +209,15 @@ def _read(data_record: dict, recipe: dict):
     return Dataset.from_list(list(loaded.rows))
 
 
-def _training_config(run_dir, plan, recipe, kind, on_cpu, has_eval):
+def _training_config(run_dir, record, kind, has_eval):
     from trl import SFTConfig
 
+    plan, recipe = record["plan"], record["recipe"]
+    on_cpu = plan["engine"] == "cpu"
     training = dict(recipe["training"])
+    training.setdefault("ddp_timeout", record["distributed"]["timeout_s"])
+    # Run directories on each node's own disk: every node keeps whole checkpoints.
+    training["save_on_each_node"] = record["nodes"]["storage"] == "node-local"
     # Retention is ours (ftlaunch.checkpoints.retain): it only ever deletes after a newer
     # checkpoint is complete.
     training.pop("save_total_limit", None)
@@ -440,7 +451,7 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     (checkpoints are SHARDED_STATE_DICT; the adapter file must be whole).
     """
     staging = target.with_name(".adapter.tmp")
-    main = trainer.is_world_process_zero()
+    main = trainer.args.should_save  # rank 0, or each node's first with node-local run dirs
     if trainer.is_fsdp_enabled or _is_zero3(trainer):
         if trainer.is_fsdp_enabled:
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")

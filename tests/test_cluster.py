@@ -61,3 +61,50 @@ def test_a_slurm_node_renders_its_rank_and_rendezvous(tmp_path):
     assert (config.main_process_ip, config.main_process_port) == ("gpu07", 20000 + 981234 % 10000)
     plan = yaml.safe_load((out / "run.yaml").read_text())["plan"]
     assert plan["num_machines"] == 2 and plan["num_processes"] == 2
+
+
+SLURM_2x8 = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+             "SLURM_JOB_NODELIST": "gpu-a[01-02]"}
+
+
+def test_a_slurm_2x8_allocation_plans_16_processes_on_2_machines_from_either_node(tmp_path):
+    import json
+
+    for rank in ("0", "1"):
+        proc = run_ftlaunch("plan", "--model", "llama-8b", "--hardware", "8xA100-80GB", "--json",
+                            env={**SLURM_2x8, "SLURM_NODEID": rank})
+        assert proc.returncode == 0, proc.stderr
+        plan = json.loads(proc.stdout)
+        assert (plan["num_machines"], plan["num_processes"]) == (2, 16)
+        assert plan["hardware"]["nodes"] == 2 and plan["hardware"]["gpus_per_node"] == 8
+        assert plan["cluster"] == {"nnodes": 2, "node_rank": int(rank), "master_addr": "gpu-a01",
+                                   "master_port": 20000 + 4242 % 10000, "source": "SLURM"}
+    # The same, described as 2 nodes, is the same plan; a description that contradicts
+    # the allocation is refused.
+    both = run_ftlaunch("plan", "--model", "llama-8b", "--hardware", "2x8xA100-80GB", "--json",
+                        env=SLURM_2x8)
+    assert json.loads(both.stdout)["num_processes"] == 16
+    wrong = run_ftlaunch("plan", "--model", "llama-8b", "--hardware", "3x8xA100-80GB",
+                         env=SLURM_2x8)
+    assert wrong.returncode == 2 and "describes 3 nodes, but SLURM says 2" in wrong.stderr
+
+
+def test_the_2x8_config_written_on_node_1_passes_accelerates_loader(tmp_path):
+    out = tmp_path / "run"
+    proc = run_ftlaunch("--model", "llama-8b", "--random-init", "--method", "lora",
+                        "--hardware", "8xA100-80GB", "--dry-run", "--output-dir", str(out),
+                        env=SLURM_2x8)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = load_config_from_file(str(out / "accelerate.yaml"))
+    assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 16, 1)
+    assert (config.main_process_ip, config.main_process_port) == ("gpu-a01", 24242)
+    # This node's launch names its rank and node 0 explicitly (every node can launch from
+    # one shared accelerate.yaml).
+    assert "--machine_rank 1 --main_process_ip gpu-a01 --main_process_port 24242" in proc.stdout
+
+
+def test_hardware_is_only_described_for_planning_not_for_training(tmp_path):
+    proc = run_ftlaunch("--model", "tiny", "--hardware", "8xA100-80GB",
+                        "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "with --dry-run" in proc.stderr
+    assert not (tmp_path / "run").exists()
