@@ -59,25 +59,21 @@ def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None)
     only_assistant = assistant_only(dataset.kind, data_options)
     tokenizer, _ = load_tokenizer(model_record, only_assistant)
     rows = dataset.rows if rows is None else rows
-    return (tokenizer, [tokenize(tokenizer, row, dataset.kind, only_assistant) for row in rows],
+    return (tokenizer, [tokenize(tokenizer, row, dataset.kind, only_assistant, index)
+                        for index, row in enumerate(rows)],
             only_assistant)
 
 
-def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> Tokenized:
-    if kind == "conversational":
-        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=assistant_only)
-        ids = list(out["input_ids"])
-        if assistant_only:
-            return Tokenized(ids, [bool(m) for m in out["assistant_masks"]])
-        return Tokenized(ids, [True] * len(ids))
-    eos = tokenizer.eos_token or ""
-    if kind == "prompt_completion":
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        ids = tokenizer(row["prompt"] + row["completion"] + eos)["input_ids"]
-        return Tokenized(ids, [i >= len(prompt) for i in range(len(ids))])
-    ids = tokenizer(row["text"] + eos)["input_ids"]
-    return Tokenized(ids, [True] * len(ids))
+def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True,
+             index: int = 0) -> Tokenized:
+    """One example exactly as training gets it: TRL's tokenization, as the launcher's data
+    cache does it (EOS only where TRL adds one, the completion from where prompt and
+    prompt + completion diverge)."""
+    from ftlaunch.data_cache import tokenize_batch
+
+    batch = {key: [value] for key, value in row.items()}
+    out = tokenize_batch(batch, [index], tokenizer, kind, assistant_only, tokenizer.eos_token)
+    return Tokenized(list(out["input_ids"][0]), [label != -100 for label in out["labels"][0]])
 
 
 def length_stats(tokenized: list[Tokenized], seq_len: int) -> LengthStats:

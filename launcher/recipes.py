@@ -49,6 +49,13 @@ PLAN_OWNED = {
     "fp16": "the detected hardware",
     "gradient_checkpointing": "the plan",
     "resume_from_checkpoint": "re-running the same command (it resumes by itself)",
+    "save_on_each_node": "where --output-dir is (node-local run directories are detected)",
+    # The launcher tokenizes the data once (ftlaunch.data_cache); these would change how.
+    "eos_token": "the model's tokenizer (the data is tokenized before training)",
+    "chat_template_path": "the model's tokenizer (the data is tokenized before training)",
+    "dataset_text_field": "--data formats (the data is tokenized before training)",
+    "assistant_only_loss": "data.assistant_only_loss (the data is tokenized before training)",
+    "completion_only_loss": "the data's format (prompt/completion data trains on completions)",
 }
 
 

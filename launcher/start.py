@@ -10,19 +10,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
-import sys
-from importlib import metadata
+import shutil
 from pathlib import Path
 
-from ftlaunch import __version__, builtin_models, checkpoints, launch, models, nodes, render, rundir
+from ftlaunch import (__version__, builtin_models, checkpoints, launch, models, nodes,
+                     preflight, preview, render, rundir)
 from ftlaunch import data as data_io
 from ftlaunch.errors import UserError
 from ftlaunch.job import Job
 from ftlaunch.resources import demo_data_path
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
-            "deepspeed", "click", "psutil")
 
 
 def train(job: Job, argv: list[str], echo) -> int:
@@ -41,15 +38,25 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo(f"No --data given: training on the bundled demo dataset {demo_data_path()}.")
     dataset, eval_dataset = load_data(job)
     model = model_record(job, materialize=not options.dry_run)
-    for note in _token_preflight(job, dataset, model):
-        echo(f"Note: {note}.")
+    if options.dry_run:  # a real start tokenizes all of it into the run's data cache instead
+        for note in _token_preflight(job, dataset, model):
+            echo(f"Note: {note}.")
     if cluster.master_port is not None and cluster.node_rank == 0:
         launch.check_port_free(cluster.master_port, nodes.bind_host(cluster.master_addr))
 
     identity = _identity(job, dataset, eval_dataset)
     dry = options.dry_run
+    _check_ram(job, echo)
+    # Checked before prepare makes the directory or moves an old run aside, so a refusal
+    # changes nothing; a resume is checked once its checkpoints are known (prepare only
+    # reads an existing run).
+    resuming = (job.output_dir / rundir.RUN_FILE).is_file() and not (options.fresh and not dry)
+    if not resuming:
+        _check_disk(job, job.output_dir, dataset, None)
     state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not dry,
                            allow_changed=options.allow_changed)
+    if resuming:
+        _check_disk(job, job.output_dir, dataset, state)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
         echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
@@ -92,8 +99,9 @@ def train(job: Job, argv: list[str], echo) -> int:
         notes.extend(rundir.set_aside_torn(run_dir, state))
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL and plan.engine == "fsdp":
             raise UserError(_FSDP_NEEDS_SHARED)
+        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
         record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
-                                  rendezvous, model, _nodes_record(job, verdict))
+                                  rendezvous, model, _nodes_record(job, verdict), cache)
         rundir.clear_stop_record(run_dir)
         if checkpoint is not None:
             notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
@@ -131,6 +139,54 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
     return _outcome(run_dir, code, received, echo)
 
 
+def _check_disk(job: Job, run_dir: Path, dataset, state) -> None:
+    """Free disk for the checkpoints this run will keep, its adapter and its data cache."""
+    training = job.recipe.training
+    complete = state.complete if state is not None else ()
+    needed, why = preflight.disk_needed(
+        job.plan, job.model, _keep(job.recipe), extra_bytes=_data_cache_estimate(dataset),
+        max_steps=training.get("max_steps"),
+        save_steps=None if job.options.save_every_s else training.get("save_steps"),
+        from_step=complete[-1].step if complete else 0, existing=len(complete),
+        tokenizer=None)
+    preflight.check_disk(run_dir, needed, why)
+
+
+# The tokenized cache against the raw data: a token is ~4 bytes of text and is stored as a
+# 4-byte id plus its mask; conversations lose their JSON keys.
+_CACHE_PER_DATA_BYTE = 3
+
+
+def _data_cache_estimate(dataset) -> int:
+    path = Path(str(dataset.path))
+    if path.is_file():
+        size = path.stat().st_size
+    elif path.is_dir():
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:  # a hub dataset: its rows as text
+        size = sum(len(json.dumps(row)) for row in dataset.rows)
+    return _CACHE_PER_DATA_BYTE * size
+
+
+def _check_ram(job: Job, echo) -> None:
+    """Host RAM to load the model (and, on CPU, to train). Loading is a transient peak that
+    shares the page cache between processes, so on GPUs only more than the machine has is
+    refused; more than is free now is a note."""
+    if job.options.hardware:
+        return  # described hardware, not this machine's
+    needed, why = preflight.ram_needed(job.plan, job.model)
+    if job.plan.on_cpu:
+        preflight.check_ram(needed, why, on_cpu=True)
+        return
+    import psutil
+
+    preflight.check_ram(needed, why, available=psutil.virtual_memory().total)
+    try:
+        preflight.check_ram(needed, why)
+    except UserError as exc:
+        echo(f"Note: {exc}")
+
+
 def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
                error: str | None = None) -> dict:
     return nodes.hello(job.cluster.node_rank, job.hardware, plan_hash(job.plan), __version__,
@@ -166,6 +222,13 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     node's log; with a directory of its own, this node keeps a full copy."""
     cluster, options, plan = job.cluster, job.options, job.plan
     run_dir = job.output_dir.expanduser().resolve()
+    # A failed preflight here is told to node 0 (so every node stops with exit 2) rather
+    # than ending this node alone and leaving the others waiting.
+    try:
+        _check_ram(job, echo)
+        node_error = None
+    except UserError as exc:
+        node_error = str(exc)
     try:  # needed only with a run directory of this node's own; the error waits till then
         dataset, eval_dataset = load_data(job)
         data_error = None
@@ -179,6 +242,8 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     local: dict = {}
 
     def make_hello(launch_id: str) -> dict:
+        if node_error:
+            return _own_hello(job, run_dir, False, [], None, error=node_error)
         if nodes.sees_launch(run_dir, launch_id):
             return _own_hello(job, run_dir, True, None, None)
         try:
@@ -188,9 +253,15 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
             local["identity"] = identity
             if options.fresh:  # moved aside once the nodes agree, not before
                 rundir.check_writable(run_dir)
+                _check_disk(job, run_dir, dataset, None)
                 return _own_hello(job, run_dir, False, [], identity["data"])
+            existing = (run_dir / rundir.RUN_FILE).is_file()
+            if not existing:  # before prepare makes the directory
+                _check_disk(job, run_dir, dataset, None)
             state = rundir.prepare(run_dir, identity, fresh=False,
                                    allow_changed=options.allow_changed)
+            if existing:
+                _check_disk(job, run_dir, dataset, state)
             if state.kind == "finished":
                 raise UserError(f"{run_dir} on node {cluster.node_rank} holds a finished run; "
                                 "pass --fresh on every node to train again")
@@ -222,8 +293,9 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     if checkpoint is not None:
         notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
         notes += resume_notes(checkpoint, plan, job.recipe, options.allow_changed)
+    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
     record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
-                              rendezvous, model, _nodes_record(job, verdict))
+                              rendezvous, model, _nodes_record(job, verdict), cache)
     rundir.clear_stop_record(run_dir)
     _log(run_dir, notes, echo)
     return _launch(job, run_dir, run_dir / "train.log", record,
@@ -443,8 +515,35 @@ def _hf_config(spec) -> dict:
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 
+DATA_CACHE = "data-cache"
+
+
+def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo) -> dict:
+    """Tokenize the data once, here, into the run directory (ftlaunch.data_cache): the
+    workers load it and no rank tokenizes. Length notes come from the whole set."""
+    from ftlaunch import data_cache
+
+    cache_dir = run_dir / DATA_CACHE
+    fresh_run = not (run_dir / rundir.RUN_FILE).exists()
+    try:
+        meta = data_cache.build(cache_dir, model, dataset, eval_dataset, job.recipe.data,
+                                job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8))
+        for note in preview.check(data_cache.length_stats(meta), f"--data {dataset.path}"):
+            echo(f"Note: {note}.")
+    except UserError:
+        if fresh_run:  # a run that never started leaves no half-made directory behind
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+    if not meta.get("reused"):
+        tokens = sum(split["tokens"] for split in meta["splits"].values())
+        echo(f"Tokenized {len(dataset)} examples ({tokens} tokens) into {cache_dir}.")
+    return {"dir": DATA_CACHE, "fingerprint": meta["fingerprint"]}
+
+
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
-                     rendezvous, model: dict, nodes_record: dict) -> dict:
+                     rendezvous, model: dict, nodes_record: dict, cache: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training,
                                    node_local=nodes_record["storage"] == nodes.NODE_LOCAL)
@@ -455,11 +554,11 @@ def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, a
         "cwd": str(Path.cwd()),
         "identity": identity,
         "model": model,
-        "data": _data_record(dataset, eval_dataset),
+        "data": {**_data_record(dataset, eval_dataset), **({"cache": cache} if cache else {})},
         "recipe": job.recipe.to_json(),
         "plan": job.plan.to_json(),
         "hardware": job.hardware.to_json(),
-        "versions": _versions(),
+        "versions": preflight.runtime_versions(),
         "plan_hash": plan_hash(job.plan),
         "checkpointing": {"keep": _keep(job.recipe), "save_every_s": job.options.save_every_s,
                           "grace_s": job.options.grace_s},
@@ -501,14 +600,3 @@ def _keep(recipe) -> int | None:
     """Complete checkpoints kept: the recipe's save_total_limit (default 2; null keeps all)."""
     value = recipe.training.get("save_total_limit", 2)
     return None if value is None else max(int(value), 1)
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "ftlaunch": __version__}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["executable"] = sys.executable
-    return out

@@ -24,7 +24,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ftlaunch import checkpoints, preview, rundir
-from ftlaunch import data as data_io
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError
 
@@ -58,11 +57,12 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
     on_cpu = plan["engine"] == "cpu"
     kind = record["data"].get("kind", "conversational")
-    train_set, eval_set = _load_datasets(record["data"], recipe)
+    train_set, eval_set = _load_datasets(run_dir, record["data"], recipe)
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
     config = _training_config(run_dir, record, kind, eval_set is not None)
-    tokenizer = _load_tokenizer(model_info, config.assistant_only_loss)
+    # The training template (generation markers) also goes out with the adapter.
+    tokenizer = _load_tokenizer(model_info, preview.assistant_only(kind, recipe["data"]))
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
@@ -184,29 +184,21 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
     return model
 
 
-def _load_datasets(data_record: dict, recipe: dict):
-    """(train, eval or None), exactly the rows the launcher validated and fingerprinted."""
-    train = _read(data_record, recipe)
-    evaluation = data_record.get("eval")
-    if evaluation:
-        return train, _read({**evaluation, "format": data_record["format"]}, recipe)
+def _load_datasets(run_dir: Path, data_record: dict, recipe: dict):
+    """(train, eval or None) from the data cache the launcher tokenized (ftlaunch.data_cache):
+    no rank tokenizes, and every rank reads the same rows."""
+    from ftlaunch import data_cache
+
+    cache = data_record["cache"]
+    train, evaluation = data_cache.load(run_dir / cache["dir"], cache["fingerprint"])
+    if evaluation is not None:
+        return train, evaluation
     split = float(recipe["data"].get("eval_split") or 0)
     if split > 0:
         # Seeded, so every rank (and a resumed run) holds out the same examples.
         parts = train.train_test_split(test_size=split, seed=recipe["training"].get("seed", 42))
         return parts["train"], parts["test"]
     return train, None
-
-
-def _read(data_record: dict, recipe: dict):
-    from datasets import Dataset
-
-    loaded = data_io.load(data_record["path"], data_record["format"],
-                          recipe["data"].get("system_prompt"))
-    if loaded.fingerprint != data_record["fingerprint"]:
-        raise UserError(f"{data_record['path']} changed after the launcher read it; re-run the "
-                        "command so the run records the data it actually trains on.")
-    return Dataset.from_list(list(loaded.rows))
 
 
 def _training_config(run_dir, record, kind, has_eval):
@@ -244,9 +236,10 @@ def _training_config(run_dir, record, kind, has_eval):
         use_cpu=on_cpu,
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
-        # Loss only on what the model should learn to write: the assistant's turns of a
-        # conversation, the completion of a prompt/completion pair.
-        assistant_only_loss=preview.assistant_only(kind, data),
+        # Loss only on what the model should learn to write (the assistant's turns of a
+        # conversation, the completion of a prompt/completion pair): the data cache's labels
+        # already say so, and TRL refuses assistant_only_loss on tokenized data.
+        assistant_only_loss=False,
         completion_only_loss=kind == "prompt_completion",
         # Best-fit packing, padding-free: examples share a row without attending to each
         # other (position_ids restart per example), and no compute goes to padding.

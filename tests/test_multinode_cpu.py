@@ -192,3 +192,27 @@ def test_nodes_that_plan_differently_are_refused_before_any_worker(tmp_path):
         assert "Launching" not in out and "Traceback" not in out
     assert not (run_dir / "ranks").exists() and not (run_dir / "train.log").exists()
     assert not list(run_dir.glob(".ftlaunch-launch-*"))
+
+
+def test_a_node_whose_own_preflight_fails_stops_every_node(tmp_path):
+    """Node 1 keeps its own run directory and its own copy of the data, which is broken:
+    it tells node 0, and both exit 2 naming node 1 and the bad line."""
+    good = tmp_path / "node0-disk" / "train.jsonl"
+    bad = tmp_path / "node1-disk" / "train.jsonl"
+    for path in (good, bad):
+        path.parent.mkdir(parents=True)
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    good.write_text(json.dumps(row) + "\n")
+    bad.write_text(json.dumps(row) + "\n{not json\n")
+    dirs = (good.parent / "run", bad.parent / "run")
+    logs = (tmp_path / "node0.log", tmp_path / "node1.log")
+    port = free_port()
+    node0 = _node(0, port, dirs[0], logs[0], "--max-steps", "4", "--data", str(good))
+    node1 = _node(1, port, dirs[1], logs[1], "--max-steps", "4", "--data", str(bad))
+    assert _finish((node0, node1), logs, timeout=120) == (2, 2)
+    for log in logs:
+        out = log.read_text()
+        assert "node 1" in out and "failed its own preflight" in out and "line 2" in out, out
+        assert "Launching" not in out
+    for run_dir in dirs:
+        assert not (run_dir / "run.yaml").exists()

@@ -1,0 +1,49 @@
+"""What the plan implies for the workers' distributed settings, and that they are overridable."""
+
+from __future__ import annotations
+
+import yaml
+
+from conftest import run_ftlaunch
+from ftlaunch import job as job_mod
+from ftlaunch import launch, start
+
+
+def _job(model: str, hardware: str, *sets: str):
+    return job_mod.resolve(job_mod.Options(model=model, method="lora", hardware=hardware,
+                                           sets=tuple(sets)), validate=False)
+
+
+def test_collective_timeout_grows_with_the_weights_a_rank_may_wait_for():
+    small = start.collective_timeout_s(_job("llama-8b", "8xH100-80GB"))
+    big = start.collective_timeout_s(_job("llama-70b", "8xH100-80GB"))
+    assert small == 600  # 16 GB of weights: ten minutes are plenty
+    # 70.6e9 parameters x 2 bytes, read twice at 100 MB/s: about 47 minutes.
+    assert 2700 < big < 2900
+    assert start.collective_timeout_s(_job("llama-70b", "8xH100-80GB", "ddp_timeout=7200")) == 7200
+
+
+def test_nccl_defaults_for_gpu_jobs_and_the_environment_wins():
+    gpus = _job("llama-8b", "8xH100-80GB").plan
+    assert launch.distributed_env(gpus, {}) == launch.DISTRIBUTED_DEFAULTS
+    mine = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ens5", "HOME": "/root"}
+    env = launch.distributed_env(gpus, mine)
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "ens5"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "HOME" not in env
+    one_gpu = _job("llama-8b", "1xH100-80GB").plan
+    assert launch.distributed_env(one_gpu, {}) == {}  # nothing to communicate with
+    worker = launch.worker_env(8, 64, on_cpu=False, offline=False, distributed=env)
+    assert worker["NCCL_SOCKET_IFNAME"] == "ens5" and worker["NCCL_DEBUG"] == "INFO"
+
+
+def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch("--model", "tiny", "--dry-run", "--output-dir", str(run_dir),
+                        "--set", "ddp_timeout=1234", env={"GLOO_SOCKET_IFNAME": "lo"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert record["distributed"] == {"timeout_s": 1234, "env": {"GLOO_SOCKET_IFNAME": "lo"}}
+    from ftlaunch import train
+
+    config = train._training_config(run_dir, record, "conversational", has_eval=False)
+    assert config.ddp_timeout == 1234 and config.save_on_each_node is False

@@ -1,0 +1,341 @@
+"""Preflight against real things: checkpoints the tiny model actually wrote (Trainer
+format on one process, DeepSpeed ZeRO on two), filesystems of a known size, the
+retention code that decides how many checkpoints coexist, and this interpreter's torch.
+
+The estimates must not fall short of reality (a short estimate lets a run start that
+then fills the disk) and must not be loose enough to refuse runs that fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from ftlaunch import checkpoints, hardware, models, planner, preflight
+from ftlaunch.errors import UserError
+from ftlaunch.planner import TrainSpec
+
+TINY = models.resolve("tiny")
+# An estimate may be high by this much (per-file overheads rounded up, tokenizer guessed).
+LOOSENESS = 1.25
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _tiny_run_plan(run_dir: Path) -> planner.Plan:
+    """The plan tiny_run trained with (conftest.TINY_TRAIN: --gpus 1, --seq-len 128,
+    --global-batch-size 4, the default recipe's LoRA), re-derived and checked against
+    the run's run.yaml."""
+    plan = planner.plan(hardware.detect(), TINY, TrainSpec(seq_len=128, global_batch_size=4,
+                                                           processes=1))
+    assert plan.to_json() == _record(run_dir)["plan"]
+    return plan
+
+
+def _record(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "run.yaml").read_text())
+
+
+def _within(estimate: int, measured: int) -> bool:
+    return measured <= estimate <= LOOSENESS * measured
+
+
+# --- checkpoint size against real checkpoints ---------------------------------------------
+
+def test_trainer_checkpoint_estimate_matches_the_real_checkpoint(tiny_run):
+    _, run_dir = tiny_run
+    complete = checkpoints.scan(run_dir / "checkpoints").complete
+    # 12 steps, save_steps 6: step 6 saves, the last step writes adapter/ instead.
+    assert [c.step for c in complete] == [6]
+    assert preflight.saves_ahead(max_steps=12, save_steps=6) == len(complete)
+    measured = _dir_bytes(complete[0].path)
+    plan = _tiny_run_plan(run_dir)
+    tokenizer = preflight.tokenizer_bytes(_record(run_dir)["model"]["tokenizer"])
+    assert tokenizer and tokenizer < measured
+
+    measured_tokenizer = preflight.checkpoint_bytes(plan, TINY, tokenizer)
+    guessed_tokenizer = preflight.checkpoint_bytes(plan, TINY)
+    assert _within(measured_tokenizer, measured), (measured_tokenizer, measured)
+    assert _within(guessed_tokenizer, measured), (guessed_tokenizer, measured)
+
+
+def test_the_final_adapter_fits_in_what_disk_needed_reserves(tiny_run):
+    """Everything the finished run wrote (checkpoint, adapter, logs) within the need,
+    and the need without its fixed margin no more than a few times the real thing."""
+    _, run_dir = tiny_run
+    plan = _tiny_run_plan(run_dir)
+    tokenizer = preflight.tokenizer_bytes(_record(run_dir)["model"]["tokenizer"])
+    needed, breakdown = preflight.disk_needed(plan, TINY, keep=2, max_steps=12, save_steps=6,
+                                              tokenizer=tokenizer)
+    written = _dir_bytes(run_dir)
+    assert written <= needed
+    assert "1 new checkpoint" in breakdown
+    assert needed - preflight._DISK_MARGIN_BYTES <= 2 * written
+
+
+# ~12 s each once DeepSpeed's shm op is built; the first launch on a machine compiles it
+# (90 s here), so both are in the slow tier with the other multi-process runs.
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoint_estimate_matches_the_real_checkpoint(stage, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Two CPU processes through DeepSpeed (the way tests/test_deepspeed_cpu.py runs it),
+    a checkpoint at step 2. Also pins what the estimate relies on: DeepSpeed's files
+    carry no frozen base weight except, on ZeRO-2, the tied lm_head."""
+    pytest.importorskip("deepspeed")
+    import torch
+
+    from ftlaunch import job as job_mod
+    from ftlaunch import render, start
+
+    if stage == 3:
+        # Partition even the tiny model's small tensors, as ZeRO-3 does for real models.
+        monkeypatch.setattr(render, "_PERSISTENCE_THRESHOLD", 0)
+    run_dir = tmp_path / "run"
+    options = job_mod.Options(model="tiny", gpus="2", max_steps=4, seq_len=128,
+                              global_batch_size=8, sets=("logging_steps=2", "save_steps=2"),
+                              output_dir=str(run_dir))
+    job = job_mod.resolve(options, validate=False)
+    if job.plan.hardware.has_gpus:
+        pytest.skip("the DeepSpeed CPU path is for machines without GPUs")
+    plan = dataclasses.replace(job.plan, engine="deepspeed", zero_stage=stage)
+    code = start.train(dataclasses.replace(job, plan=plan), ["--model", "tiny"], print)
+    assert code == 0, capsys.readouterr().out[-4000:]
+
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    measured = _dir_bytes(checkpoint)
+    tokenizer = preflight.tokenizer_bytes(_record(run_dir)["model"]["tokenizer"])
+    estimate = preflight.checkpoint_bytes(plan, TINY, tokenizer)
+    assert _within(estimate, measured), (estimate, measured)
+
+    step = checkpoint / "global_step2"
+    assert len(list(step.glob("*optim_states.pt"))) == 2  # one shard per rank
+    states = sorted(step.glob("*model_states.pt"))
+    modules = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in states]
+    if stage == 2:
+        [module] = modules
+        frozen = {name for name in module if ".lora_" not in name}
+        assert frozen == {"base_model.model.lm_head.weight"}  # tied to embed_tokens
+        assert TINY.tie_word_embeddings
+    else:
+        assert len(modules) == 2
+        assert all(t.numel() == 0 for module in modules for t in module.values())
+
+
+# --- how many checkpoints coexist: the real retention code --------------------------------
+
+def _peak_checkpoints(root: Path, keep: int | None, saves: int, existing: int) -> int:
+    """Save `saves` checkpoints the way train._Checkpointing does (finalize, then retain)
+    after `existing` complete ones; the most new ones on disk at any moment."""
+    step = 0
+    for _ in range(existing):
+        step += 1
+        _save(root, step)
+    peak = 0
+    for _ in range(saves):
+        step += 1
+        _save(root, step)
+        peak = max(peak, len(checkpoints.scan(root).complete) - existing)
+        checkpoints.retain(root, keep)
+    return peak
+
+
+def _save(root: Path, step: int) -> None:
+    staging = root / checkpoints.INCOMING / f"checkpoint-{step}"
+    staging.mkdir(parents=True)
+    (staging / "optimizer.pt").write_bytes(b"x" * 64)
+    checkpoints.finalize(staging, root, {"format": "trainer"})
+
+
+@pytest.mark.parametrize("keep,saves,existing", [(1, 5, 0), (2, 5, 0), (2, 1, 0), (None, 4, 0),
+                                                 (1, 3, 2), (3, 3, 2), (2, 0, 1)])
+def test_checkpoints_at_once_is_what_retention_leaves_at_its_peak(tmp_path, keep, saves,
+                                                                  existing):
+    peak = _peak_checkpoints(tmp_path, keep, saves, existing)
+    assert preflight.checkpoints_at_once(keep, saves, existing) == peak
+
+
+def test_unknown_number_of_saves_is_said_not_guessed():
+    plan = _plan("cpu", "tiny")
+    one = preflight.checkpoint_bytes(plan, TINY)
+    kept_all, text = preflight.disk_needed(plan, TINY, keep=None, max_steps=None, save_steps=50)
+    assert "not known ahead" in text
+    bounded, _ = preflight.disk_needed(plan, TINY, keep=3, max_steps=None, save_steps=50)
+    # keep 3 with the one being written: 3 more checkpoints than the single one counted above
+    assert bounded - kept_all >= 3 * one
+
+
+# --- free disk on real filesystems of a known size ----------------------------------------
+
+_MOUNT = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; shift 2; exec "$@"'
+
+
+def _in_tmpfs(tmp_path: Path, size: str, code: str) -> subprocess.CompletedProcess:
+    """Run python `code` with argv[1] = a fresh tmpfs of `size`, mounted in a private
+    user + mount namespace (no privileges needed, nothing visible outside)."""
+    mount = tmp_path / f"fs-{size}"
+    mount.mkdir()
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           _MOUNT, "sh", size, str(mount), sys.executable, "-c", code,
+                           str(mount)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tmpfs_allowed(tmp_path_factory):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a private tmpfs")
+    probe = _in_tmpfs(tmp_path_factory.mktemp("probe"), "64k", "pass")
+    if probe.returncode != 0:
+        pytest.skip(f"this machine does not allow a tmpfs in a user namespace: "
+                    f"{probe.stderr.strip()[-300:]}")
+
+
+_CHECK_TINY_RUN = """
+import sys
+from pathlib import Path
+from ftlaunch import hardware, models, planner, preflight
+from ftlaunch.errors import UserError
+tiny = models.resolve("tiny")
+plan = planner.plan(hardware.parse_spec("cpu"), tiny, planner.TrainSpec(seq_len=128,
+                    global_batch_size=4, processes=1))
+needed, breakdown = preflight.disk_needed(plan, tiny, keep=2, max_steps=12, save_steps=6)
+try:
+    preflight.check_disk(Path(sys.argv[1]) / "runs" / "not-yet", needed, breakdown)
+except UserError as exc:
+    print("REFUSED", exc)
+else:
+    print("OK", needed)
+"""
+
+
+def test_check_disk_refuses_a_filesystem_too_small_for_the_run(tmpfs_allowed, tmp_path):
+    proc = _in_tmpfs(tmp_path, "256k", _CHECK_TINY_RUN)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("REFUSED"), proc.stdout
+    # The message names what is free there (256 KiB) and what to do about it.
+    assert "256.0 KiB free" in proc.stdout
+    assert "save_total_limit" in proc.stdout and "--output-dir" in proc.stdout
+
+
+def test_check_disk_accepts_a_filesystem_large_enough(tmpfs_allowed, tmp_path):
+    proc = _in_tmpfs(tmp_path, "256m", _CHECK_TINY_RUN)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK"), proc.stdout
+
+
+def test_check_disk_reads_the_space_left_now_not_the_size(tmpfs_allowed, tmp_path):
+    code = """
+import sys
+from pathlib import Path
+from ftlaunch import preflight
+from ftlaunch.errors import UserError
+root = Path(sys.argv[1])
+preflight.check_disk(root, 700 * 1024, "test")
+(root / "filler").write_bytes(b"x" * 512 * 1024)
+try:
+    preflight.check_disk(root / "run", 700 * 1024, "test")
+except UserError:
+    print("REFUSED after filling")
+"""
+    proc = _in_tmpfs(tmp_path, "1m", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "REFUSED after filling"
+
+
+# --- host RAM ----------------------------------------------------------------------------
+
+def _plan(spec: str, model: str, **train) -> planner.Plan:
+    return planner.plan(hardware.parse_spec(spec), models.resolve(model), TrainSpec(**train))
+
+
+def _ram(plan: planner.Plan) -> int:
+    return preflight.ram_needed(plan, models.resolve(plan.model_id))[0]
+
+
+def test_check_ram_compares_with_what_is_available():
+    plan = _plan("8xA100-80GB", "llama-3.1-8b")
+    needed, breakdown = preflight.ram_needed(plan, models.resolve("llama-3.1-8b"))
+    preflight.check_ram(needed, breakdown, available=needed)
+    with pytest.raises(UserError) as refused:
+        preflight.check_ram(needed, breakdown, available=needed // 2)
+    message = str(refused.value)
+    assert breakdown in message and "--gpus" in message
+    # Without `available`: this machine's own memory, now.
+    preflight.check_ram(1)
+    with pytest.raises(UserError):
+        preflight.check_ram(2 * psutil.virtual_memory().total)
+
+
+def test_ram_grows_with_the_processes_that_each_load_the_base():
+    plans = [_plan("8xA100-80GB", "llama-3.1-8b", processes=n) for n in (1, 2, 8)]
+    assert [p.engine for p in plans] == ["single", "ddp", "ddp"]
+    assert _ram(plans[0]) < _ram(plans[1]) < _ram(plans[2])
+    # A bigger base on the same strategy needs more.
+    assert _ram(_plan("8xA100-80GB", "qwen2.5-0.5b")) < _ram(plans[2])
+
+
+def test_ram_is_lower_where_the_base_is_not_loaded_whole_by_every_process():
+    lora_ddp = _plan("8xA100-80GB", "llama-3.1-8b", method="lora", engine="ddp")
+    qlora_ddp = _plan("8xA100-80GB", "llama-3.1-8b", method="qlora", engine="ddp")
+    fsdp = _plan("8xA100-80GB", "llama-3.1-8b", engine="fsdp")
+    zero3 = _plan("8xA100-80GB", "llama-3.1-8b", engine="deepspeed")
+    assert (lora_ddp.engine, qlora_ddp.method, fsdp.engine, zero3.zero_stage) == \
+        ("ddp", "qlora", "fsdp", 3)
+    assert _ram(qlora_ddp) < _ram(lora_ddp)
+    assert _ram(fsdp) < _ram(lora_ddp) and _ram(zero3) < _ram(lora_ddp)
+
+
+def test_offload_keeps_the_base_in_ram():
+    offloaded = _plan("2xRTX4090-24GB", "llama-3.1-70b")
+    assert offloaded.offload and offloaded.fits
+    on_gpu = dataclasses.replace(offloaded, offload=False)
+    # The node's share of the offloaded 4-bit 70B base: tens of GB.
+    assert _ram(offloaded) - _ram(on_gpu) > 30 * 10**9
+
+
+def test_cpu_ram_estimate_covers_the_real_worker(tiny_run):
+    """tiny_run's worker logged its peak resident set (metrics.jsonl, CPU runs)."""
+    _, run_dir = tiny_run
+    plan = _tiny_run_plan(run_dir)
+    if not plan.on_cpu:
+        pytest.skip("tiny_run trained on a GPU: its peak memory is the GPU's")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    peak_rss = max(r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r) * 2**30
+    needed = _ram(plan)
+    assert peak_rss <= needed <= 8 * peak_rss, (peak_rss, needed)
+
+
+# --- versions ----------------------------------------------------------------------------
+
+def test_runtime_versions_name_the_runtime_and_the_libraries():
+    import torch
+
+    versions = preflight.runtime_versions()
+    assert set(versions) >= {"python", "ftlaunch", "torch", "torch_cuda", "nccl", "cudnn",
+                             "gpu_driver", "executable", *preflight.PACKAGES}
+    assert versions["torch"] == torch.__version__
+    assert versions["torch_cuda"] == torch.version.cuda
+    assert versions["python"] == platform.python_version()
+    assert versions["executable"] == sys.executable
+    assert versions["transformers"] == metadata.version("transformers")
+    json.dumps(versions)  # run.yaml and the checkpoint manifests store it as it is
+    if torch.cuda.is_available():
+        assert re.fullmatch(r"\d+\.\d+\.\d+", versions["nccl"] or "")
+        assert versions["gpu_driver"]
+    else:
+        assert versions["nccl"] is None
+    if shutil.which("nvidia-smi") is None:
+        assert versions["gpu_driver"] is None

@@ -1,0 +1,107 @@
+"""A preflight failure exits 2 before any worker process exists.
+
+Each case runs the real `ftlaunch` while a watcher polls its process tree: no
+`accelerate launch` and no `ftlaunch.train` process may ever appear, and the run
+directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import FTLAUNCH
+
+TINY = ("--model", "tiny", "--max-steps", "2", "--seq-len", "64")
+
+
+def _run_watched(argv: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, set]:
+    """Run argv; return (result, command lines of every worker-like process seen under it)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        line = " ".join(child.cmdline())
+                    except psutil.Error:
+                        continue
+                    if "accelerate.commands.launch" in line or "ftlaunch.train" in line:
+                        seen.add(line)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, err = proc.communicate(timeout=timeout)
+    done.set()
+    watcher.join()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err), seen
+
+
+def _assert_refused_before_workers(result, seen, needle: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not seen, f"worker processes were started: {seen}"
+    assert "Launching" not in result.stdout
+
+
+def test_a_bad_data_line_stops_before_any_worker(tmp_path):
+    data = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    data.write_text(json.dumps(good) + "\n" + '{"messages": [ oops\n')
+    run_dir = tmp_path / "run"
+    result, seen = _run_watched([FTLAUNCH, *TINY, "--data", str(data), "--output-dir", str(run_dir)])
+    _assert_refused_before_workers(result, seen, "line 2")
+    assert not run_dir.exists()
+
+
+def test_a_busy_master_port_stops_before_any_worker(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result, seen = _run_watched([FTLAUNCH, *TINY, "--gpus", "2", "--master-port", str(port),
+                                     "--output-dir", str(tmp_path / "run")])
+    _assert_refused_before_workers(result, seen, f"--master-port {port} is already in use")
+    assert not (tmp_path / "run").exists()
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespaces with tmpfs mounts here")
+def test_a_full_disk_stops_before_any_worker(tmp_path):
+    """The run directory on a real 1 MiB filesystem (a tmpfs in a private mount namespace):
+    the tiny model's checkpoints, adapter and data cache need more."""
+    quota = tmp_path / "quota"
+    quota.mkdir()
+    inner = (f'mount -t tmpfs -o size=1m tmpfs {quota} || exit 99; '
+             f'"$@"; code=$?; ls -A {quota} > {tmp_path / "left.txt"}; exit $code')
+    result, seen = _run_watched(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                                 inner, "sh", FTLAUNCH, *TINY, "--output-dir",
+                                 str(quota / "run")])
+    _assert_refused_before_workers(result, seen, "Not enough free disk for this run")
+    assert "has 1.0 MiB free" in result.stderr, result.stderr
+    assert (tmp_path / "left.txt").read_text() == ""  # nothing was written on the full disk
+    # The same run on a roomy filesystem passes the check (and would train).
+    roomy = subprocess.run([FTLAUNCH, *TINY, "--dry-run", "--output-dir", str(tmp_path / "ok")],
+                           capture_output=True, text=True, timeout=300)
+    assert roomy.returncode == 0, roomy.stderr
