@@ -62,6 +62,28 @@ def test_two_cpu_processes_train_with_deepspeed(stage, tmp_path, monkeypatch, ca
     step_dir = run_dir / "checkpoints" / "checkpoint-2" / "global_step2"
     assert sorted(p.name for p in step_dir.glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # The disk preflight's estimate of one checkpoint covers this real one (within 25 %),
+    # and what it relies on holds: DeepSpeed's files carry no frozen base weight except,
+    # on ZeRO-2, the tied lm_head.
+    import torch
+
+    from ftlaunch import preflight
+
+    checkpoint = step_dir.parent
+    measured = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    tokenizer = preflight.tokenizer_bytes(
+        yaml.safe_load((run_dir / "run.yaml").read_text())["model"]["tokenizer"])
+    estimate = preflight.checkpoint_bytes(plan, job.model, tokenizer)
+    assert measured <= estimate <= 1.25 * measured, (estimate, measured)
+    modules = [torch.load(f, map_location="cpu", weights_only=False)["module"]
+               for f in sorted(step_dir.glob("*model_states.pt"))]
+    if stage == 2:
+        [module] = modules
+        assert {name for name in module if ".lora_" not in name} == {
+            "base_model.model.lm_head.weight"}  # tied to embed_tokens
+        assert job.model.tie_word_embeddings
+    else:
+        assert len(modules) == 2 and all(t.numel() == 0 for m in modules for t in m.values())
 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file()

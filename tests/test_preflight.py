@@ -86,55 +86,6 @@ def test_the_final_adapter_fits_in_what_disk_needed_reserves(tiny_run):
     assert needed - preflight._DISK_MARGIN_BYTES <= 2 * written
 
 
-# ~12 s each once DeepSpeed's shm op is built; the first launch on a machine compiles it
-# (90 s here), so both are in the slow tier with the other multi-process runs.
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_checkpoint_estimate_matches_the_real_checkpoint(stage, tmp_path,
-                                                                   monkeypatch, capsys):
-    """Two CPU processes through DeepSpeed (the way tests/test_deepspeed_cpu.py runs it),
-    a checkpoint at step 2. Also pins what the estimate relies on: DeepSpeed's files
-    carry no frozen base weight except, on ZeRO-2, the tied lm_head."""
-    pytest.importorskip("deepspeed")
-    import torch
-
-    from ftlaunch import job as job_mod
-    from ftlaunch import render, start
-
-    if stage == 3:
-        # Partition even the tiny model's small tensors, as ZeRO-3 does for real models.
-        monkeypatch.setattr(render, "_PERSISTENCE_THRESHOLD", 0)
-    run_dir = tmp_path / "run"
-    options = job_mod.Options(model="tiny", gpus="2", max_steps=4, seq_len=128,
-                              global_batch_size=8, sets=("logging_steps=2", "save_steps=2"),
-                              output_dir=str(run_dir))
-    job = job_mod.resolve(options, validate=False)
-    if job.plan.hardware.has_gpus:
-        pytest.skip("the DeepSpeed CPU path is for machines without GPUs")
-    plan = dataclasses.replace(job.plan, engine="deepspeed", zero_stage=stage)
-    code = start.train(dataclasses.replace(job, plan=plan), ["--model", "tiny"], print)
-    assert code == 0, capsys.readouterr().out[-4000:]
-
-    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
-    measured = _dir_bytes(checkpoint)
-    tokenizer = preflight.tokenizer_bytes(_record(run_dir)["model"]["tokenizer"])
-    estimate = preflight.checkpoint_bytes(plan, TINY, tokenizer)
-    assert _within(estimate, measured), (estimate, measured)
-
-    step = checkpoint / "global_step2"
-    assert len(list(step.glob("*optim_states.pt"))) == 2  # one shard per rank
-    states = sorted(step.glob("*model_states.pt"))
-    modules = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in states]
-    if stage == 2:
-        [module] = modules
-        frozen = {name for name in module if ".lora_" not in name}
-        assert frozen == {"base_model.model.lm_head.weight"}  # tied to embed_tokens
-        assert TINY.tie_word_embeddings
-    else:
-        assert len(modules) == 2
-        assert all(t.numel() == 0 for module in modules for t in module.values())
-
-
 # --- how many checkpoints coexist: the real retention code --------------------------------
 
 def _peak_checkpoints(root: Path, keep: int | None, saves: int, existing: int) -> int:
