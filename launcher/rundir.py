@@ -8,6 +8,8 @@
     adapter/          final PEFT adapter + tokenizer
     metrics.jsonl     one line per logged step (and evaluation); loss.png drawn from it
     ranks/            one line per worker process (rank, world size, what it trained)
+    data-cache/       the data tokenized by the launcher (ftlaunch.data_cache)
+    train.log         the workers' output (train.node-R.log: node R's, on a shared dir)
 
 Nothing here ever deletes a run: a directory that is not ours is refused, a
 changed command is refused, and --fresh moves the old run aside.
