@@ -92,13 +92,10 @@ def train(job: Job, argv: list[str], echo) -> int:
         """The run files every worker reads, written once the nodes (if several) agreed."""
         checkpoint = state.checkpoint
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
-            notes.extend(rundir.set_aside_newer(run_dir, state, verdict.resume_step))
-            checkpoint = next((c for c in state.complete if c.step == verdict.resume_step), None)
-            if checkpoint is not None and checkpoint is not state.checkpoint:
-                notes.extend(resume_notes(checkpoint, plan, job.recipe, options.allow_changed))
+            checkpoint, more = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
+            if checkpoint is not state.checkpoint:
+                notes.extend(more)
         notes.extend(rundir.set_aside_torn(run_dir, state))
-        if verdict is not None and verdict.storage == nodes.NODE_LOCAL and plan.engine == "fsdp":
-            raise UserError(_FSDP_NEEDS_SHARED)
         cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
         record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
                                   rendezvous, model, _nodes_record(job, verdict), cache)
@@ -220,7 +217,7 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     """Node R > 0 of a multi-node job: preflight, meet node 0, then start this node's
     workers. With node 0's run directory shared, nothing is written here but this
     node's log; with a directory of its own, this node keeps a full copy."""
-    cluster, options, plan = job.cluster, job.options, job.plan
+    cluster, options = job.cluster, job.options
     run_dir = job.output_dir.expanduser().resolve()
     # A failed preflight here is told to node 0 (so every node stops with exit 2) rather
     # than ending this node alone and leaving the others waiting.
@@ -287,12 +284,10 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
                                allow_changed=options.allow_changed)
     else:
         state = local["state"]
-    notes = rundir.set_aside_newer(run_dir, state, verdict.resume_step)
+    checkpoint, notes = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
     notes += rundir.set_aside_torn(run_dir, state)
-    checkpoint = next((c for c in state.complete if c.step == verdict.resume_step), None)
     if checkpoint is not None:
         notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
-        notes += resume_notes(checkpoint, plan, job.recipe, options.allow_changed)
     cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
     record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
                               rendezvous, model, _nodes_record(job, verdict), cache)
@@ -300,6 +295,16 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     _log(run_dir, notes, echo)
     return _launch(job, run_dir, run_dir / "train.log", record,
                    checkpoint.path if checkpoint else None, port, rendezvous, echo)
+
+
+def _agreed_checkpoint(job: Job, run_dir: Path, state, step: int | None):
+    """Node-local run directories: (this node's copy of the checkpoint every node holds,
+    or None; notes). Newer ones are set aside: those steps are trained again."""
+    notes = rundir.set_aside_newer(run_dir, state, step)
+    checkpoint = next((c for c in state.complete if c.step == step), None)
+    if checkpoint is not None:
+        notes += resume_notes(checkpoint, job.plan, job.recipe, job.options.allow_changed)
+    return checkpoint, notes
 
 
 def _nodes_record(job: Job, verdict: nodes.Verdict | None) -> dict:
