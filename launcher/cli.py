@@ -84,6 +84,10 @@ def _job_options(func):
                           "8xH100-80GB (one node; --nnodes or SLURM multiplies it), "
                           "2x8xA100-80GB (nodes x GPUs), cpu. Training runs on what it finds: "
                           "with `train` only together with --dry-run."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="Recompute activations in the backward pass (less memory, about a "
+                          "third more compute), or never. Default: the plan turns it on only "
+                          "when the batch does not fit without it."),
         click.option("--random-init", is_flag=True,
                      help="Build the architecture from its config with random weights (benchmarks, "
                           "hardware checks; nothing downloaded)."),

@@ -37,6 +37,7 @@ class Options:
     master_addr: str | None = None
     master_port: int | None = None
     random_init: bool = False
+    gradient_checkpointing: bool | None = None  # None: the plan decides
     trust_remote_code: bool = False
     eval_split: float | None = None
     eval_data: str | None = None
@@ -85,6 +86,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         lora_rank=int(recipe.lora.get("r", 16)),
         lora_targets=_targets(recipe.lora.get("target_modules", "all-linear")),
         lora_dropout=float(recipe.lora.get("lora_dropout", 0.0)),
+        gradient_checkpointing=options.gradient_checkpointing,
     )
     plan = planner.plan(machine, model, spec)
     recipe = _learning_rate_for(recipe, plan, model, options)

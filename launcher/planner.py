@@ -36,6 +36,8 @@ class TrainSpec:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] | str = "all-linear"
     lora_dropout: float = 0.05
+    # None: the plan decides (off while the batch fits without it); True/False: the user's.
+    gradient_checkpointing: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,8 @@ def _stages(hardware: Hardware, spec: TrainSpec, world: int) -> list[tuple[Candi
     QLoRA matches 16-bit LoRA's quality (Dettmers et al. 2023, tables 3-4).
     """
     candidates = _candidates(hardware, spec, world)
+    if spec.gradient_checkpointing is not None:  # asked for: only that
+        return [(c, spec.gradient_checkpointing) for c in candidates]
     if world == 1 and hardware.has_gpus and spec.method == "auto":
         return [(c, False) for c in candidates] + [(c, True) for c in candidates]
     return [(c, gc) for c in candidates for gc in (False, True)]

@@ -47,7 +47,8 @@ PLAN_OWNED = {
     "use_cpu": "the detected hardware",
     "bf16": "the detected hardware",
     "fp16": "the detected hardware",
-    "gradient_checkpointing": "the plan",
+    "gradient_checkpointing": "--gradient-checkpointing / --no-gradient-checkpointing",
+    "activation_checkpointing": "--gradient-checkpointing / --no-gradient-checkpointing",
     "resume_from_checkpoint": "re-running the same command (it resumes by itself)",
     "save_on_each_node": "where --output-dir is (node-local run directories are detected)",
     # The launcher tokenizes the data once (ftlaunch.data_cache); these would change how.

@@ -294,6 +294,12 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _peak_reserved_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 class _MetricsCallback(TrainerCallback):
     """metrics.jsonl on rank 0, one line per logged step (and per evaluation), and a
     readable line on stdout.
@@ -330,6 +336,9 @@ class _MetricsCallback(TrainerCallback):
                                                     / (now - then), 1)
             self._since = (now, tokens)
             row["peak_memory_gib"] = round(_peak_memory_gib(), 3)
+            reserved = _peak_reserved_gib()
+            if reserved is not None:  # what the caching allocator held: what can OOM
+                row["peak_memory_reserved_gib"] = round(reserved, 3)
             line = (f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                     f"lr {logs.get('learning_rate', 0):.2e}")
         else:

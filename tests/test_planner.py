@@ -321,3 +321,36 @@ def test_would_fit_hints_are_plans_that_fit(spec, model, method, seq_len):
         elif m := re.search(r"(\d+) nodes of 8", hint):
             hw_spec = f"{m.group(1)}x8x" + spec.split("x", 1)[1]
         assert _plan(hw_spec, model, **kwargs).fits, (hint, hw_spec, kwargs)
+
+
+def test_gradient_checkpointing_can_be_asked_for_or_refused():
+    """--gradient-checkpointing / --no-...: the plan keeps the user's choice and counts its
+    memory; auto turns it on only when needed."""
+    train = dict(method="qlora", seq_len=2048, global_batch_size=2)
+    auto = _plan("1xH100-80GB", "llama-8b", **train)
+    forced = _plan("1xH100-80GB", "llama-8b", gradient_checkpointing=True, **train)
+    assert not auto.gradient_checkpointing and forced.gradient_checkpointing
+    assert forced.per_device_batch_size == 2 and forced.fits
+    assert forced.memory.activations < auto.memory.activations / 4
+    # Where only checkpointing makes the batch fit, refusing it means a smaller
+    # micro-batch (or no fit), never a silent checkpointing.
+    tight = dict(method="lora", seq_len=4096, global_batch_size=8)
+    needs = _plan("1xRTX4090-24GB", "llama-8b", **tight)
+    refused = _plan("1xRTX4090-24GB", "llama-8b", gradient_checkpointing=False, **tight)
+    assert needs.gradient_checkpointing and not refused.gradient_checkpointing
+    assert not refused.fits or refused.per_device_batch_size < needs.per_device_batch_size
+
+
+def test_gradient_checkpointing_flag_reaches_the_plan(tmp_path):
+    import json
+
+    from conftest import run_ftlaunch
+
+    proc = run_ftlaunch("plan", "--model", "llama-8b", "--hardware", "1xH100-80GB", "--method",
+                        "qlora", "--seq-len", "2048", "--global-batch-size", "2",
+                        "--gradient-checkpointing", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gradient_checkpointing"] is True
+    refused = run_ftlaunch("--model", "tiny", "--set", "gradient_checkpointing=true",
+                           "--dry-run", "--output-dir", str(tmp_path / "run"))
+    assert refused.returncode == 2 and "--gradient-checkpointing" in refused.stderr
