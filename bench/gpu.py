@@ -1,0 +1,261 @@
+"""GPU truth: ftlaunch's measured speed and memory against its own plan and against the
+plain HF stack (a benchmark, not a test).
+
+    python bench/gpu.py [--models llama-3.2-1b,qwen2.5-7b,llama-3.1-8b] [--steps 20]
+                        [--seq-len 2048] [--append]
+    python bench/gpu.py --dry-run --hardware 1xH100-80GB    # no GPU: plans and commands
+
+For each model the architecture is built once with random weights into a local folder
+(with ftlaunch's offline tokenizer: nothing is downloaded), then each configuration
+runs through `ftlaunch` and through bench/plain_sft.py (transformers + peft + trl as a
+tutorial writes them) with the same model folder, data, sequence length, micro-batch,
+steps and seed:
+
+    lora / qlora, plan's choice   what `ftlaunch --method M` plans on this GPU
+    qlora, micro-batch 2, ckpt    the reference point: seq 2048, gradient checkpointing
+                                  (torchtune publishes 7.4 GiB for Llama 3.1 8B)
+
+Reported per row: trained tokens/s (labels that carry the loss, median over the steps
+after the first two), MFU in the usual 6N + attention convention (a frozen base does
+less work than that counts, so LoRA's real utilisation is lower than it reads), the
+plan's per-device peak against torch's measured max_memory_allocated and
+max_memory_reserved (reserved is what runs out), and the error of the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FTLAUNCH = str(Path(sys.executable).parent / "ftlaunch")
+PLAIN = str(ROOT / "bench" / "plain_sft.py")
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.1e12,
+             "RTX4090": 165.2e12}
+WARMUP_STEPS = 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="llama-3.2-1b,qwen2.5-7b,llama-3.1-8b")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ftlaunch-bench-gpu"))
+    parser.add_argument("--hardware", help="with --dry-run: the GPU to plan for")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="plan and print every command; build and train nothing")
+    parser.add_argument("--append", action="store_true", help="append to docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.dry_run and not args.hardware:
+        parser.error("--dry-run needs --hardware (e.g. 1xH100-80GB): there is no GPU to detect")
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = write_data(args.work / "data.jsonl", args.seq_len)
+    rows = []
+    for name in args.models.split(","):
+        folder = args.work / f"{name}-random" if not args.dry_run else None
+        if folder is not None:
+            build_model_folder(name, folder)
+        for config in configurations(args.seq_len):
+            rows.append(run_configuration(name, folder, config, data, args))
+    table = render(rows, args)
+    print(table)
+    if args.append and not args.dry_run:
+        with open(BENCHMARKS, "a", encoding="utf-8") as out:
+            out.write("\n" + table + "\n")
+    return 0
+
+
+def configurations(seq_len: int) -> list[dict]:
+    return [
+        {"label": "lora, plan's choice", "method": "lora", "batch": 8, "checkpointing": None},
+        {"label": "qlora, plan's choice", "method": "qlora", "batch": 8, "checkpointing": None},
+        {"label": "qlora, micro-batch 2, checkpointing", "method": "qlora", "batch": 2,
+         "checkpointing": True},
+    ]
+
+
+def write_data(path: Path, seq_len: int, examples: int = 400) -> Path:
+    """Plain-text examples long enough that packed rows are full at seq_len: the same
+    file for ftlaunch and the plain script."""
+    rng = random.Random(0)
+    words = ["the", "model", "learns", "from", "tokens", "of", "text", "and", "numbers", "42",
+             "adapter", "rank", "memory", "plan", "batch", "step", "loss", "node", "gpu"]
+    with open(path, "w", encoding="utf-8") as out:
+        for _ in range(examples):
+            text = " ".join(rng.choice(words) for _ in range(seq_len // 2))
+            out.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def build_model_folder(name: str, folder: Path) -> None:
+    """The preset's architecture with random bf16 weights, saved once, plus the tiny
+    model's tokenizer (its ids fit any of these vocabularies)."""
+    if (folder / "config.json").is_file():
+        return
+    import torch
+
+    from ftlaunch import builtin_models, models
+
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = builtin_models.build_random_model(builtin_models.hf_config(name), seed=0,
+                                                  dtype=torch.bfloat16)
+    staging = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(staging)
+    del model
+    tiny = builtin_models.materialize_builtin(models.resolve("tiny"))
+    for file in tiny.iterdir():
+        if file.name.startswith("tokenizer") or file.name == "chat_template.jinja":
+            shutil.copy2(file, staging / file.name)
+    staging.rename(folder)
+
+
+def ftlaunch_args(model: str, config: dict, data: Path, args, out_dir: Path) -> list[str]:
+    argv = ["--model", model, "--gpus", "1", "--method", config["method"],
+            "--seq-len", str(args.seq_len), "--global-batch-size", str(config["batch"]),
+            "--max-steps", str(args.steps), "--data", str(data), "--output-dir", str(out_dir),
+            "--set", "logging_steps=1", "--set", f"save_steps={args.steps * 10}",
+            "--set", "seed=0"]
+    if config["checkpointing"] is not None:
+        argv.append("--gradient-checkpointing" if config["checkpointing"]
+                    else "--no-gradient-checkpointing")
+    return argv
+
+
+def run_configuration(name: str, folder: Path | None, config: dict, data: Path, args) -> dict:
+    out_dir = args.work / "runs" / f"{name}-{config['method']}-{config['batch']}"
+    model = str(folder) if folder is not None else name
+    argv = ftlaunch_args(model, config, data, args, out_dir)
+    plan_argv = ["plan", *_plan_flags(argv), "--json"]
+    if args.dry_run:
+        plan_argv += ["--hardware", args.hardware]
+        if folder is None:
+            plan_argv += ["--random-init"]
+    plan = json.loads(_run([FTLAUNCH, *plan_argv]).stdout)
+    row = {"model": name, "config": config["label"], "plan": plan,
+           "command": "ftlaunch " + " ".join(argv)}
+    if args.dry_run:
+        print(f"would run: {row['command']}")
+        print(f"would run: {sys.executable} {PLAIN} {' '.join(plain_args(model, plan, data, args))}")
+        return row
+    shutil.rmtree(out_dir, ignore_errors=True)
+    started = time.perf_counter()
+    _run([FTLAUNCH, *argv])
+    row["ftlaunch"] = _measured(out_dir / "metrics.jsonl")
+    row["ftlaunch"]["wall_s"] = time.perf_counter() - started
+    plain_out = out_dir.with_name(out_dir.name + "-plain")
+    shutil.rmtree(plain_out, ignore_errors=True)
+    started = time.perf_counter()
+    result = _run([sys.executable, PLAIN, *plain_args(model, plan, data, args),
+                   "--out", str(plain_out)])
+    row["plain"] = json.loads(result.stdout.strip().splitlines()[-1])
+    row["plain"]["wall_s"] = time.perf_counter() - started
+    return row
+
+
+def plain_args(model: str, plan: dict, data: Path, args) -> list[str]:
+    """The plain script with exactly what the plan chose, so the two differ only in how
+    they are run, not in what they train."""
+    argv = [model, str(data), "--steps", str(args.steps), "--batch",
+            str(plan["per_device_batch_size"]), "--seq-len", str(args.seq_len), "--seed", "0",
+            "--device", "cuda", "--precision", plan["precision"]]
+    if plan["method"] == "qlora":
+        argv.append("--qlora")
+    if plan["gradient_checkpointing"]:
+        argv.append("--gradient-checkpointing")
+    return argv
+
+
+def _plan_flags(argv: list[str]) -> list[str]:
+    """The flags `plan` shares with `train` (not --data/--output-dir/--set)."""
+    out, skip = [], {"--data", "--output-dir", "--set", "--max-steps"}
+    items = iter(argv)
+    for item in items:
+        if item in skip:
+            next(items)
+        else:
+            out.append(item)
+    return out
+
+
+def _measured(metrics: Path) -> dict:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and r["step"] > WARMUP_STEPS]
+    return {
+        "tokens_per_s": statistics.median(r["trained_tokens_per_s"] for r in steps
+                                          if "trained_tokens_per_s" in r),
+        "peak_allocated_gib": max(r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r),
+        "peak_reserved_gib": max(r.get("peak_memory_reserved_gib", 0) for r in rows),
+        "final_loss": steps[-1]["loss"],
+    }
+
+
+def mfu(tokens_per_s: float, plan: dict, gpu: str | None) -> float | None:
+    peak = next((flops for key, flops in PEAK_BF16.items() if gpu and key in gpu.upper()), None)
+    if peak is None:
+        return None
+    return tokens_per_s * 6 * plan["model"]["parameters"] / peak
+
+
+def render(rows: list[dict], args) -> str:
+    gpu = rows[0]["plan"]["hardware"]["gpu_name"] if rows else None
+    head = [f"## GPU: ftlaunch vs the plain HF stack, and the plan vs measured memory "
+            f"({dt.date.today().isoformat()})", "",
+            f"Device: {gpu}; {_versions()}; `{' '.join(['python bench/gpu.py', *sys.argv[1:]])}`",
+            "", "| model | configuration | plan: micro-batch, ckpt | plan peak GiB | allocated "
+            "GiB | reserved GiB | plan error | ftlaunch tok/s | plain tok/s | ratio | MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        plan = row["plan"]
+        planned = plan["memory"]["per_device_peak_bytes"] / 2**30
+        cells = [row["model"], row["config"],
+                 f"{plan['per_device_batch_size']}, {'on' if plan['gradient_checkpointing'] else 'off'}",
+                 f"{planned:.2f}"]
+        if "ftlaunch" in row:
+            ours, plain = row["ftlaunch"], row["plain"]
+            reserved = ours["peak_reserved_gib"]
+            utilisation = mfu(ours["tokens_per_s"], plan, gpu)
+            cells += [f"{ours['peak_allocated_gib']:.2f}", f"{reserved:.2f}",
+                      f"{(planned - reserved) / reserved:+.1%}",
+                      f"{ours['tokens_per_s']:.0f}", f"{plain['tokens_per_s']:.0f}",
+                      f"{ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x",
+                      f"{utilisation:.1%}" if utilisation is not None else "n/a"]
+        else:
+            cells += ["(dry run)"] * 7
+        head.append("| " + " | ".join(cells) + " |")
+    return "\n".join(head)
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"python {platform.python_version()}, " + ", ".join(found)
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

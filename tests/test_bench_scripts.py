@@ -1,0 +1,30 @@
+"""bench/ scripts are not tests, but their dry runs must keep working on a CPU machine:
+the GPU benchmark plans every row and prints commands the real CLI accepts."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from ftlaunch.cli import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_dry_run_plans_each_row_with_real_flags(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run",
+                           "--hardware", "1xH100-80GB", "--models", "llama-3.1-8b",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands = [line.split("would run: ftlaunch ", 1)[1] for line in proc.stdout.splitlines()
+                if line.startswith("would run: ftlaunch ")]
+    assert len(commands) == 3
+    for command in commands:
+        with train.make_context("ftlaunch", shlex.split(command)) as ctx:
+            assert ctx.params["model"] == "llama-3.1-8b"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| llama-3.1-8b")]
+    assert len(rows) == 3
+    # The reference row is what the issue fixes: QLoRA, micro-batch 2, checkpointing on.
+    assert "| 2, on |" in rows[2]
