@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def parse_duration(text: str, flag: str) -> float:
 
 
 def _stop_options(func):
-    """The flags `train` and `resume` share: how checkpoints and stops are timed."""
+    """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
+    stops are timed."""
     func = click.option("--join-timeout", default="15m", show_default=True, metavar="DURATION",
                         help="Multi-node: how long the nodes wait for each other to start "
                              "before giving up (exit 2).")(func)
@@ -171,12 +173,6 @@ def train(**kwargs):
     signal N before a checkpoint was completed (a re-run resumes from the last one).
     """
     return _train(kwargs, sys.argv[1:])
-
-
-def _cluster_json(context) -> dict:
-    return {"nnodes": context.nnodes, "node_rank": context.node_rank,
-            "master_addr": context.master_addr, "master_port": context.master_port,
-            "source": context.source}
 
 
 def _cluster_line(context) -> str:
@@ -241,8 +237,7 @@ def plan(as_json, **kwargs):
 
     job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
     if as_json:
-        click.echo(json.dumps({**job.plan.to_json(), "cluster": _cluster_json(job.cluster)},
-                              indent=2))
+        click.echo(json.dumps({**job.plan.to_json(), "cluster": asdict(job.cluster)}, indent=2))
     else:
         click.echo(report.plan_text(job.plan))
         if job.cluster.nnodes > 1:
@@ -265,7 +260,7 @@ def hardware(as_json):
     found = hw.detect(Path.cwd())
     context = cluster.from_env(os.environ)
     if as_json:
-        data = {**found.to_json(), "cluster": _cluster_json(context) if context else None}
+        data = {**found.to_json(), "cluster": asdict(context) if context else None}
         click.echo(json.dumps(data, indent=2))
     else:
         click.echo(report.hardware_text(found))

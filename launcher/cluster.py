@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ftlaunch.errors import UserError
+
+
+DEFAULT_PORT = 29500
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ def resolve(env: Mapping[str, str], nnodes: int | None, node_rank: int | None,
     if context.nnodes > 1 and not context.master_addr:
         raise UserError(f"{context.nnodes} nodes need the address of node rank 0: pass "
                         "--master-addr HOST (the same on every node).")
+    if context.nnodes > 1 and context.master_port is None:
+        # Every node must name the same port without talking first: torchrun's default.
+        context = replace(context, master_port=DEFAULT_PORT)
     return context
 
 

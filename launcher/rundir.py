@@ -45,11 +45,15 @@ RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_
 @dataclass(frozen=True)
 class RunState:
     kind: str  # "new" | "resume" | "finished"
-    checkpoint: checkpoints.Checkpoint | None = None  # newest complete one, to resume from
     complete: tuple[checkpoints.Checkpoint, ...] = ()  # every complete one, oldest first
     torn: tuple[tuple[Path, str], ...] = ()  # checkpoint directories that do not count, and why
     allowed_changes: tuple[str, ...] = ()  # identity differences resume.allow_changed let through
     moved_aside_to: Path | None = None
+
+    @property
+    def checkpoint(self) -> checkpoints.Checkpoint | None:
+        """The newest complete checkpoint: the one to resume from."""
+        return self.complete[-1] if self.complete else None
 
 
 def check_writable(output_dir: Path) -> None:
@@ -104,9 +108,8 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
             if is_finished(output_dir):
                 return RunState("finished")
             found = checkpoints.scan(output_dir / "checkpoints")
-            return RunState("resume" if found.newest else "new", checkpoint=found.newest,
-                            complete=tuple(found.complete), torn=tuple(found.torn),
-                            allowed_changes=allowed)
+            return RunState("resume" if found.newest else "new", complete=tuple(found.complete),
+                            torn=tuple(found.torn), allowed_changes=allowed)
     output_dir.mkdir(parents=True, exist_ok=True)
     return RunState("new", moved_aside_to=moved)
 

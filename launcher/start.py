@@ -47,16 +47,7 @@ def train(job: Job, argv: list[str], echo) -> int:
     identity = _identity(job, dataset, eval_dataset)
     dry = options.dry_run
     _check_ram(job, echo)
-    # Checked before prepare makes the directory or moves an old run aside, so a refusal
-    # changes nothing; a resume is checked once its checkpoints are known (prepare only
-    # reads an existing run).
-    resuming = (job.output_dir / rundir.RUN_FILE).is_file() and not (options.fresh and not dry)
-    if not resuming:
-        _check_disk(job, job.output_dir, dataset, None)
-    state = rundir.prepare(job.output_dir, identity, fresh=options.fresh and not dry,
-                           allow_changed=options.allow_changed)
-    if resuming:
-        _check_disk(job, job.output_dir, dataset, state)
+    state = _prepare_checked(job, job.output_dir, dataset, identity, options.fresh and not dry)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
         echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
@@ -136,6 +127,19 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
     return _outcome(run_dir, code, received, echo)
 
 
+def _prepare_checked(job: Job, run_dir: Path, dataset, identity: dict, fresh: bool):
+    """rundir.prepare, with the free disk checked before it makes the directory or moves
+    an old run aside (so a refusal changes nothing), or, for a resume, once its
+    checkpoints are known (prepare only reads an existing run)."""
+    resuming = (run_dir / rundir.RUN_FILE).is_file() and not fresh
+    if not resuming:
+        _check_disk(job, run_dir, dataset, None)
+    state = rundir.prepare(run_dir, identity, fresh=fresh, allow_changed=job.options.allow_changed)
+    if resuming:
+        _check_disk(job, run_dir, dataset, state)
+    return state
+
+
 def _check_disk(job: Job, run_dir: Path, dataset, state) -> None:
     """Free disk for the checkpoints this run will keep, its adapter and its data cache."""
     training = job.recipe.training
@@ -144,8 +148,7 @@ def _check_disk(job: Job, run_dir: Path, dataset, state) -> None:
         job.plan, job.model, _keep(job.recipe), extra_bytes=_data_cache_estimate(dataset),
         max_steps=training.get("max_steps"),
         save_steps=None if job.options.save_every_s else training.get("save_steps"),
-        from_step=complete[-1].step if complete else 0, existing=len(complete),
-        tokenizer=None)
+        from_step=complete[-1].step if complete else 0, existing=len(complete))
     preflight.check_disk(run_dir, needed, why)
 
 
@@ -233,7 +236,7 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
         dataset = eval_dataset = None
         data_error = str(exc)
     model = model_record(job, materialize=True)
-    port = cluster.master_port or 29500
+    port = cluster.master_port
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr, main_process_port=port)
     local: dict = {}
@@ -252,13 +255,7 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
                 rundir.check_writable(run_dir)
                 _check_disk(job, run_dir, dataset, None)
                 return _own_hello(job, run_dir, False, [], identity["data"])
-            existing = (run_dir / rundir.RUN_FILE).is_file()
-            if not existing:  # before prepare makes the directory
-                _check_disk(job, run_dir, dataset, None)
-            state = rundir.prepare(run_dir, identity, fresh=False,
-                                   allow_changed=options.allow_changed)
-            if existing:
-                _check_disk(job, run_dir, dataset, state)
+            state = _prepare_checked(job, run_dir, dataset, identity, fresh=False)
             if state.kind == "finished":
                 raise UserError(f"{run_dir} on node {cluster.node_rank} holds a finished run; "
                                 "pass --fresh on every node to train again")

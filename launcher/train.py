@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ftlaunch import checkpoints, preview, rundir
+from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError
 
@@ -60,7 +61,7 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     train_set, eval_set = _load_datasets(run_dir, record["data"], recipe)
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
-    config = _training_config(run_dir, record, kind, eval_set is not None)
+    config = _training_config(run_dir, record, eval_set is not None)
     # The training template (generation markers) also goes out with the adapter.
     tokenizer = _load_tokenizer(model_info, preview.assistant_only(kind, recipe["data"]))
     model = _load_model(model_info, plan, recipe, on_cpu)
@@ -201,7 +202,7 @@ def _load_datasets(run_dir: Path, data_record: dict, recipe: dict):
     return train, None
 
 
-def _training_config(run_dir, record, kind, has_eval):
+def _training_config(run_dir, record, has_eval):
     from trl import SFTConfig
 
     plan, recipe = record["plan"], record["recipe"]
@@ -209,7 +210,7 @@ def _training_config(run_dir, record, kind, has_eval):
     training = dict(recipe["training"])
     training.setdefault("ddp_timeout", record["distributed"]["timeout_s"])
     # Run directories on each node's own disk: every node keeps whole checkpoints.
-    training["save_on_each_node"] = record["nodes"]["storage"] == "node-local"
+    training["save_on_each_node"] = record["nodes"]["storage"] == NODE_LOCAL
     # Retention is ours (ftlaunch.checkpoints.retain): it only ever deletes after a newer
     # checkpoint is complete.
     training.pop("save_total_limit", None)
@@ -238,9 +239,10 @@ def _training_config(run_dir, record, kind, has_eval):
         fp16=plan["precision"] == "fp16",
         # Loss only on what the model should learn to write (the assistant's turns of a
         # conversation, the completion of a prompt/completion pair): the data cache's labels
-        # already say so, and TRL refuses assistant_only_loss on tokenized data.
+        # already say so; TRL takes them as they are, and refuses assistant_only_loss on
+        # tokenized data.
         assistant_only_loss=False,
-        completion_only_loss=kind == "prompt_completion",
+        completion_only_loss=False,
         # Best-fit packing, padding-free: examples share a row without attending to each
         # other (position_ids restart per example), and no compute goes to padding.
         packing=bool(data.get("packing", True)),
@@ -283,21 +285,18 @@ def _build_trainer(run_dir, config, recipe, model, tokenizer, train_set, eval_se
     return trainer, recorder
 
 
-def _peak_memory_gib() -> float:
-    """Peak allocated GPU memory of this process, or its peak resident set on CPU."""
+def _peak_memory() -> dict:
+    """This process's peak: on a GPU what torch allocated and what its caching allocator
+    reserved (what runs out), on CPU the resident set."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _peak_reserved_gib() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+    return {"peak_memory_gib":  # KiB on Linux
+            round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
 
 
 class _MetricsCallback(TrainerCallback):
@@ -335,10 +334,7 @@ class _MetricsCallback(TrainerCallback):
                 row["trained_tokens_per_s"] = round((tokens - tokens_then) * fraction
                                                     / (now - then), 1)
             self._since = (now, tokens)
-            row["peak_memory_gib"] = round(_peak_memory_gib(), 3)
-            reserved = _peak_reserved_gib()
-            if reserved is not None:  # what the caching allocator held: what can OOM
-                row["peak_memory_reserved_gib"] = round(reserved, 3)
+            row.update(_peak_memory())
             line = (f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                     f"lr {logs.get('learning_rate', 0):.2e}")
         else:

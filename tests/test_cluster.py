@@ -99,8 +99,25 @@ def test_the_2x8_config_written_on_node_1_passes_accelerates_loader(tmp_path):
     assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 16, 1)
     assert (config.main_process_ip, config.main_process_port) == ("gpu-a01", 24242)
     # This node's launch names its rank and node 0 explicitly (every node can launch from
-    # one shared accelerate.yaml).
-    assert "--machine_rank 1 --main_process_ip gpu-a01 --main_process_port 24242" in proc.stdout
+    # one shared accelerate.yaml): accelerate's own parser reads them from the command.
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    printed = proc.stdout.split("Launch command (dry run, nothing trained):")[1].strip()
+    argv = shlex.split(printed.splitlines()[0])
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(argv[3:])
+    assert (args.machine_rank, args.main_process_ip, args.main_process_port) == (1, "gpu-a01", 24242)
+    assert args.config_file == str((out / "accelerate.yaml").resolve())
+
+
+def test_several_nodes_without_a_port_agree_on_torchruns_default():
+    env = {"NNODES": "2", "MASTER_ADDR": "head"}
+    ports = {cluster.resolve({**env, "NODE_RANK": rank}, None, None, None, None).master_port
+             for rank in ("0", "1")}
+    assert ports == {29500}
+    assert cluster.resolve({}, None, None, None, None).master_port is None  # one node picks freely
 
 
 def test_hardware_is_only_described_for_planning_not_for_training(tmp_path):

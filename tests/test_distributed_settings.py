@@ -25,7 +25,8 @@ def test_collective_timeout_grows_with_the_weights_a_rank_may_wait_for():
 
 def test_nccl_defaults_for_gpu_jobs_and_the_environment_wins():
     gpus = _job("llama-8b", "8xH100-80GB").plan
-    assert launch.distributed_env(gpus, {}) == launch.DISTRIBUTED_DEFAULTS
+    assert launch.distributed_env(gpus, {}) == {"NCCL_DEBUG": "WARN",
+                                                 "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     mine = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ens5", "HOME": "/root"}
     env = launch.distributed_env(gpus, mine)
     assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "ens5"
@@ -45,5 +46,5 @@ def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
     assert record["distributed"] == {"timeout_s": 1234, "env": {"GLOO_SOCKET_IFNAME": "lo"}}
     from ftlaunch import train
 
-    config = train._training_config(run_dir, record, "conversational", has_eval=False)
+    config = train._training_config(run_dir, record, has_eval=False)
     assert config.ddp_timeout == 1234 and config.save_on_each_node is False

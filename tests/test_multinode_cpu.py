@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from conftest import FTLAUNCH
 from ftlaunch.launch import free_port
@@ -121,7 +122,7 @@ def test_two_nodes_on_a_shared_run_dir_stop_together_and_resume(tmp_path):
         f"rng_state_{r}.pth" for r in range(4)]
     assert (run_dir / "train.node-1.log").is_file()
     assert not list(run_dir.glob(".ftlaunch-launch-*"))
-    record = __import__("yaml").safe_load((run_dir / "run.yaml").read_text())
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["nodes"]["storage"] == "shared" and record["nodes"]["nnodes"] == 2
     assert record["plan"]["num_processes"] == 4 and record["plan"]["num_machines"] == 2
 
@@ -146,7 +147,7 @@ def test_node_local_run_dirs_resume_from_the_checkpoint_every_node_holds(tmp_pat
     procs = _both(port, dirs, logs, "--max-steps", "6")
     assert _finish(procs, logs) == (0, 0), logs[0].read_text() + logs[1].read_text()
     for rank, run_dir in enumerate(dirs):
-        record = __import__("yaml").safe_load((run_dir / "run.yaml").read_text())
+        record = yaml.safe_load((run_dir / "run.yaml").read_text())
         assert record["nodes"]["storage"] == "node-local"
         assert record["nodes"]["node_rank"] == rank
         assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
