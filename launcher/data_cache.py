@@ -37,8 +37,8 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ftlaunch import preview
@@ -73,22 +73,22 @@ def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_optio
     built from the same rows with the same tokenizer, template and options.
 
     Returns the meta: "fingerprint" (what a worker passes to `load`), "key", "splits",
-    "stats" (preview.LengthStats fields over the whole train split at `seq_len`;
-    "eval_stats" too with eval data) and "reused"."""
+    "stats" (preview.LengthStats fields over the whole train split at `seq_len`) and
+    "reused"."""
     cache_dir = Path(cache_dir)
     only_assistant = preview.assistant_only(dataset.kind, data_options)
     tokenizer, _ = preview.load_tokenizer(model_record, only_assistant)
     splits = {"train": dataset}
     if eval_dataset is not None:
         splits["eval"] = eval_dataset
-    key = _key(tokenizer, splits, dataset.kind, only_assistant, data_options)
+    key = _key(tokenizer, splits, dataset.kind, only_assistant)
     fingerprint = "sha256:" + hashlib.sha256(_canonical(key)).hexdigest()
 
     meta = _complete_meta(cache_dir)
     if meta is not None and meta["fingerprint"] == fingerprint:
         return _with_stats(cache_dir, meta, seq_len, reused=True)
 
-    _check_tokenizer(tokenizer, dataset.kind)
+    preview.check_tokenizer(tokenizer, dataset.kind)
     started = time.time()
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = cache_dir / _STAGING
@@ -114,20 +114,16 @@ def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_optio
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "key": key,
-        "kind": dataset.kind,
-        "assistant_only": only_assistant,
         "splits": described,
         "seconds": round(time.time() - started, 3),
     }
-    meta = _with_stats(cache_dir, meta, seq_len, reused=False)
-    written = {k: v for k, v in meta.items() if k != "reused"}
-    atomic_write(cache_dir / META, json.dumps(written, indent=1, sort_keys=True) + "\n")
-    return meta
+    atomic_write(cache_dir / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return _with_stats(cache_dir, meta, seq_len, reused=False)
 
 
-def length_stats(meta: dict, split: str = "train") -> preview.LengthStats:
-    """The length statistics `build` returned, as preview.check takes them."""
-    return preview.LengthStats(**meta["stats" if split == "train" else f"{split}_stats"])
+def length_stats(meta: dict) -> preview.LengthStats:
+    """The train split's length statistics `build` returned, as preview.check takes them."""
+    return preview.LengthStats(**meta["stats"])
 
 
 # ---------------------------------------------------------------- worker side
@@ -165,26 +161,21 @@ def load(cache_dir: Path, expected_fingerprint: str) -> tuple[Dataset, Dataset |
 
 # ---------------------------------------------------------------- key
 
-def _key(tokenizer, splits: dict, kind: str, only_assistant: bool, data_options: dict) -> dict:
+def _key(tokenizer, splits: dict, kind: str, only_assistant: bool) -> dict:
+    """What decides the cached ids and labels: the canonical rows (system prompt and
+    format detection applied), the tokenizer as saved (its chat template included), the
+    kind of data, the loss mask, and the versions that tokenize."""
     from importlib import metadata
 
     from ftlaunch import __version__
 
-    template = tokenizer.chat_template if kind == "conversational" else None
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,
-        "data": {name: {"fingerprint": data.fingerprint, "format": data.format,
-                        "examples": len(data), "rows": _rows_digest(data.rows)}
+        "data": {name: {"fingerprint": data.fingerprint, "rows": _rows_digest(data.rows)}
                  for name, data in splits.items()},
         "tokenizer": _tokenizer_digest(tokenizer),
-        "chat_template": (hashlib.sha256(str(template).encode()).hexdigest()
-                          if template else None),
         "assistant_only": only_assistant,
-        # train.py sets completion_only_loss for prompt/completion data, which is what
-        # puts the completion mask into the labels.
-        "completion_only": kind == "prompt_completion",
-        "system_prompt": data_options.get("system_prompt"),
         "versions": {"ftlaunch": __version__,
                      **{name: metadata.version(name) for name in _VERSIONED}},
     }
@@ -198,9 +189,8 @@ def _rows_digest(rows) -> str:
     """Of the canonical rows themselves: the file fingerprint alone would miss a change in
     how ftlaunch canonicalizes (format detection, system prompt, a new ftlaunch)."""
     digest = hashlib.sha256()
-    rows = list(rows)
-    for start in range(0, len(rows), 10_000):  # bounded memory for big sets
-        digest.update(_canonical(rows[start:start + 10_000]))
+    for row in rows:
+        digest.update(_canonical(row) + b"\n")
     return digest.hexdigest()
 
 
@@ -228,18 +218,6 @@ def _tokenizer_digest(tokenizer) -> str:
 
 # ---------------------------------------------------------------- building
 
-def _check_tokenizer(tokenizer, kind: str) -> None:
-    if kind == "conversational" and not tokenizer.chat_template:
-        raise UserError(
-            "The model's tokenizer has no chat template, so conversations cannot be rendered. "
-            "Use data.assistant_only_loss: true (ftlaunch then supplies a template) or "
-            "give the tokenizer a chat template.")
-    if kind != "conversational" and tokenizer.eos_token is None:
-        raise UserError(
-            "The model's tokenizer has no EOS token, which SFT appends to every text and "
-            "completion so the model learns to stop. Use a tokenizer that defines one.")
-
-
 def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
                  fingerprint: str, num_proc: int) -> dict:
     import numpy as np
@@ -252,10 +230,9 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        tokenize_batch, batched=True, batch_size=_BATCH, with_indices=True,
+        preview.tokenize_batch, batched=True, batch_size=_BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant,
-                   "eos": tokenizer.eos_token},
+        fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant},
         new_fingerprint=f"{digest[:24]}-{name}", desc=f"Tokenizing {name} data")
     table = tokenized.data
     lengths = np.stack([table.column(c).to_numpy() for c in _STATS_COLUMNS], axis=1)
@@ -265,61 +242,7 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # everything) rather than fork.
     tokenized.save_to_disk(str(folder / name))
     np.save(folder / _lengths_name(name), lengths.astype(np.int64), allow_pickle=False)
-    return {"examples": len(tokenized), "tokens": int(lengths[:, 0].sum()) if len(lengths) else 0,
-            "source": str(data.path), "data_fingerprint": data.fingerprint}
-
-
-def tokenize_batch(batch: dict, indices: list[int], tokenizer, kind: str, only_assistant: bool,
-                    eos: str | None) -> dict:
-    """TRL 1.16's tokenize_fn and build_labels (SFTTrainer._prepare_dataset) for a batch;
-    batched because one call into the Rust tokenizer for many texts is much faster than
-    one per text, and gives the same ids. `ftlaunch data preview` shows examples through
-    this same function."""
-    masks = None
-    if kind == "conversational":
-        # Conversational data gets no EOS from TRL: the template ends each turn.
-        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=only_assistant)
-        ids = [list(x) for x in out["input_ids"]]
-        if only_assistant:
-            masks = [list(m) for m in out["assistant_masks"]]
-            for index, mask in zip(indices, masks):
-                if 1 not in mask:  # TRL raises a RuntimeError for this example
-                    raise UserError(
-                        f"Example {index + 1} has no assistant token under the chat template's "
-                        "{% generation %} markers, so assistant-only loss has nothing to "
-                        "train on. Fix the example or set data.assistant_only_loss: false.")
-    elif kind == "prompt_completion":
-        completions = [c if c.endswith(eos) else c + eos for c in batch["completion"]]
-        prompt_ids = tokenizer(text=batch["prompt"])["input_ids"]
-        ids = tokenizer(text=[p + c for p, c in zip(batch["prompt"], completions)])["input_ids"]
-        # Where prompt and prompt + completion diverge, not len(prompt): tokens can merge
-        # across the boundary (trl.data_utils.common_prefix_length).
-        masks = []
-        for prompt, full in zip(prompt_ids, ids):
-            start = _common_prefix_length(prompt, full)
-            masks.append([0] * start + [1] * (len(full) - start))
-    else:
-        texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
-        ids = tokenizer(text=texts)["input_ids"]
-
-    if masks is None:
-        labels = [list(x) for x in ids]
-    else:  # zip, not strict: TRL's build_labels stops at the shorter one too
-        labels = [[token if bit else -100 for token, bit in zip(row, mask)]
-                  for row, mask in zip(ids, masks)]
-    first = [next((i for i, label in enumerate(row) if label != -100), -1) for row in labels]
-    return {"input_ids": ids, "labels": labels, "_length": [len(row) for row in ids],
-            "_first_trained": first}
-
-
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
-    length = 0
-    for a, b in zip(ids, other):
-        if a != b:
-            break
-        length += 1
-    return length
+    return {"examples": len(tokenized), "tokens": int(lengths[:, 0].sum())}
 
 
 # ---------------------------------------------------------------- reading back
@@ -359,34 +282,6 @@ def _with_stats(cache_dir: Path, meta: dict, seq_len: int, reused: bool) -> dict
     so a new seq_len needs no new tokenization) and whether it was reused."""
     import numpy as np
 
-    out = dict(meta)
-    for name in meta["splits"]:
-        lengths = np.load(cache_dir / _lengths_name(name), allow_pickle=False)
-        stats = _stats(lengths, seq_len)
-        out["stats" if name == "train" else f"{name}_stats"] = stats
-    out["reused"] = reused
-    return out
-
-
-def _stats(lengths, seq_len: int) -> dict:
-    """preview.length_stats over (length, first trained index) pairs."""
-    import numpy as np
-
-    n = len(lengths)
-    if n == 0:
-        return {"examples": 0, "shortest": 0, "median": 0, "p95": 0, "longest": 0,
-                "over_seq_len": 0, "untrained_after_truncation": 0, "seq_len": seq_len}
-    sizes = np.sort(lengths[:, 0])
-    first = lengths[:, 1]
-    return {
-        "examples": int(n),
-        "shortest": int(sizes[0]),
-        "median": int(sizes[n // 2]),
-        "p95": int(sizes[min(n - 1, (95 * n) // 100)]),
-        "longest": int(sizes[-1]),
-        "over_seq_len": int((sizes > seq_len).sum()),
-        # keep_start truncation (ftlaunch's): trained only if a label falls within seq_len
-        "untrained_after_truncation": int(((first < 0) | (first >= seq_len)).sum()),
-        "seq_len": int(seq_len),
-    }
-
+    lengths = np.load(cache_dir / _lengths_name("train"), allow_pickle=False)
+    stats = preview.stats_from_lengths(lengths[:, 0].tolist(), lengths[:, 1].tolist(), seq_len)
+    return {**meta, "stats": asdict(stats), "reused": reused}

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from ftlaunch.errors import UserError
 
 
+_BATCH = 256  # rows per call into the tokenizer
+
+
 @dataclass(frozen=True)
 class Tokenized:
     ids: list[int]
@@ -58,35 +61,116 @@ def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None)
     """(tokenizer, [Tokenized] for `rows` (default: all of dataset), assistant_only)."""
     only_assistant = assistant_only(dataset.kind, data_options)
     tokenizer, _ = load_tokenizer(model_record, only_assistant)
-    rows = dataset.rows if rows is None else rows
-    return (tokenizer, [tokenize(tokenizer, row, dataset.kind, only_assistant, index)
-                        for index, row in enumerate(rows)],
-            only_assistant)
+    check_tokenizer(tokenizer, dataset.kind)
+    rows = list(dataset.rows if rows is None else rows)
+    tokenized = []
+    for start in range(0, len(rows), _BATCH):
+        chunk = rows[start:start + _BATCH]
+        batch = {key: [row[key] for row in chunk] for key in chunk[0]}
+        out = tokenize_batch(batch, list(range(start, start + len(chunk))), tokenizer,
+                             dataset.kind, only_assistant)
+        tokenized += [Tokenized(list(ids), [label != -100 for label in labels])
+                      for ids, labels in zip(out["input_ids"], out["labels"])]
+    return tokenizer, tokenized, only_assistant
 
 
-def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True,
-             index: int = 0) -> Tokenized:
-    """One example exactly as training gets it: TRL's tokenization, as the launcher's data
-    cache does it (EOS only where TRL adds one, the completion from where prompt and
-    prompt + completion diverge)."""
-    from ftlaunch.data_cache import tokenize_batch
-
-    batch = {key: [value] for key, value in row.items()}
-    out = tokenize_batch(batch, [index], tokenizer, kind, assistant_only, tokenizer.eos_token)
+def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> Tokenized:
+    """One example exactly as training gets it (tokenize_batch)."""
+    check_tokenizer(tokenizer, kind)
+    out = tokenize_batch({key: [value] for key, value in row.items()}, [0], tokenizer, kind,
+                         assistant_only)
     return Tokenized(list(out["input_ids"][0]), [label != -100 for label in out["labels"][0]])
 
 
+def check_tokenizer(tokenizer, kind: str) -> None:
+    """What tokenize_batch needs of the tokenizer for this kind of data."""
+    if kind == "conversational" and not tokenizer.chat_template:
+        raise UserError(
+            "The model's tokenizer has no chat template, so conversations cannot be rendered. "
+            "Use data.assistant_only_loss: true (ftlaunch then supplies a template) or "
+            "give the tokenizer a chat template.")
+    if kind != "conversational" and tokenizer.eos_token is None:
+        raise UserError(
+            "The model's tokenizer has no EOS token, which SFT appends to every text and "
+            "completion so the model learns to stop. Use a tokenizer that defines one.")
+
+
+def tokenize_batch(batch: dict, indices: list[int], tokenizer, kind: str,
+                   only_assistant: bool) -> dict:
+    """TRL 1.16's tokenize_fn and build_labels (SFTTrainer._prepare_dataset) for a batch
+    of rows ({column: [values]}): input_ids, labels, and per example its length and first
+    trained index. Batched because one call into the Rust tokenizer for many texts is
+    much faster than one per text, and gives the same ids. The launcher's data cache and
+    `ftlaunch data preview` both tokenize through it; check_tokenizer first."""
+    eos = tokenizer.eos_token
+    masks = None
+    if kind == "conversational":
+        # Conversational data gets no EOS from TRL: the template ends each turn.
+        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=only_assistant)
+        ids = [list(x) for x in out["input_ids"]]
+        if only_assistant:
+            masks = [list(m) for m in out["assistant_masks"]]
+            for index, mask in zip(indices, masks):
+                if 1 not in mask:  # TRL raises a RuntimeError for this example
+                    raise UserError(
+                        f"Example {index + 1} has no assistant token under the chat template's "
+                        "{% generation %} markers, so assistant-only loss has nothing to "
+                        "train on. Fix the example or set data.assistant_only_loss: false.")
+    elif kind == "prompt_completion":
+        completions = [c if c.endswith(eos) else c + eos for c in batch["completion"]]
+        prompt_ids = tokenizer(text=batch["prompt"])["input_ids"]
+        ids = tokenizer(text=[p + c for p, c in zip(batch["prompt"], completions)])["input_ids"]
+        # Where prompt and prompt + completion diverge, not len(prompt): tokens can merge
+        # across the boundary (trl.data_utils.common_prefix_length).
+        masks = []
+        for prompt, full in zip(prompt_ids, ids):
+            start = _common_prefix_length(prompt, full)
+            masks.append([0] * start + [1] * (len(full) - start))
+    else:
+        texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
+        ids = tokenizer(text=texts)["input_ids"]
+
+    if masks is None:
+        labels = [list(x) for x in ids]
+    else:  # zip, not strict: TRL's build_labels stops at the shorter one too
+        labels = [[token if bit else -100 for token, bit in zip(row, mask)]
+                  for row, mask in zip(ids, masks)]
+    first = [next((i for i, label in enumerate(row) if label != -100), -1) for row in labels]
+    return {"input_ids": ids, "labels": labels, "_length": [len(row) for row in ids],
+            "_first_trained": first}
+
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """trl.data_utils.common_prefix_length, without importing TRL (seconds) for it."""
+    length = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
 def length_stats(tokenized: list[Tokenized], seq_len: int) -> LengthStats:
-    lengths = sorted(len(t.ids) for t in tokenized)
-    n = len(lengths)
+    return stats_from_lengths([len(t.ids) for t in tokenized],
+                              [t.trained.index(True) if True in t.trained else -1
+                               for t in tokenized], seq_len)
+
+
+def stats_from_lengths(lengths: list[int], first_trained: list[int], seq_len: int) -> LengthStats:
+    """From each example's token count and index of its first trained token (-1: none).
+    Truncation keeps the start, so an example trains only if that index is within seq_len."""
+    ordered = sorted(lengths)
+    n = len(ordered)
     return LengthStats(
         examples=n,
-        shortest=lengths[0],
-        median=lengths[n // 2],
-        p95=lengths[min(n - 1, (95 * n) // 100)],
-        longest=lengths[-1],
-        over_seq_len=sum(1 for length in lengths if length > seq_len),
-        untrained_after_truncation=sum(1 for t in tokenized if not any(t.trained[:seq_len])),
+        shortest=ordered[0],
+        median=ordered[n // 2],
+        p95=ordered[min(n - 1, (95 * n) // 100)],
+        longest=ordered[-1],
+        over_seq_len=sum(1 for length in ordered if length > seq_len),
+        untrained_after_truncation=sum(1 for first in first_trained
+                                       if first < 0 or first >= seq_len),
         seq_len=seq_len,
     )
 

@@ -275,7 +275,7 @@ def test_changed_data_or_options_rebuild(model_record, tmp_path):
 
     whole = data_cache.build(cache, model_record, refingerprinted, None,
                              {"assistant_only_loss": False}, MAX_LENGTH)
-    assert whole["reused"] is False and whole["assistant_only"] is False
+    assert whole["reused"] is False and whole["key"]["assistant_only"] is False
     train, _ = data_cache.load(cache, whole["fingerprint"])
     assert train["labels"] == train["input_ids"]  # the loss is on whole conversations now
 
@@ -342,11 +342,10 @@ def test_load_refuses_a_cache_of_other_data(model_record, tmp_path):
 
 @pytest.mark.parametrize("kind", ["conversational", "prompt_completion", "text"])
 def test_length_stats_match_preview(kind, model_record, tmp_path):
-    # Rows on which preview's approximation of TRL holds: no token merging across the
-    # prompt/completion boundary, no text already ending with EOS.
-    rows = {"conversational": CHATS, "prompt_completion": PAIRS[:24] + [PAIRS[-3]],
-            "text": TEXTS[:-2]}[kind]
-    data = _data(kind, rows, tmp_path)
+    # Statistics from the cached per-example lengths (the .npy) against statistics from
+    # the tokenized examples themselves, over every row (merged prompt/completion
+    # boundaries and texts already ending with EOS included).
+    data = _data(kind, ROWS[kind], tmp_path)
     for seq_len in (12, 30, MAX_LENGTH):
         meta = data_cache.build(tmp_path / "cache", model_record, data, None, {}, seq_len)
         _, tokenized, _ = preview.tokenize_dataset(model_record, data, {})
