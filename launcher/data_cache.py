@@ -48,6 +48,7 @@ from ftlaunch.rundir import atomic_write
 if TYPE_CHECKING:
     from datasets import Dataset
 
+DIRECTORY = "data-cache"  # in the run directory
 FORMAT_VERSION = 1  # bump when what is cached or how it is keyed changes
 META = "meta.json"
 COLUMNS = ("input_ids", "labels")

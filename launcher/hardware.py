@@ -148,31 +148,42 @@ def _local_cpu_and_ram() -> tuple[int, int]:
     return int(cores or 1), int(psutil.virtual_memory().total)
 
 
-def _free_disk(path: Path) -> int | None:
-    probe = Path(path).resolve()
+def free_disk(path: Path) -> tuple[Path, int]:
+    """(the nearest existing ancestor of path, bytes still free on its filesystem): the
+    run directory may not exist yet."""
+    probe = Path(path).expanduser().resolve()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe, shutil.disk_usage(probe).free
+
+
+def _free_disk(path: Path) -> int | None:
     try:
-        return shutil.disk_usage(probe).free
+        return free_disk(path)[1]
     except OSError:
         return None
+
+
+def nvidia_smi(fields: str) -> list[str] | None:
+    """One line per GPU of `nvidia-smi --query-gpu=FIELDS` (csv, no header, no units), or
+    None where there is no nvidia-smi or it fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()
 
 
 def _nvidia_smi_gpus() -> list[Gpu]:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return []
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap",
-             "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
     gpus = {}
-    for line in out.strip().splitlines():
+    for line in nvidia_smi("index,name,memory.total,compute_cap") or []:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 4:
             continue

@@ -74,6 +74,10 @@ class Plan:
         return self.hardware.nodes
 
     @property
+    def processes_per_node(self) -> int:
+        return self.num_processes // self.num_machines
+
+    @property
     def fits(self) -> bool:
         return self.memory.total <= self.budget_bytes
 

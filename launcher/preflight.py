@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -52,10 +50,12 @@ import psutil
 from ftlaunch import __version__
 from ftlaunch.errors import UserError
 from ftlaunch.memory import weights_bytes
-from ftlaunch.models import ModelSpec, parameter_count
+from ftlaunch.hardware import GIB, free_disk, nvidia_smi
+from ftlaunch.memory import MIB
+from ftlaunch.models import ModelSpec, cached_hub_config
 from ftlaunch.planner import Plan
 
-KIB, MIB, GIB = 1024, 1024**2, 1024**3
+KIB = 1024
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
             "deepspeed", "click", "psutil")
@@ -88,8 +88,6 @@ def tokenizer_bytes(location: str | Path) -> int | None:
     """Bytes of the tokenizer files that every checkpoint and the adapter copy, read from
     a local model folder or a hub id's snapshot in the Hugging Face cache; None when
     neither is here (the caller's estimate falls back to the vocabulary size)."""
-    from ftlaunch.models import cached_hub_config
-
     folder = Path(location).expanduser()
     if not folder.is_dir():
         config = cached_hub_config(str(location))
@@ -106,9 +104,12 @@ def _lora_tensors(model: ModelSpec) -> int:
     return 2 * model.num_layers * len(model.linear_shapes())
 
 
-def _adapter_file_bytes(plan: Plan, model: ModelSpec, tokenizer: int) -> int:
-    return (4 * plan.trainable_parameters + _SAFETENSORS_PER_TENSOR * _lora_tensors(model)
-            + tokenizer)
+def _adapter_file_bytes(plan: Plan, model: ModelSpec) -> int:
+    return 4 * plan.trainable_parameters + _SAFETENSORS_PER_TENSOR * _lora_tensors(model)
+
+
+def _tokenizer_or_guess(model: ModelSpec, tokenizer: int | None) -> int:
+    return _TOKENIZER_PER_VOCAB_ENTRY * model.vocab_size if tokenizer is None else tokenizer
 
 
 def checkpoint_bytes(plan: Plan, model: ModelSpec, tokenizer: int | None = None) -> int:
@@ -116,13 +117,11 @@ def checkpoint_bytes(plan: Plan, model: ModelSpec, tokenizer: int | None = None)
 
     `tokenizer`: bytes of the tokenizer files (`tokenizer_bytes`); None estimates them
     from the vocabulary size, generously."""
-    if tokenizer is None:
-        tokenizer = _TOKENIZER_PER_VOCAB_ENTRY * model.vocab_size
     trainable, world = plan.trainable_parameters, plan.num_processes
     tensors = _lora_tensors(model)
-    total = tokenizer + _SMALL_FILES + _RNG_PER_RANK * world
+    total = _tokenizer_or_guess(model, tokenizer) + _SMALL_FILES + _RNG_PER_RANK * world
     if plan.engine != "fsdp":
-        total += _adapter_file_bytes(plan, model, tokenizer=0)
+        total += _adapter_file_bytes(plan, model)
     if plan.engine == "deepspeed":
         total += 12 * trainable + _DS_SHARD_FILE * world + _DS_SCRIPTS
         if plan.zero_stage == 3:
@@ -174,6 +173,7 @@ def disk_needed(plan: Plan, model: ModelSpec, keep: int | None, extra_bytes: int
     (what else will be written there, e.g. the tokenized data cache) + a margin. Pass
     save_steps=None when --save-every adds checkpoints at times nobody can count ahead.
     `from_step`/`existing`: a resume's step and its complete checkpoints."""
+    tokenizer = _tokenizer_or_guess(model, tokenizer)
     one = checkpoint_bytes(plan, model, tokenizer)
     saves = saves_ahead(max_steps, save_steps, from_step)
     count = checkpoints_at_once(keep, saves, existing)
@@ -194,9 +194,7 @@ def disk_needed(plan: Plan, model: ModelSpec, keep: int | None, extra_bytes: int
                 why += f"; {existing} already there"
         parts.append(f"{count} new checkpoint{'s' if count != 1 else ''} of {_human(one)} "
                      f"({why})")
-    if tokenizer is None:
-        tokenizer = _TOKENIZER_PER_VOCAB_ENTRY * model.vocab_size
-    adapter = _adapter_file_bytes(plan, model, tokenizer) + 8 * KIB  # + config, model card
+    adapter = _adapter_file_bytes(plan, model) + tokenizer + 8 * KIB  # + config, model card
     parts.append(f"the final adapter, {_human(adapter)}")
     if extra_bytes:
         parts.append(f"{_human(extra_bytes)} more (data cache)")
@@ -204,15 +202,6 @@ def disk_needed(plan: Plan, model: ModelSpec, keep: int | None, extra_bytes: int
     margin = int(subtotal * _DISK_MARGIN_FRACTION) + _DISK_MARGIN_BYTES
     parts.append(f"{_human(margin)} margin for logs and estimation error")
     return subtotal + margin, " + ".join(parts)
-
-
-def free_disk(path: Path) -> tuple[Path, int]:
-    """(the nearest existing ancestor of path, bytes an unprivileged writer may still use
-    on its filesystem): the run directory may not exist yet."""
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe, shutil.disk_usage(probe).free
 
 
 def check_disk(path: Path, needed: int, breakdown: str) -> None:
@@ -257,7 +246,7 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
                          offload_optimizer keep this node's share of the base and of the
                          adapter's weights, gradients, master copy and moments in RAM.
     """
-    per_node = max(plan.num_processes // max(plan.num_machines, 1), 1)
+    per_node = plan.processes_per_node
     parts = []
     if plan.on_cpu:
         worker = plan.memory.total + _CPU_WORKER_EXTRA
@@ -268,10 +257,10 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
         total = per_node * _GPU_WORKER_BYTES
         parts.append(f"{per_node} GPU worker process{'es' if per_node > 1 else ''} x "
                      f"{_human(_GPU_WORKER_BYTES)}")
-        sharded_load = plan.engine == "fsdp" or (plan.engine == "deepspeed"
-                                                 and plan.zero_stage == 3)
-        if sharded_load:
-            loaded = weights_bytes(model, plan.method, on_gpu=True, shards=1, offload=False)
+        # The base as it will be trained (NF4 for QLoRA), whole.
+        base = weights_bytes(model, plan.method, on_gpu=True, shards=1, offload=False)
+        if plan.engine == "fsdp" or (plan.engine == "deepspeed" and plan.zero_stage == 3):
+            loaded = base
             total += loaded
             parts.append(f"one process loads the base ({_human(loaded)})")
         elif plan.method == "qlora":
@@ -280,16 +269,14 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
             total += per_node * staging
             parts.append(f"{per_node} x {_human(staging)} passing through while quantising")
         else:
-            dense = 2 * parameter_count(model)
+            dense = 2 * model.parameters
             total += per_node * dense
             parts.append(f"{per_node} whole 16-bit cop{'ies' if per_node > 1 else 'y'} of the "
                          f"base while loading ({_human(dense)} each)")
         if plan.offload:
-            world = max(plan.num_processes, 1)
-            base = weights_bytes(model, plan.method, on_gpu=True, shards=1, offload=False)
             # 16-bit weight, fp32 master, gradient, two moments
             states = 18 * plan.trainable_parameters
-            offloaded = (base + states) * per_node // world
+            offloaded = (base + states) * per_node // plan.num_processes
             total += offloaded
             parts.append(f"this node's offloaded share of the base and the adapter's states "
                          f"({_human(offloaded)})")
@@ -298,17 +285,12 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
     return total, " + ".join(parts)
 
 
-def available_ram() -> int:
-    """What the kernel can hand out without swapping (page cache included)."""
-    return int(psutil.virtual_memory().available)
-
-
 def check_ram(needed: int, breakdown: str = "", *, available: int | None = None,
               on_cpu: bool = False) -> None:
     """UserError when `needed` bytes of host RAM exceed what is available (now, unless
-    `available` is given)."""
+    `available` is given): what the kernel can hand out without swapping."""
     if available is None:
-        available = available_ram()
+        available = int(psutil.virtual_memory().available)
     if needed <= available:
         return
     detail = f" ({breakdown})" if breakdown else ""
@@ -329,7 +311,7 @@ def check_ram(needed: int, breakdown: str = "", *, available: int | None = None,
 def runtime_versions() -> dict:
     """What the run ran on, for run.yaml: python, ftlaunch, torch and the CUDA it was built
     with, NCCL and cuDNN (None without CUDA), the GPU driver (None without nvidia-smi),
-    the libraries, the interpreter. A superset of start._versions."""
+    the libraries, the interpreter."""
     out: dict = {"python": platform.python_version(), "ftlaunch": __version__}
     for name in PACKAGES:
         try:
@@ -343,17 +325,14 @@ def runtime_versions() -> dict:
 
 
 def _torch_runtime() -> dict:
-    try:
-        import torch
-    except ImportError:
-        return {"torch_cuda": None, "nccl": None, "cudnn": None}
+    import torch
+
     # The imported build is what the workers run, which a stale dist-info could contradict.
     out = {"torch": str(torch.__version__), "torch_cuda": torch.version.cuda, "nccl": None,
            "cudnn": None}
     if torch.cuda.is_available():
         try:
-            nccl = torch.cuda.nccl.version()
-            out["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         except (AttributeError, RuntimeError):
             pass  # a CUDA build without NCCL (Windows)
     if torch.backends.cudnn.is_available():
@@ -362,14 +341,7 @@ def _torch_runtime() -> dict:
 
 
 def _gpu_driver() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.strip().splitlines()
+    lines = nvidia_smi("driver_version")
     return lines[0].strip() if lines else None
 
 

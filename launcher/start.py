@@ -47,7 +47,8 @@ def train(job: Job, argv: list[str], echo) -> int:
     identity = _identity(job, dataset, eval_dataset)
     dry = options.dry_run
     _check_ram(job, echo)
-    state = _prepare_checked(job, job.output_dir, dataset, identity, options.fresh and not dry)
+    state = _prepare_checked(job, job.output_dir, (dataset, eval_dataset), model, identity,
+                             options.fresh and not dry)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
         echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
@@ -120,52 +121,49 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
                                  rendezvous if job.cluster.nnodes > 1 else None)
     echo("Launching: " + launch.printable(argv_launch))
     plan = job.plan
-    env = launch.worker_env(plan.num_processes // plan.num_machines, job.hardware.cpu_cores,
+    env = launch.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu, offline=_is_local(record["model"]),
                             distributed=record["distributed"]["env"])
     code, received = launch.run(argv_launch, env, log_path, job.options.grace_s)
     return _outcome(run_dir, code, received, echo)
 
 
-def _prepare_checked(job: Job, run_dir: Path, dataset, identity: dict, fresh: bool):
+def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity: dict,
+                     fresh: bool):
     """rundir.prepare, with the free disk checked before it makes the directory or moves
     an old run aside (so a refusal changes nothing), or, for a resume, once its
     checkpoints are known (prepare only reads an existing run)."""
     resuming = (run_dir / rundir.RUN_FILE).is_file() and not fresh
     if not resuming:
-        _check_disk(job, run_dir, dataset, None)
+        _check_disk(job, run_dir, data, model, None)
     state = rundir.prepare(run_dir, identity, fresh=fresh, allow_changed=job.options.allow_changed)
     if resuming:
-        _check_disk(job, run_dir, dataset, state)
+        _check_disk(job, run_dir, data, model, state)
     return state
 
 
-def _check_disk(job: Job, run_dir: Path, dataset, state) -> None:
-    """Free disk for the checkpoints this run will keep, its adapter and its data cache."""
+def _check_disk(job: Job, run_dir: Path, data: tuple, model: dict, state) -> None:
+    """Free disk for the checkpoints this run will keep, its adapter and its data cache
+    (`data`: the training set and the evaluation file's, or None)."""
     training = job.recipe.training
     complete = state.complete if state is not None else ()
     needed, why = preflight.disk_needed(
-        job.plan, job.model, _keep(job.recipe), extra_bytes=_data_cache_estimate(dataset),
+        job.plan, job.model, _keep(job.recipe), extra_bytes=_data_cache_estimate(data),
         max_steps=training.get("max_steps"),
         save_steps=None if job.options.save_every_s else training.get("save_steps"),
-        from_step=complete[-1].step if complete else 0, existing=len(complete))
+        from_step=complete[-1].step if complete else 0, existing=len(complete),
+        tokenizer=preflight.tokenizer_bytes(model["tokenizer"]))
     preflight.check_disk(run_dir, needed, why)
 
 
-# The tokenized cache against the raw data: a token is ~4 bytes of text and is stored as a
-# 4-byte id plus its mask; conversations lose their JSON keys.
+# The tokenized cache against the data as JSON: a token is ~4 bytes of text and is stored
+# as a 4-byte id and an 8-byte label.
 _CACHE_PER_DATA_BYTE = 3
 
 
-def _data_cache_estimate(dataset) -> int:
-    path = Path(str(dataset.path))
-    if path.is_file():
-        size = path.stat().st_size
-    elif path.is_dir():
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    else:  # a hub dataset: its rows as text
-        size = sum(len(json.dumps(row)) for row in dataset.rows)
-    return _CACHE_PER_DATA_BYTE * size
+def _data_cache_estimate(data: tuple) -> int:
+    return _CACHE_PER_DATA_BYTE * sum(len(json.dumps(row)) for dataset in data
+                                      if dataset is not None for row in dataset.rows)
 
 
 def _check_ram(job: Job, echo) -> None:
@@ -178,9 +176,7 @@ def _check_ram(job: Job, echo) -> None:
     if job.plan.on_cpu:
         preflight.check_ram(needed, why, on_cpu=True)
         return
-    import psutil
-
-    preflight.check_ram(needed, why, available=psutil.virtual_memory().total)
+    preflight.check_ram(needed, why, available=job.hardware.ram_bytes)
     try:
         preflight.check_ram(needed, why)
     except UserError as exc:
@@ -253,9 +249,10 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
             local["identity"] = identity
             if options.fresh:  # moved aside once the nodes agree, not before
                 rundir.check_writable(run_dir)
-                _check_disk(job, run_dir, dataset, None)
+                _check_disk(job, run_dir, (dataset, eval_dataset), model, None)
                 return _own_hello(job, run_dir, False, [], identity["data"])
-            state = _prepare_checked(job, run_dir, dataset, identity, fresh=False)
+            state = _prepare_checked(job, run_dir, (dataset, eval_dataset), model, identity,
+                                     fresh=False)
             if state.kind == "finished":
                 raise UserError(f"{run_dir} on node {cluster.node_rank} holds a finished run; "
                                 "pass --fresh on every node to train again")
@@ -517,15 +514,12 @@ def _hf_config(spec) -> dict:
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 
-DATA_CACHE = "data-cache"
-
-
 def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo) -> dict:
     """Tokenize the data once, here, into the run directory (ftlaunch.data_cache): the
     workers load it and no rank tokenizes. Length notes come from the whole set."""
     from ftlaunch import data_cache
 
-    cache_dir = run_dir / DATA_CACHE
+    cache_dir = run_dir / data_cache.DIRECTORY
     fresh_run = not (run_dir / rundir.RUN_FILE).exists()
     try:
         meta = data_cache.build(cache_dir, model, dataset, eval_dataset, job.recipe.data,
@@ -541,7 +535,7 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
     if not meta.get("reused"):
         tokens = sum(split["tokens"] for split in meta["splits"].values())
         echo(f"Tokenized {len(dataset)} examples ({tokens} tokens) into {cache_dir}.")
-    return {"dir": DATA_CACHE, "fingerprint": meta["fingerprint"]}
+    return {"fingerprint": meta["fingerprint"]}
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,

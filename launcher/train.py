@@ -190,8 +190,8 @@ def _load_datasets(run_dir: Path, data_record: dict, recipe: dict):
     no rank tokenizes, and every rank reads the same rows."""
     from ftlaunch import data_cache
 
-    cache = data_record["cache"]
-    train, evaluation = data_cache.load(run_dir / cache["dir"], cache["fingerprint"])
+    train, evaluation = data_cache.load(run_dir / data_cache.DIRECTORY,
+                                        data_record["cache"]["fingerprint"])
     if evaluation is not None:
         return train, evaluation
     split = float(recipe["data"].get("eval_split") or 0)

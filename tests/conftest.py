@@ -59,3 +59,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_MOUNT = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; shift 2; exec "$@"'
+
+
+def in_tmpfs(mount: Path, size: str, argv: list[str]) -> list[str]:
+    """The command that runs argv with a fresh tmpfs of `size` mounted at `mount`, in a
+    private user + mount namespace (no privileges needed, nothing visible outside): a
+    real filesystem of a known, small size."""
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _MOUNT, "sh", size,
+            str(mount), *argv]
+
+
+@pytest.fixture(scope="session")
+def tmpfs_allowed(tmp_path_factory):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a private tmpfs")
+    probe = subprocess.run(in_tmpfs(tmp_path_factory.mktemp("tmpfs-probe"), "64k", ["true"]),
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"this machine does not allow a tmpfs in a user namespace: "
+                    f"{probe.stderr.strip()[-300:]}")
+

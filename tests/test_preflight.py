@@ -22,6 +22,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import in_tmpfs
 from ftlaunch import checkpoints, hardware, models, planner, preflight
 from ftlaunch.errors import UserError
 from ftlaunch.planner import TrainSpec
@@ -131,27 +132,12 @@ def test_unknown_number_of_saves_is_said_not_guessed():
 
 # --- free disk on real filesystems of a known size ----------------------------------------
 
-_MOUNT = 'mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; shift 2; exec "$@"'
-
-
 def _in_tmpfs(tmp_path: Path, size: str, code: str) -> subprocess.CompletedProcess:
-    """Run python `code` with argv[1] = a fresh tmpfs of `size`, mounted in a private
-    user + mount namespace (no privileges needed, nothing visible outside)."""
+    """Run python `code` with argv[1] = a fresh tmpfs of `size` (conftest.in_tmpfs)."""
     mount = tmp_path / f"fs-{size}"
     mount.mkdir()
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                           _MOUNT, "sh", size, str(mount), sys.executable, "-c", code,
-                           str(mount)], capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tmpfs_allowed(tmp_path_factory):
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1) to mount a private tmpfs")
-    probe = _in_tmpfs(tmp_path_factory.mktemp("probe"), "64k", "pass")
-    if probe.returncode != 0:
-        pytest.skip(f"this machine does not allow a tmpfs in a user namespace: "
-                    f"{probe.stderr.strip()[-300:]}")
+    return subprocess.run(in_tmpfs(mount, size, [sys.executable, "-c", code, str(mount)]),
+                          capture_output=True, text=True, timeout=120)
 
 
 _CHECK_TINY_RUN = """
@@ -276,7 +262,9 @@ def test_runtime_versions_name_the_runtime_and_the_libraries():
 
     versions = preflight.runtime_versions()
     assert set(versions) >= {"python", "ftlaunch", "torch", "torch_cuda", "nccl", "cudnn",
-                             "gpu_driver", "executable", *preflight.PACKAGES}
+                             "gpu_driver", "executable", "transformers", "peft", "trl",
+                             "accelerate", "datasets", "bitsandbytes", "deepspeed", "click",
+                             "psutil"}
     assert versions["torch"] == torch.__version__
     assert versions["torch_cuda"] == torch.version.cuda
     assert versions["python"] == platform.python_version()

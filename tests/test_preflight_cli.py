@@ -8,16 +8,14 @@ directory is left as it was.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import threading
 import time
 
 import psutil
-import pytest
 
-from conftest import FTLAUNCH
+from conftest import FTLAUNCH, in_tmpfs
 
 TINY = ("--model", "tiny", "--max-steps", "2", "--seq-len", "64")
 
@@ -79,28 +77,18 @@ def test_a_busy_master_port_stops_before_any_worker(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _can_mount_tmpfs() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespaces with tmpfs mounts here")
-def test_a_full_disk_stops_before_any_worker(tmp_path):
+def test_a_full_disk_stops_before_any_worker(tmpfs_allowed, tmp_path):
     """The run directory on a real 1 MiB filesystem (a tmpfs in a private mount namespace):
     the tiny model's checkpoints, adapter and data cache need more."""
     quota = tmp_path / "quota"
     quota.mkdir()
-    inner = (f'mount -t tmpfs -o size=1m tmpfs {quota} || exit 99; '
-             f'"$@"; code=$?; ls -A {quota} > {tmp_path / "left.txt"}; exit $code')
-    result, seen = _run_watched(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                                 inner, "sh", FTLAUNCH, *TINY, "--output-dir",
-                                 str(quota / "run")])
+    left = tmp_path / "left.txt"
+    argv = ["sh", "-c", f'"$@"; code=$?; ls -A {quota} > {left}; exit $code', "sh",
+            FTLAUNCH, *TINY, "--output-dir", str(quota / "run")]
+    result, seen = _run_watched(in_tmpfs(quota, "1m", argv))
     _assert_refused_before_workers(result, seen, "Not enough free disk for this run")
     assert "has 1.0 MiB free" in result.stderr, result.stderr
-    assert (tmp_path / "left.txt").read_text() == ""  # nothing was written on the full disk
+    assert left.read_text() == ""  # nothing was written on the full disk
     # The same run on a roomy filesystem passes the check (and would train).
     roomy = subprocess.run([FTLAUNCH, *TINY, "--dry-run", "--output-dir", str(tmp_path / "ok")],
                            capture_output=True, text=True, timeout=300)
