@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import psutil
@@ -110,10 +109,8 @@ class Measured:
     with the time each arrived (seconds from the start)."""
 
     def __init__(self, argv: list[str], env: dict, log: Path):
-        self.argv = argv
         self.lines: list[tuple[float, str]] = []
         self.peak_rss = self.peak_anon = 0
-        self.max_processes = 0
         self.spawned: list[tuple[float, str]] = []  # (s from the start, command line)
         self.start_epoch = time.time()
         machine_before, own_before = machine_cpu(), resource.getrusage(resource.RUSAGE_SELF)
@@ -191,7 +188,6 @@ class Measured:
                     pass
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_anon = max(self.peak_anon, anon)
-            self.max_processes = max(self.max_processes, len(procs))
             stop.wait(SAMPLE_S)
 
     def all(self, pattern: str) -> list[float]:
@@ -200,18 +196,10 @@ class Measured:
 
     def first(self, pattern: str) -> float | None:
         """When the first output line matching `pattern` arrived (s from the start)."""
-        for t, line in self.lines:
-            if re.search(pattern, line):
-                return t
-        return None
+        return next(iter(self.all(pattern)), None)
 
 
 # ---------------------------------------------------------------- the settings
-
-def recipe(name: str) -> dict:
-    path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "recipes" / f"{name}.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
 
 def plan(model: str, recipe_name: str, steps: int, seq_len: int, batch: int, env: dict) -> dict:
     out = subprocess.run([FTLAUNCH, "plan", "--model", model, "--gpus", "1", "--recipe",
@@ -435,14 +423,12 @@ def machine() -> str:
 
 
 def versions() -> str:
+    from ftlaunch.preflight import runtime_versions
+
+    found = runtime_versions()
     names = ("ftlaunch", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{name} -")
-    return f"Python {platform.python_version()}, " + ", ".join(found)
+    return f"Python {found['python']}, " + ", ".join(f"{name} {found[name] or '-'}"
+                                                    for name in names)
 
 
 def append(block: str) -> None:
@@ -484,7 +470,9 @@ def main() -> None:
     env.setdefault("FTLAUNCH_CACHE", str(Path(tempfile.gettempdir()) / "benchcache"))
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     os.environ["FTLAUNCH_CACHE"] = env["FTLAUNCH_CACHE"]
-    rec = recipe(args.recipe)
+    from ftlaunch import recipes
+
+    rec = recipes.load_recipe(args.recipe).to_json()  # the same recipe, defaults and all
     seed = args.seed if args.seed is not None else int(rec["training"].get("seed", 42))
     seq_len, batch = int(rec["seq_len"]), int(rec["global_batch_size"])
     work = args.keep or Path(tempfile.mkdtemp(prefix="cpu_vs_trl-"))

@@ -1,5 +1,6 @@
 """The baseline of bench/cpu_vs_trl.py: a plain LoRA fine-tuning script, as the TRL
-tutorials write it (transformers + peft + trl directly, no ftlaunch), run on CPU.
+tutorials write it (transformers + peft + trl directly, no ftlaunch): on CPU for
+bench/cpu_vs_trl.py, on a GPU (--device cuda --precision bf16 [--qlora]) for bench/gpu.py.
 
     .venv/bin/python bench/plain_sft.py MODEL_DIR DATA.jsonl --steps 20 --batch 8 \
         --seq-len 128 --seed 42 --lr 1e-3 --out /tmp/plain [--chat-template T.jinja] \
@@ -38,7 +39,7 @@ from pathlib import Path  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a local model folder (from_pretrained)")
-    p.add_argument("data", help="a .jsonl file of {'messages': [...]} rows")
+    p.add_argument("data", help="a .jsonl file of {'messages': [...]} or {'text': ...} rows")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch", type=int, default=8, help="per-device batch (accumulation 1)")
@@ -62,6 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--packing", choices=("default", "on", "off"), default="default",
                    help="default: TRL's (off)")
     p.add_argument("--result", type=Path, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the weights' and the training's dtype (a CPU user must stay in fp32)")
+    p.add_argument("--qlora", action="store_true",
+                   help="a 4-bit NF4 base (bitsandbytes), as the QLoRA tutorials load it")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     return p.parse_args(argv)
 
 
@@ -108,8 +115,16 @@ def main(argv=None) -> None:
     from trl import SFTConfig, SFTTrainer
 
     marks["imported"] = time.time()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    load = {"dtype": dtype}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **load)
     marks["model_loaded"] = time.time()
     dataset = load_dataset("json", data_files=args.data, split="train")
     marks["data_loaded"] = time.time()
@@ -129,7 +144,7 @@ def main(argv=None) -> None:
         output_dir=str(args.out / "checkpoints"),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=args.lr,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup,
@@ -139,9 +154,11 @@ def main(argv=None) -> None:
         seed=args.seed,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
-        assistant_only_loss=True,
-        use_cpu=True,
-        bf16=False,
+        # Conversations train on the assistant's turns; plain text on all of it.
+        assistant_only_loss="messages" in dataset.column_names,
+        use_cpu=args.device == "cpu",
+        bf16=args.precision == "bf16",
+        fp16=args.precision == "fp16",
         report_to="none",
         **optional,
     )
@@ -174,6 +191,9 @@ def main(argv=None) -> None:
         "train_loss": result.training_loss,
         "wall_seconds_in_process": round(time.time() - marks["process_start"], 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        **({"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+           if args.device == "cuda" else {}),
         "phases_s": {name: round(marks[name] - marks["process_start"], 3)
                      for name in marks if name != "process_start"},
         "marks_epoch": marks,

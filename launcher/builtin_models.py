@@ -115,10 +115,10 @@ def materialize_builtin(spec: ModelSpec) -> Path:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model, tokenizer
 
-    return _materialize(builtin_path(spec), name, build)
+    return materialize(builtin_path(spec), name, build)
 
 
-def _materialize(target: Path, name: str, build) -> Path:
+def materialize(target: Path, name: str, build) -> Path:
     """`target` holding what build() returns, (model, tokenizer), saved once: built in a
     hidden staging sibling and renamed into place, so a folder with a config.json is
     always complete. A concurrent builder that got there first wins; ours is dropped."""
@@ -178,4 +178,4 @@ def materialize_gguf(preset: str) -> Path:
         model.hf_quantizer = None
         return model.to(torch.bfloat16), tokenizer
 
-    return _materialize(gguf_path(preset), preset, build)
+    return materialize(gguf_path(preset), preset, build)
