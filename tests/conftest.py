@@ -82,3 +82,36 @@ def tmpfs_allowed(tmp_path_factory):
         pytest.skip(f"this machine does not allow a tmpfs in a user namespace: "
                     f"{probe.stderr.strip()[-300:]}")
 
+
+def parse_ftlaunch(args: list[str]) -> tuple[str, dict]:
+    """(command name, its parameters) as ftlaunch's own click command line parses
+    `args`; unknown flags and bad values raise click.UsageError."""
+    import click
+
+    from ftlaunch.cli import cli
+
+    args = list(args)
+    if not args or {"-h", "--help", "--version"} & set(args):
+        return "help", {}
+    if args[0] not in cli.commands:
+        args = ["train", *args]  # as ftlaunch does: train is the default command
+    command, name = cli, "ftlaunch"
+    while isinstance(command, click.Group):
+        assert args and args[0] in command.commands, f"ftlaunch has no command {args[:1]}"
+        name, command, args = args[0], command.commands[args[0]], args[1:]
+    with command.make_context(name, args) as ctx:
+        return name, dict(ctx.params)
+
+
+def train_params(args: list[str]) -> dict:
+    """The parameters of `ftlaunch ARGS`, which must be a training command."""
+    command, params = parse_ftlaunch(args)
+    assert command == "train", f"not a training command: ftlaunch {' '.join(args)}"
+    return params
+
+
+def grace_s(params: dict) -> float:
+    from ftlaunch.cli import parse_duration
+
+    return parse_duration(params["grace"], "--grace")
+

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftlaunch.cli import train
+from conftest import train_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +22,7 @@ def test_gpu_benchmark_dry_run_plans_each_row_with_real_flags(tmp_path):
                 if line.startswith("would run: ftlaunch ")]
     assert len(commands) == 3
     for command in commands:
-        with train.make_context("ftlaunch", shlex.split(command)) as ctx:
-            assert ctx.params["model"] == "llama-3.1-8b"
+        assert train_params(shlex.split(command))["model"] == "llama-3.1-8b"
     # The plain baseline gets the same micro-batch, accumulation, checkpointing and 4-bit
     # base as each plan, in flags its own parser accepts.
     import importlib.util

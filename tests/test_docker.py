@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import click
 import pytest
 
-from ftlaunch.cli import cli, parse_duration
+from conftest import grace_s, parse_ftlaunch
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -494,18 +494,7 @@ def test_torch_and_every_pinned_version_agree_with_constraints_txt(dockerfile, c
             name, _, version = requirement(spec)
             if name and version:
                 pins.append((f"line {dockerfile.instructions[pip.index].line}: {spec}", name, version))
-    for index, ins in dockerfile.all("FROM"):
-        image = expand(leading_flags(ins.args)[1].split()[0], dockerfile.variables[index])
-        m = re.fullmatch(r"(?:docker\.io/)?pytorch/pytorch:(\d+\.\d+\.\d+)\b.*", image)
-        if m:
-            pins.append((f"line {ins.line}: FROM {image}", "torch", m.group(1)))
-    for _, ins in dockerfile.all("ARG") + dockerfile.all("ENV"):
-        for key, value in key_values(ins.args).items():
-            name = canonical(key[:-len("_VERSION")]) if key.endswith("_VERSION") else None
-            if name in constraints and value:
-                pins.append((f"line {ins.line}: {key}={value}", name, value))
-    assert any(name == "torch" for _, name, _ in pins), \
-        "torch is neither pip-installed with ==VERSION nor the base image's"
+    assert any(name == "torch" for _, name, _ in pins), "torch is not pip-installed with ==VERSION"
     wrong = [f"{where} (constraints.txt: {constraints[name]})" for where, name, version in pins
              if name in constraints and version.split("+")[0] != constraints[name]]
     assert not wrong, "versions that disagree with constraints.txt: " + "; ".join(wrong)
@@ -529,14 +518,12 @@ def _is_pip_check(words: list[str]) -> bool:
     return bool(re.search(r"(^|\s|/)pip3? check\b|-m pip check\b", joined))
 
 
-def test_the_image_installs_only_pinned_dependencies():
+def test_the_image_installs_only_pinned_dependencies(constraints):
     """`pip install -c constraints.txt .[deepspeed]` pins what constraints.txt names;
     a dependency it does not name would float from build to build."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    constraints_text = (ROOT / "constraints.txt").read_text()
-    pinned = {canonical(line.split("==")[0]) for line in constraints_text.splitlines()
-              if "==" in line and not line.lstrip().startswith("#")}
+    pinned = set(constraints)
     deps = [*project["dependencies"], *project["optional-dependencies"]["deepspeed"]]
     names = {canonical(re.match(r"[A-Za-z0-9._-]+", d).group(0)) for d in deps}
     assert names <= pinned, f"not in constraints.txt: {sorted(names - pinned)}"
@@ -604,22 +591,6 @@ def option(options, *names) -> list[str | None]:
     return [v for n, v in options if n in names]
 
 
-def parse_ftlaunch(args: list[str]) -> tuple[str, dict]:
-    """(command name, its parameters) as ftlaunch's own click command line parses
-    `args`; unknown flags and bad values raise click.UsageError."""
-    args = list(args)
-    if not args or {"-h", "--help", "--version"} & set(args):
-        return "help", {}
-    if args[0] not in cli.commands:
-        args = ["train", *args]  # as ftlaunch does: train is the default command
-    command, name = cli, "ftlaunch"
-    while isinstance(command, click.Group):
-        assert args and args[0] in command.commands, f"ftlaunch has no command {args[:1]}"
-        name, command, args = args[0], command.commands[args[0]], args[1:]
-    with command.make_context(name, args) as ctx:
-        return name, dict(ctx.params)
-
-
 @pytest.fixture(scope="module")
 def readme():
     commands = readme_commands()
@@ -685,7 +656,7 @@ def test_readme_training_runs_keep_their_runs_and_get_their_grace(readme, docker
             "docker run --rm would delete the run")
         assert any(within(hf_home, m) for m in mounts), \
             f"{shown}: nothing is mounted on the Hugging Face cache ({hf_home})"
-        grace = parse_duration(params["grace"], "--grace")
+        grace = grace_s(params)
         graces.append(grace)
         timeouts = option(options, "--stop-timeout")
         assert timeouts and int(timeouts[-1]) > grace, (

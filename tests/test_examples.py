@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftlaunch.cli import parse_duration
-from ftlaunch.cli import train
+from conftest import grace_s, train_params
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
-
-
-def _parses_as_train(args: list[str]) -> dict:
-    with train.make_context("ftlaunch", list(args)) as ctx:
-        return dict(ctx.params)
 
 
 def _ftlaunch_line(script: Path) -> list[str]:
@@ -36,8 +30,8 @@ def _ftlaunch_line(script: Path) -> list[str]:
 def test_shell_examples_are_valid_and_use_real_flags(name):
     script = EXAMPLES / name
     subprocess.run(["bash", "-n", str(script)], check=True)
-    params = _parses_as_train(_ftlaunch_line(script))
-    assert parse_duration(params["grace"], "--grace") > 0
+    params = train_params(_ftlaunch_line(script))
+    assert grace_s(params) > 0
 
 
 def test_slurm_signal_comes_early_enough_for_the_grace():
@@ -45,8 +39,8 @@ def test_slurm_signal_comes_early_enough_for_the_grace():
     signal_line = next(line for line in script.splitlines() if "--signal=" in line)
     warning = int(signal_line.rsplit("@", 1)[1])
     assert "B:TERM" in signal_line and "exec ftlaunch" in script
-    params = _parses_as_train(_ftlaunch_line(EXAMPLES / "slurm-single-node.sbatch"))
-    grace = parse_duration(params["grace"], "--grace")
+    params = train_params(_ftlaunch_line(EXAMPLES / "slurm-single-node.sbatch"))
+    grace = grace_s(params)
     assert warning > grace
 
 
@@ -55,8 +49,8 @@ def test_kubernetes_job_gives_ftlaunch_its_grace_and_restarts_on_75():
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"][0] == "ftlaunch"  # exec form: ftlaunch is PID 1
-    params = _parses_as_train(container["command"][1:])
-    assert pod["terminationGracePeriodSeconds"] > parse_duration(params["grace"], "--grace")
+    params = train_params(container["command"][1:])
+    assert pod["terminationGracePeriodSeconds"] > grace_s(params)
     rules = {rule["action"]: rule["onExitCodes"]["values"]
              for rule in job["spec"]["podFailurePolicy"]["rules"]}
     assert rules == {"Ignore": [75], "FailJob": [2]}
@@ -122,8 +116,8 @@ def test_slurm_multi_node_asks_for_one_task_per_node_and_a_signal_the_steps_get(
     # would signal only the batch shell, which cannot pass SIGTERM on through srun.
     what, _, lead = options["--signal"].partition("@")
     assert what in ("TERM", "SIGTERM", "15")
-    params = _parses_as_train(_ftlaunch_line(script))
-    assert int(lead) > parse_duration(params["grace"], "--grace")
+    params = train_params(_ftlaunch_line(script))
+    assert int(lead) > grace_s(params)
     assert all(params[key] is None for key in MULTI_NODE_FLAGS)  # SLURM's variables say it
 
 
@@ -151,7 +145,7 @@ def test_slurm_multi_node_starts_one_ftlaunch_per_node_with_the_environment_s_no
     assert "--ntasks-per-node=1" in srun_options
     # One node exiting first (75 too) must not get SLURM to kill the others mid-checkpoint.
     assert "--kill-on-bad-exit=0" in srun_options
-    params = _parses_as_train(srun_args[launcher + 1:])
+    params = train_params(srun_args[launcher + 1:])
     assert all(params[key] is None for key in MULTI_NODE_FLAGS)
 
 
@@ -184,10 +178,10 @@ def test_pytorchjob_runs_the_same_ftlaunch_in_every_pod_and_gives_it_its_grace()
         assert "pytorchjob-port" in [port["name"] for port in container["ports"]]
         command = container["command"]
         assert isinstance(command, list) and command[0] == "ftlaunch"  # exec form: PID 1
-        params = _parses_as_train(command[1:])
+        params = train_params(command[1:])
         # The operator's MASTER_ADDR / PET_NODE_RANK (or RANK) differ per pod; a flag would not.
         assert params["node_rank"] is None and params["master_addr"] is None
-        assert pod["terminationGracePeriodSeconds"] > parse_duration(params["grace"], "--grace")
+        assert pod["terminationGracePeriodSeconds"] > grace_s(params)
         volumes = {volume["name"]: volume for volume in pod["volumes"]}
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
         assert params["output_dir"].startswith("/runs/")
@@ -258,10 +252,10 @@ def test_ssh_script_runs_the_same_command_on_both_hosts_but_the_node_rank(tmp_pa
         at = args.index("--node-rank")
         assert args[at + 1] == str(rank)
         commands.append(args[:at] + args[at + 2:])
-        params = _parses_as_train(args)
+        params = train_params(args)
         assert params["nnodes"] == 2 and params["master_addr"] == "node-a"
         assert params["master_port"] == 29555 and params["output_dir"] == str(tmp_path / "run")
-        assert parse_duration(params["grace"], "--grace") > 0
+        assert grace_s(params) > 0
     assert commands[0] == commands[1]
 
 
