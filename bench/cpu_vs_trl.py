@@ -303,13 +303,13 @@ def ftlaunch_result(m: Measured, out: Path) -> dict:
     # `seconds` before it (to within the few ms the Trainer takes after its last log).
     train_end = losses[-1]["time"] - m.start_epoch
     train_start = train_end - rank["seconds"]
-    launching = m.first(r"^Launching: ")
+    launching = m.first(r"^Launching")
     loading = m.first(r"Loading weights") or train_start
     worker = next((t for t, cmd in m.spawned
                    if "ftlaunch.train" in cmd and "accelerate" not in cmd), launching)
     phases = {
         "launcher: imports, plan, data cache, run files": launching,
-        "accelerate launch until the worker starts": worker - launching,
+        "until the worker process starts": worker - launching,
         "worker: imports, data-cache load, tokenizer": loading - worker,
         "model load + SFTTrainer()": train_start - loading,
         "train": rank["seconds"],

@@ -21,6 +21,8 @@ error instead of silently training on the user's turns.
 
 from __future__ import annotations
 
+import re
+
 from ftlaunch.errors import UserError
 
 FALLBACK = (
@@ -39,10 +41,14 @@ FALLBACK = (
 )
 
 
+def has_generation_markers(template: str) -> bool:
+    """trl.chat_template_utils.has_generation_markers's test (whitespace-trim variants
+    included), without importing trl for it."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
 def choose(tokenizer) -> tuple[str, str]:
     """(template, where it came from) for assistant-only training with this tokenizer."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     own = tokenizer.chat_template
     if isinstance(own, dict):
         own = own.get("default")
@@ -50,6 +56,9 @@ def choose(tokenizer) -> tuple[str, str]:
         return FALLBACK, "ftlaunch fallback (the model has no chat template)"
     if has_generation_markers(own):
         return own, "the model's own (it marks assistant turns)"
+    # Only now: importing trl costs the launcher ~2 s.
+    from trl.chat_template_utils import get_training_chat_template
+
     try:
         patched = get_training_chat_template(tokenizer)
     except ValueError:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from ftlaunch import __version__
-from ftlaunch.errors import USER_ERROR_EXIT, UserError
+from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 from ftlaunch.planner import ENGINES
 from ftlaunch.recipes import METHODS
 
@@ -391,11 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="ftlaunch", standalone_mode=False)
     except UserError as exc:
         click.echo(f"ftlaunch: error: {exc}", err=True)
-        sys.exit(USER_ERROR_EXIT)
+        code = USER_ERROR_EXIT
     except click.exceptions.Abort:
         click.echo("ftlaunch: aborted", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(USER_ERROR_EXIT)
-    sys.exit(code if isinstance(code, int) else 0)
+        code = USER_ERROR_EXIT
+    exit_quickly(code if isinstance(code, int) else 0)
+

@@ -27,10 +27,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try agai
 
 
 def command(config_path: Path, run_dir: Path, resume_from: Path | None,
-            main_process_port: int | None, node=None) -> list[str]:
+            main_process_port: int | None, node=None, direct: bool = False) -> list[str]:
     """`node` (a render.Rendezvous) names this node's rank and node 0's address on the
     command line: on a shared run directory every node launches from node 0's
-    accelerate.yaml, whose machine_rank is node 0's."""
+    accelerate.yaml, whose machine_rank is node 0's. `direct`: the worker itself, for a
+    config that single_process_env can stand in for."""
+    worker = ["-m", "ftlaunch.train", "--run-dir", str(run_dir)]
+    if resume_from is not None:
+        worker += ["--resume-from", str(resume_from)]
+    if direct:
+        return [sys.executable, *worker]
     # `python -m accelerate.commands.launch` is `accelerate launch` from this same interpreter,
     # so the workers always run in the environment ftlaunch was installed into.
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path)]
@@ -39,10 +45,48 @@ def command(config_path: Path, run_dir: Path, resume_from: Path | None,
                  "--main_process_ip", node.main_process_ip]
     if main_process_port is not None:
         argv += ["--main_process_port", str(main_process_port)]
-    argv += ["-m", "ftlaunch.train", "--run-dir", str(run_dir)]
-    if resume_from is not None:
-        argv += ["--resume-from", str(resume_from)]
-    return argv
+    return argv + worker
+
+
+# The accelerate.yaml keys single_process_env reproduces; a config with any other key (or
+# another value of the fixed ones) goes through accelerate launch.
+_SINGLE_PROCESS_FIXED = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
+                         "num_processes": 1, "num_machines": 1, "machine_rank": 0}
+_SINGLE_PROCESS_FREE = {"use_cpu", "gpu_ids", "mixed_precision", "downcast_bf16",
+                        "rdzv_backend", "same_network"}
+
+
+def single_process_env(config_path: Path, env: dict[str, str]) -> dict[str, str] | None:
+    """The environment `accelerate launch` would give the one process of a plain
+    single-process config (accelerate's prepare_simple_launcher_cmd_env), or None for
+    any other config. Starting the worker directly with it saves accelerate launch's own
+    interpreter start and torch import (~1 s of every single-GPU run); the test compares
+    it with accelerate's function for every single-process template."""
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    if (set(config) - set(_SINGLE_PROCESS_FIXED) - _SINGLE_PROCESS_FREE
+            or any(config.get(k) != v for k, v in _SINGLE_PROCESS_FIXED.items())):
+        return None
+    use_cpu = bool(config.get("use_cpu", False))
+    env = {**env, "ACCELERATE_USE_CPU": str(use_cpu)}
+    gpu_ids = config.get("gpu_ids")
+    if gpu_ids not in (None, "all"):
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu_ids)
+    if use_cpu:
+        env["KMP_AFFINITY"] = "granularity=fine,compact,1,0"
+        env["KMP_BLOCKTIME"] = "1"
+    env["ACCELERATE_MIXED_PRECISION"] = str(config.get("mixed_precision", "no")).lower()
+    env.update({"ACCELERATE_DYNAMO_BACKEND": "NO", "ACCELERATE_DYNAMO_MODE": "default",
+                "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False", "ACCELERATE_DYNAMO_USE_DYNAMIC": "False",
+                "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False"})
+    threads = int(env.get("OMP_NUM_THREADS") or 0)
+    if not threads and use_cpu:  # worker_env sets it for CPU plans; accelerate's own default
+        import psutil
+
+        threads = int(psutil.cpu_count(logical=False) or 1)
+    env["OMP_NUM_THREADS"] = str(threads or 1)
+    return env
 
 
 def printable(argv: list[str]) -> str:
@@ -187,12 +231,14 @@ def _follow(log_path: Path, offset: int, process: subprocess.Popen) -> None:
 
 
 def _job_processes(process: subprocess.Popen, known: dict) -> list:
-    """The job's processes still alive: the launch process's descendants now, plus any
-    seen before (a worker whose agent died is re-parented away from our tree)."""
+    """The job's processes still alive: the launch process (a single process's worker
+    itself) and its descendants now, plus any seen before (a worker whose agent died is
+    re-parented away from our tree)."""
     import psutil
 
     try:
-        for proc in psutil.Process(process.pid).children(recursive=True):
+        root = psutil.Process(process.pid)
+        for proc in [root, *root.children(recursive=True)]:
             known.setdefault(proc.pid, proc)
     except psutil.Error:
         pass

@@ -11,14 +11,12 @@ model loading on eight GPUs.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from ftlaunch import config_fields
 from ftlaunch.data import FORMATS
 from ftlaunch.errors import UserError
 from ftlaunch.resources import recipes_dir
@@ -161,14 +159,11 @@ def validate(recipe: Recipe) -> Recipe:
     Returns the recipe with values coerced to the declared types (YAML reads
     1e-4 as a string; SFTConfig wants a float).
     """
-    from peft import LoraConfig
-    from trl import SFTConfig
-
-    training = _coerce_section(recipe.training, _field_types(SFTConfig), "training", "")
+    training = _coerce_section(recipe.training, "training", "")
     for key in training:
         if key in PLAN_OWNED:
             raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
-    lora = _coerce_section(recipe.lora, _field_types(LoraConfig), "lora", "lora.")
+    lora = _coerce_section(recipe.lora, "lora", "lora.")
     data = {}
     for key, value in recipe.data.items():
         if key not in DATA_KEYS:
@@ -181,12 +176,8 @@ def validate(recipe: Recipe) -> Recipe:
     return replace(recipe, training=training, lora=lora, data=data)
 
 
-def _field_types(cls) -> dict[str, object]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(cls) if f.init}
-
-
-def _coerce_section(values: dict, types_by_name: dict, section: str, prefix: str) -> dict:
+def _coerce_section(values: dict, section: str, prefix: str) -> dict:
+    types_by_name = config_fields.fields(section)
     out = {}
     for key, value in values.items():
         if key not in types_by_name:
@@ -195,73 +186,8 @@ def _coerce_section(values: dict, types_by_name: dict, section: str, prefix: str
             owner = "TRL's SFTConfig / TrainingArguments" if section == "training" else "peft's LoraConfig"
             raise UserError(f"--set {prefix}{key}: {owner} has no field {key!r}.{hint}")
         try:
-            out[key] = _coerce(value, types_by_name[key])
+            out[key] = config_fields.coerce(value, types_by_name[key])
         except (TypeError, ValueError):
-            raise UserError(
-                f"--set {prefix}{key}={value!r}: expected {_type_name(types_by_name[key])}."
-            ) from None
+            raise UserError(f"--set {prefix}{key}={value!r}: expected "
+                            f"{config_fields.type_name(types_by_name[key])}.") from None
     return out
-
-
-def _coerce(value, annotation):
-    """Return value converted to one of the annotation's types, or raise TypeError."""
-    if annotation is typing.Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        # Try the stricter types first so "5" stays an int where int is allowed.
-        ordered = sorted(options, key=lambda t: 0 if t in (type(None), bool, int) else 1)
-        for option in ordered:
-            try:
-                return _coerce(value, option)
-            except (TypeError, ValueError):
-                continue
-        raise TypeError(annotation)
-    if origin is typing.Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise ValueError(value)
-    if origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise TypeError(annotation)
-    if origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise TypeError(annotation)
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise TypeError(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(annotation)
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError(annotation)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise TypeError(annotation)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)  # ValueError for words
-        raise TypeError(annotation)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return annotation(value).value
-    if annotation in (list, dict):
-        if isinstance(value, annotation):
-            return value
-        raise TypeError(annotation)
-    return value  # an annotation we do not model (a callable, a class): trust the library
-
-
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -117,13 +117,21 @@ _FSDP_NEEDS_SHARED = (
 
 def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: Path | None,
             port: int | None, rendezvous: render.Rendezvous, echo) -> int:
-    argv_launch = launch.command(run_dir / "accelerate.yaml", run_dir, resume_from, port,
-                                 rendezvous if job.cluster.nnodes > 1 else None)
-    echo("Launching: " + launch.printable(argv_launch))
     plan = job.plan
     env = launch.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu, offline=_is_local(record["model"]),
                             distributed=record["distributed"]["env"])
+    config_path = run_dir / "accelerate.yaml"
+    direct_env = launch.single_process_env(config_path, env)
+    argv_launch = launch.command(config_path, run_dir, resume_from, port,
+                                 rendezvous if job.cluster.nnodes > 1 else None,
+                                 direct=direct_env is not None)
+    if direct_env is not None:
+        env = direct_env
+        echo("Launching (one process, with the environment accelerate launch would give it): "
+             + launch.printable(argv_launch))
+    else:
+        echo("Launching: " + launch.printable(argv_launch))
     code, received = launch.run(argv_launch, env, log_path, job.options.grace_s)
     return _outcome(run_dir, code, received, echo)
 

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from ftlaunch import checkpoints, preview, rundir
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.quiet import silence_library_noise
-from ftlaunch.errors import USER_ERROR_EXIT, UserError
+from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,4 +652,4 @@ class _Checkpointing(TrainerCallback):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quickly(main())

@@ -53,3 +53,13 @@ def test_own_markers_are_kept_and_no_template_gets_the_fallback(tokenizer):
     assert chat_templates.choose(tokenizer) == (marked, "the model's own (it marks assistant turns)")
     tokenizer.chat_template = None
     assert chat_templates.choose(tokenizer)[0] == chat_templates.FALLBACK
+
+
+@pytest.mark.parametrize("template", [
+    "{% generation %}x{% endgeneration %}", "{%- generation %}x", "{%- generation -%}x",
+    "{%generation%}", "{% generations %}", "no markers at all", "{{ 'generation' }}",
+])
+def test_marker_test_agrees_with_trl(template):
+    from trl.chat_template_utils import has_generation_markers
+
+    assert chat_templates.has_generation_markers(template) == has_generation_markers(template)

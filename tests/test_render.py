@@ -8,7 +8,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from ftlaunch import hardware, models, planner, render
+from ftlaunch import hardware, launch, models, planner, render
 from ftlaunch.errors import UserError
 
 MULTI_NODE = render.Rendezvous(machine_rank=1, main_process_ip="10.0.0.1",
@@ -125,7 +125,8 @@ def _deepspeed(stage, offload=False, spec="8xH100-80GB", **changes):
 def _launch_env(config_path):
     """The environment `accelerate launch` gives the workers for this config file."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from accelerate.utils.launch import (prepare_deepspeed_cmd_env, prepare_multi_gpu_env,
+                                         prepare_simple_launcher_cmd_env)
 
     args = launch_command_parser().parse_args(["--config_file", str(config_path), "train.py"])
     args, defaults, mp_from_config = _validate_launch_command(args)
@@ -134,7 +135,58 @@ def _launch_env(config_path):
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
         args.deepspeed_fields_from_accelerate_config = ",".join(fields)
         return prepare_deepspeed_cmd_env(args)[1]
+    if args.num_processes == 1 and args.num_machines == 1:
+        return prepare_simple_launcher_cmd_env(args)[1]
     return prepare_multi_gpu_env(args)
+
+
+SINGLE_PROCESS = {
+    "cpu": ("cpu", "lora"),
+    "a100-bf16": ("1xA100-80GB", "lora"),
+    "a100-qlora": ("1xA100-80GB", "qlora"),
+    "v100-fp16": ("1xV100-32GB", "lora"),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_PROCESS))
+@pytest.mark.parametrize("omp", [None, "3"])
+def test_a_single_process_starts_with_accelerate_launchs_environment(case, omp, tmp_path,
+                                                                     monkeypatch):
+    """The worker of a one-process plan is started directly (launch.single_process_env):
+    it must get exactly what accelerate launch would have given it."""
+    spec, method = SINGLE_PROCESS[case]
+    plan = planner.plan(hardware.parse_spec(spec), models.resolve("tiny"),
+                        planner.TrainSpec(method=method))
+    assert plan.num_processes == 1
+    path = render.write_accelerate_config(plan, render.Rendezvous(), tmp_path)
+    base = {"PATH": "/usr/bin", "HOME": "/root", **({"OMP_NUM_THREADS": omp} if omp else {})}
+    monkeypatch.setattr("os.environ", dict(base))
+    ours = launch.single_process_env(path, dict(base))
+    assert ours == _launch_env(path)
+    assert ours["ACCELERATE_USE_CPU"] == str(plan.on_cpu)
+    argv = launch.command(path, tmp_path, None, None, direct=True)
+    assert argv[1:4] == ["-m", "ftlaunch.train", "--run-dir"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (_plan("cpu", 2), render.Rendezvous()),
+    lambda: (_fsdp(), render.Rendezvous()),
+    lambda: (_deepspeed(3), render.Rendezvous()),
+    lambda: (_plan("2x8xA100-80GB", None), MULTI_NODE),
+], ids=["cpu-2", "fsdp", "zero3", "multi-node"])
+def test_other_configs_go_through_accelerate_launch(make, tmp_path):
+    plan, rendezvous = make()
+    path = render.write_accelerate_config(plan, rendezvous, tmp_path)
+    assert launch.single_process_env(path, {}) is None
+
+
+def test_a_config_key_it_does_not_know_leaves_it_to_accelerate(tmp_path):
+    path = render.write_accelerate_config(_plan("cpu", None), render.Rendezvous(), tmp_path)
+    assert launch.single_process_env(path, {}) is not None
+    config = yaml.safe_load(path.read_text())
+    config["dynamo_config"] = {"dynamo_backend": "INDUCTOR"}
+    path.write_text(yaml.safe_dump(config))
+    assert launch.single_process_env(path, {}) is None
 
 
 def test_real_planner_builds_the_base_plans():
