@@ -45,6 +45,20 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 NCCL_BYTES = 512 * MIB
 
 
+# TRL's fused LM head (SFTTrainer since TRL 1.x; trl/kernels/chunked_logprob.py): the
+# LM head and the log-softmax run in tiles of this many tokens x vocabulary entries, so
+# the (tokens x vocab) logits never exist. tests/test_memory.py checks TRL's constants.
+FUSED_TILE_TOKENS = 4096
+FUSED_TILE_VOCAB = 32768
+# Tile-sized buffers alive at the loss phase's peak. GPU: TRL's Triton kernels fold each
+# tile in place into per-token statistics, one buffer (from the kernel's code; no GPU
+# measurement yet). CPU: the torch fallback keeps fp32 temporaries of the tile (z,
+# exp(z), masks, products): 8.3 tiles measured here over tiles of 128-512 MiB
+# (tests/test_memory_cpu.py measures it against this model).
+FUSED_TILES_GPU = 1.0
+FUSED_TILES_CPU = 8.3
+
+
 @dataclass(frozen=True)
 class Stack:
     """What the training code does that changes memory. The default is ftlaunch's
@@ -54,18 +68,15 @@ class Stack:
     # their gradients and each of AdamW's two moments take 4 bytes.
     adapter_bytes: int = 4
     optimizer_bytes: int = 8
-    # transformers' ForCausalLMLoss upcasts the whole logits tensor to fp32 and
-    # cross-entropy keeps an fp32 log-softmax for backward: 4 + 4 bytes per logit,
-    # on top of the 16-bit logits the LM head returns. A chunked loss (torchtune's
-    # CEWithChunkedOutputLoss) keeps only 1/chunks of the fp32 part alive.
+    # TRL's fused LM head (above). Without it: transformers' ForCausalLMLoss upcasts
+    # the whole logits tensor to fp32 and cross-entropy keeps an fp32 log-softmax for
+    # backward, 4 + 4 bytes per logit on top of the 16-bit logits the LM head returns;
+    # a chunked loss (torchtune's CEWithChunkedOutputLoss) keeps 1/chunks of the fp32 part.
+    fused_lm_head: bool = True
     loss_fp32_bytes_per_logit: int = 8
     loss_chunks: int = 1
     # torch.compile fuses RMSNorm and act(gate) * up, so they save fewer tensors.
     compiled: bool = False
-    # PEFT's prepare_model_for_kbit_training casts every 16-bit parameter left after
-    # quantisation (embeddings, lm_head, norms) to fp32; ftlaunch runs it for
-    # unsharded QLoRA only (FSDP/ZeRO-3 need a single dtype).
-    kbit_upcast: bool = True
 
 
 HF_TRL = Stack()
@@ -106,7 +117,7 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     offloaded = candidate.offload  # FSDP offload_params / ZeRO-3 offload: states live on the CPU
 
     one_layer = layer_activation_bytes(model, spec, micro_batch, elem, stack)
-    loss_phase = loss_bytes(model, spec.seq_len, micro_batch, elem, stack)
+    loss_phase = loss_bytes(model, spec.seq_len, micro_batch, on_gpu, stack)
     if gradient_checkpointing:
         # Each layer's input is kept; one layer at a time is recomputed in backward.
         checkpoints = model.num_layers * spec.seq_len * micro_batch * model.hidden_size * elem
@@ -126,8 +137,7 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
 
     adapter_states = 0 if offloaded else trainable
     return Breakdown(
-        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded,
-                              upcast_rest=stack.kbit_upcast and not sharded),
+        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded),
         adapter=stack.adapter_bytes * adapter_states // shards,
         gradients=grad_copies * stack.adapter_bytes * adapter_states // shards,
         optimizer=stack.optimizer_bytes * adapter_states // shards,
@@ -138,14 +148,13 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     )
 
 
-def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool,
-                  upcast_rest: bool = False) -> int:
+def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool) -> int:
     """Base weights resident on one device.
 
     LoRA: 2 bytes per parameter (bf16/fp16); fp32 on CPU. QLoRA: the decoder's
-    linear layers in NF4; embeddings, lm_head and norms stay 16-bit
-    (bitsandbytes replaces nn.Linear only, and transformers skips lm_head), or
-    fp32 after PEFT's k-bit preparation (upcast_rest).
+    linear layers in NF4; embeddings, lm_head and norms stay in the compute dtype
+    (bitsandbytes replaces nn.Linear only, transformers skips lm_head, and ftlaunch
+    does not upcast them: see train._load_model).
     Sharded engines hold 1/world of it plus the two layers being all-gathered
     (current and prefetched: FSDP's forward/backward prefetch, ZeRO-3's prefetch
     bucket); with CPU offload only those two layers and the embeddings are there.
@@ -154,11 +163,10 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     total = model.parameters
     linear = model.num_layers * sum(i * o for i, o in model.linear_shapes().values())
     per_linear = NF4_BYTES_PER_PARAM if method == "qlora" else dense
-    rest = 4 if method == "qlora" and upcast_rest else dense
-    resident = linear * per_linear + (total - linear) * rest
+    resident = linear * per_linear + (total - linear) * dense
     gathered = 2 * (linear / model.num_layers) * per_linear
     if offload:
-        return int(gathered + model.embedding_parameters() * rest)
+        return int(gathered + model.embedding_parameters() * dense)
     if shards > 1:
         return int(resident / shards + gathered)
     return int(resident)
@@ -192,7 +200,18 @@ def _dropout_copies(model: ModelSpec, targets) -> int:
     return sum(i for i, _ in model.lora_target_shapes(targets))
 
 
-def loss_bytes(model: ModelSpec, seq_len: int, micro_batch: int, elem: int, stack: Stack) -> int:
-    """The LM head output in the compute dtype, plus the fp32 loss working set."""
-    logits = seq_len * micro_batch * model.vocab_size
+def loss_bytes(model: ModelSpec, seq_len: int, micro_batch: int, on_gpu: bool,
+               stack: Stack) -> int:
+    """What the LM head and the loss hold at their peak (activations in the compute
+    dtype: 16-bit on a GPU, fp32 on a CPU)."""
+    elem = 2 if on_gpu else 4
+    tokens = seq_len * micro_batch
+    if stack.fused_lm_head:
+        tile = min(tokens, FUSED_TILE_TOKENS) * min(model.vocab_size, FUSED_TILE_VOCAB) * elem
+        tiles = FUSED_TILES_GPU if on_gpu else FUSED_TILES_CPU
+        # The head's input (a copy, saved for backward), its fp32 gradient accumulator and
+        # that gradient cast back; the per-token statistics are a few floats per token.
+        hidden = tokens * model.hidden_size * (elem + 4 + elem)
+        return int(tiles * tile) + hidden + tokens * 64
+    logits = tokens * model.vocab_size
     return logits * elem + logits * stack.loss_fp32_bytes_per_logit // stack.loss_chunks

@@ -173,15 +173,13 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
         except OSError as exc:
             raise UserError(f"Cannot load model {model_info['load_from']}: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if plan["method"] == "qlora" and plan["engine"] not in ("fsdp", "deepspeed"):
-        # PEFT's preparation keeps norms and embeddings in fp32 for stability (the memory
-        # model counts it). Sharded QLoRA skips it: FSDP/ZeRO-3 flatten parameters into
-        # one dtype, which is why bnb_4bit_quant_storage is the compute dtype.
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan["gradient_checkpointing"],
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # QLoRA without PEFT's prepare_model_for_kbit_training: it upcasts every 16-bit
+    # parameter left after quantisation to fp32, which doubles the embeddings and lm_head
+    # (+2 GiB for Llama 3 8B) and, through the fp32 norm weights, turns the residual stream
+    # and the MLP outputs fp32 under autocast (twice the activation memory). The frozen
+    # base stays in the compute dtype, as torchtune and Unsloth keep it; RMSNorm still
+    # computes its variance in fp32. PEFT freezes the base, and non-reentrant gradient
+    # checkpointing (the Trainer's) needs no input gradients.
     return model
 
 

@@ -21,8 +21,10 @@ from ftlaunch.planner import Candidate, TrainSpec
 
 # torchtune's stack as its recipes configure it: bf16 LoRA weights, gradients and
 # AdamW moments (2 + 2 + 4 bytes), an 8-chunk fp32 loss, compiled model.
-TORCHTUNE = memory.Stack(adapter_bytes=2, optimizer_bytes=4, loss_chunks=8, compiled=True,
-                         kbit_upcast=False)
+TORCHTUNE = memory.Stack(adapter_bytes=2, optimizer_bytes=4, fused_lm_head=False,
+                         loss_chunks=8, compiled=True)
+# transformers' own loss: the whole logits tensor, upcast to fp32.
+UNFUSED = memory.Stack(fused_lm_head=False)
 TORCHTUNE_LORA = TrainSpec(seq_len=2048, lora_rank=8, lora_dropout=0.0,
                            lora_targets=("q_proj", "v_proj", "o_proj",
                                          "gate_proj", "up_proj", "down_proj"))
@@ -38,8 +40,9 @@ def test_llama_8b_single_4090_matches_torchtune_within_15_percent(method, publis
 
 
 @pytest.mark.parametrize("model, stack, recompute_dominates", [
-    ("llama-3.1-8b", memory.HF_TRL, False),  # the unchunked fp32 loss outweighs a layer
+    ("llama-3.1-8b", UNFUSED, False),         # the unchunked fp32 loss outweighs a layer
     ("llama-3.1-70b", TORCHTUNE, True),       # a wide layer outweighs an 8-chunk loss
+    ("llama-3.1-8b", memory.HF_TRL, True),    # and a layer outweighs TRL's fused head
 ])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_peak_from_its_building_blocks(model, stack, recompute_dominates,
@@ -56,7 +59,7 @@ def test_activation_peak_from_its_building_blocks(model, stack, recompute_domina
     mem = memory.estimate(spec, train, Candidate("qlora", "ddp"), micro, 4, on_gpu=True,
                           gradient_checkpointing=checkpointing, stack=stack)
     one_layer = memory.layer_activation_bytes(spec, train, micro, elem, stack)
-    loss_phase = memory.loss_bytes(spec, train.seq_len, micro, elem, stack)
+    loss_phase = memory.loss_bytes(spec, train.seq_len, micro, True, stack)
     assert (one_layer > loss_phase) is recompute_dominates
     if checkpointing:
         stored_inputs = spec.num_layers * train.seq_len * micro * spec.hidden_size * elem
@@ -84,9 +87,27 @@ def test_qlora_weights_are_about_a_quarter_of_bf16_for_the_decoder():
     spec = models.resolve("llama-3.1-70b")
     bf16 = memory.weights_bytes(spec, "lora", True, 1, False)
     nf4 = memory.weights_bytes(spec, "qlora", True, 1, False)
-    # Decoder linears go from 16 to 4.127 bits; embeddings and lm_head stay 16-bit...
+    # Decoder linears go from 16 to 4.127 bits; embeddings and lm_head stay 16-bit.
     assert 0.25 < nf4 / bf16 < 0.30
-    # ...unless PEFT's k-bit preparation upcasts them to fp32: exactly their size more.
-    upcast = memory.weights_bytes(spec, "qlora", True, 1, False, upcast_rest=True)
-    rest = spec.parameters - spec.num_layers * sum(i * o for i, o in spec.linear_shapes().values())
-    assert upcast - nf4 == pytest.approx(2 * rest, abs=8)
+
+
+def test_the_fused_head_holds_a_tile_not_the_logits():
+    """TRL's fused LM head: the loss phase is one tile of the logits plus a few copies of
+    the head's input, whatever the vocabulary; transformers' own loss holds all of them."""
+    spec = models.resolve("llama-3.1-8b")  # vocabulary 128256
+    fused = memory.loss_bytes(spec, 2048, 2, True, memory.HF_TRL)
+    tile = memory.FUSED_TILE_TOKENS * memory.FUSED_TILE_VOCAB * 2
+    head_input = 4096 * spec.hidden_size
+    assert tile + 8 * head_input <= fused <= tile + 9 * head_input
+    unfused = memory.loss_bytes(spec, 2048, 2, True, UNFUSED)
+    assert unfused == 4096 * spec.vocab_size * (2 + 8)
+    assert fused < unfused / 8
+
+
+def test_fused_tile_sizes_are_trls():
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    assert memory.FUSED_TILE_TOKENS == chunked_logprob.TOKEN_CHUNK_SIZE
+    assert memory.FUSED_TILE_VOCAB == utils._CHUNKED_LOGPROB_CHUNK_SIZE
+

@@ -170,7 +170,7 @@ def test_impossible_plan_does_not_fit_and_says_why():
     # neither fits without checkpointing: back to LoRA, checkpointed
     (4096, ("lora", True), ("lora", True), ("qlora", True)),
     # LoRA does not fit even checkpointed: QLoRA, checkpointed
-    (8192, ("qlora", True), None, ("qlora", True)),
+    (16384, ("qlora", True), None, ("qlora", True)),
 ])
 def test_one_gpu_prefers_qlora_to_checkpointing_a_16bit_base(seq_len, auto, forced_lora,
                                                               forced_qlora):
@@ -300,7 +300,7 @@ def test_making_a_plan_does_not_import_torch():
     ("1xRTX4090-24GB", "llama-3.1-70b", "lora", 2048),
     ("1xRTX4090-24GB", "llama-3.1-8b", "lora", 16384),
     ("1xA100-40GB", "qwen2.5-32b", "lora", 4096),
-    ("2xRTX4090-24GB", "llama-3.1-70b", "qlora", 8192),
+    ("2xRTX4090-24GB", "llama-3.1-70b", "qlora", 16384),
 ])
 def test_would_fit_hints_are_plans_that_fit(spec, model, method, seq_len):
     import re

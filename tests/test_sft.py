@@ -193,6 +193,52 @@ def test_qlora_trains_on_cpu_with_a_4bit_base(tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_the_loss_never_builds_the_full_logits(chat_run):
+    """The memory model counts TRL's fused LM head (memory.FUSED_TILE_*), not the
+    (tokens x vocab) logits: the trainer's loss must not call the LM head module, and must
+    equal the model's own cross-entropy."""
+    import torch
+
+    session, batch = _first_batch(chat_run)
+    trainer = session.trainer
+    model = trainer.model
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            fused = trainer.compute_loss(model, dict(batch)).item()
+        assert calls == []
+        with torch.no_grad():
+            plain = model(**batch).loss.item()
+        assert calls
+    finally:
+        hook.remove()
+    assert fused == pytest.approx(plain, rel=1e-5)
+
+
+def test_qlora_keeps_the_unquantized_weights_and_activations_16_bit(tmp_path):
+    """No fp32 upcast of embeddings, lm_head and norms (train._load_model): the memory
+    model counts them, and the residual stream, in the compute dtype."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from ftlaunch import builtin_models, models, train
+
+    folder = builtin_models.materialize_builtin(models.resolve("tiny"))
+    plan = {"precision": "bf16", "method": "qlora", "engine": "single"}
+    model = train._load_model({"load_from": str(folder)}, plan, {"training": {}}, on_cpu=True)
+    kinds = {type(p).__name__ for p in model.parameters()}
+    assert "Params4bit" in kinds
+    others = {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit"}
+    assert others == {torch.bfloat16}
+    seen = []
+    model.model.layers[-1].register_forward_hook(lambda m, i, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.tensor([[1, 2, 3, 4]]))
+    assert seen == [torch.bfloat16]
+
+
 def test_data_preview_marks_trained_tokens(tmp_path):
     data = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
     proc = run_ftlaunch("data", "preview", "--model", "tiny", "--data", str(data),
