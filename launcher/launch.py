@@ -1,5 +1,9 @@
 """Start `accelerate launch` on the shared SFT module and stay in charge of it.
 
+A plain one-process plan starts the module itself, with the environment accelerate
+launch would give it (single_process_env): the same process, one interpreter start
+and torch import less.
+
 The workers run in a session of their own: a Ctrl-C or a scheduler's signal
 reaches the launcher, which decides what the workers get (see run). Their
 output is streamed live and also kept in train.log.

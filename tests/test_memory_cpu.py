@@ -54,4 +54,6 @@ def test_fused_loss_peak_on_cpu_matches_the_model(vocab, hidden, tokens):
     spec = dataclasses.replace(models.resolve("tiny"), vocab_size=vocab, hidden_size=hidden,
                                intermediate_size=2 * hidden, num_layers=1)
     predicted = memory.loss_bytes(spec, tokens, 1, False, memory.HF_TRL)
+    print(f"vocab {vocab} hidden {hidden} tokens {tokens}: measured {measured / 2**20:.0f} MiB, "
+          f"model {predicted / 2**20:.0f} MiB ({(measured - predicted) / predicted:+.1%})")
     assert abs(measured - predicted) / predicted <= 0.10, (measured, predicted)
