@@ -37,7 +37,7 @@ def test_other_library_versions_are_asked_directly(monkeypatch, tmp_path):
     assert config_fields.fields("training")["learning_rate"] == "float"
 
 
-class _Mode(enum.Enum):
+class _Mode(str, enum.Enum):
     A = "a"
     B = "b"
 
@@ -68,7 +68,7 @@ def test_coerce_accepts(annotation, value, expected):
     (bool, "yes"),
     (typing.Literal[1, 2], True),
     (typing.Literal["x", "y"], "z"),
-    (_Mode, "c"),
+    (_Mode, 3),
     (list[str], "q"),
     (int | None, "x"),
 ])
