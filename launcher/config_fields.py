@@ -86,7 +86,10 @@ def describe(annotation) -> object:
         return "any"
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return {"union": [describe(a) for a in typing.get_args(annotation)]}
+        # Sorted: typing caches unions regardless of order, so the order of the arguments
+        # depends on which equal union was built first in the process.
+        options = {json.dumps(describe(a), sort_keys=True) for a in typing.get_args(annotation)}
+        return {"union": [json.loads(o) for o in sorted(options)]}
     if origin is typing.Literal:
         return {"literal": list(typing.get_args(annotation))}
     if origin in (list, tuple) or annotation in (list, tuple):
