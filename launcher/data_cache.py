@@ -55,7 +55,6 @@ COLUMNS = ("input_ids", "labels")
 _STATS_COLUMNS = ("_length", "_first_trained")
 # Below this many rows per process, starting processes costs more than it saves.
 _ROWS_PER_PROC = 256
-_BATCH = 256
 # Keys of a saved tokenizer_config.json that record how it was loaded, not how it tokenizes
 # (they change with HF_HUB_OFFLINE or the folder it came from).
 _LOAD_TIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir",
@@ -68,10 +67,12 @@ _STAGING = ".building"  # a build in progress: splits are made here, then moved 
 # ---------------------------------------------------------------- launcher side
 
 def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_options: dict,
-          seq_len: int, num_proc: int = 1) -> dict:
+          seq_len: int, num_proc: int = 1, seed: int = 42) -> dict:
     """Tokenize `dataset` (and `eval_dataset`, both `ftlaunch.data.Dataset`) into
     `cache_dir` as TRL's SFTTrainer would, or reuse the cache already there if it was
-    built from the same rows with the same tokenizer, template and options.
+    built from the same rows with the same tokenizer, template and options. Without an
+    `eval_dataset`, data_options["eval_split"] of `dataset` is held out (seeded), here
+    once rather than on every rank.
 
     Returns the meta: "fingerprint" (what a worker passes to `load`), "key", "splits",
     "stats" (preview.LengthStats fields over the whole train split at `seq_len`) and
@@ -82,11 +83,19 @@ def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_optio
     splits = {"train": dataset}
     if eval_dataset is not None:
         splits["eval"] = eval_dataset
+    elif data_options.get("eval_split"):
+        splits = _held_out(dataset, float(data_options["eval_split"]), seed)
     key = _key(tokenizer, splits, dataset.kind, only_assistant)
     fingerprint = "sha256:" + hashlib.sha256(_canonical(key)).hexdigest()
 
     meta = _complete_meta(cache_dir)
     if meta is not None and meta["fingerprint"] == fingerprint:
+        # TRL's truncating/packing maps write their results beside the loaded splits, one
+        # set per seq_len and packing: drop the last run's (TRL remakes them in seconds) so
+        # they do not pile up over resumes with other settings.
+        for split in ("train", "eval"):
+            for leftover in (cache_dir / split).glob("cache-*.arrow"):
+                leftover.unlink()
         return _with_stats(cache_dir, meta, seq_len, reused=True)
 
     preview.check_tokenizer(tokenizer, dataset.kind)
@@ -120,6 +129,19 @@ def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_optio
     }
     atomic_write(cache_dir / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return _with_stats(cache_dir, meta, seq_len, reused=False)
+
+
+def _held_out(dataset, fraction: float, seed: int) -> dict:
+    """{"train", "eval"}: `fraction` of the rows held out as datasets' seeded
+    train_test_split holds them out (the split a run made before ftlaunch cached data)."""
+    from dataclasses import replace
+
+    from datasets import Dataset
+
+    parts = Dataset.from_dict({"i": range(len(dataset))}).train_test_split(
+        test_size=fraction, seed=seed)
+    return {name: replace(dataset, rows=tuple(dataset.rows[i] for i in parts[part]["i"]))
+            for name, part in (("train", "train"), ("eval", "test"))}
 
 
 def length_stats(meta: dict) -> preview.LengthStats:
@@ -231,7 +253,7 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        preview.tokenize_batch, batched=True, batch_size=_BATCH, with_indices=True,
+        preview.tokenize_batch, batched=True, batch_size=preview.BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant},
         new_fingerprint=f"{digest[:24]}-{name}", desc=f"Tokenizing {name} data")

@@ -87,6 +87,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         lora_targets=_targets(recipe.lora.get("target_modules", "all-linear")),
         lora_dropout=float(recipe.lora.get("lora_dropout", 0.0)),
         gradient_checkpointing=options.gradient_checkpointing,
+        full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
     )
     plan = planner.plan(machine, model, spec)
     recipe = _learning_rate_for(recipe, plan, model, options)

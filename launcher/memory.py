@@ -21,7 +21,7 @@ loss phase adds beyond the recompute phase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ftlaunch.models import ModelSpec, lora_parameter_count
@@ -110,6 +110,8 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     sharded = candidate.engine in ("fsdp", "deepspeed")
     shards = world if sharded else 1
     elem = 2 if on_gpu else 4  # 16-bit activations on GPU, fp32 on CPU
+    if spec.full_logits:
+        stack = replace(stack, fused_lm_head=False)
     trainable = lora_parameter_count(model, spec.lora_rank, spec.lora_targets)
     # DDP keeps a second copy of the gradients in its all-reduce buckets
     # (gradient_as_bucket_view is off in the Trainer).

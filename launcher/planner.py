@@ -38,6 +38,8 @@ class TrainSpec:
     lora_dropout: float = 0.05
     # None: the plan decides (off while the batch fits without it); True/False: the user's.
     gradient_checkpointing: bool | None = None
+    # TRL computes the whole logits (not its fused LM head) for label smoothing.
+    full_logits: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,15 +49,15 @@ import psutil
 
 from ftlaunch import __version__
 from ftlaunch.errors import UserError
-from ftlaunch.memory import weights_bytes
 from ftlaunch.hardware import GIB, free_disk, nvidia_smi
-from ftlaunch.memory import MIB
+from ftlaunch.memory import MIB, weights_bytes
 from ftlaunch.models import ModelSpec, cached_hub_config
 from ftlaunch.planner import Plan
 
 KIB = 1024
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
+# torch is reported by the imported build itself (_torch_runtime), not its dist-info.
+PACKAGES = ("transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
             "deepspeed", "click", "psutil")
 
 # --- checkpoint sizes -------------------------------------------------------------------
@@ -95,7 +95,8 @@ def tokenizer_bytes(location: str | Path) -> int | None:
             return None
         folder = config.parent
     # stat() follows the hub cache's symlinks to the blobs.
-    return sum(p.stat().st_size for p in (folder / n for n in _TOKENIZER_FILES) if p.is_file())
+    total = sum(p.stat().st_size for p in (folder / n for n in _TOKENIZER_FILES) if p.is_file())
+    return total or None  # a snapshot with only config.json cached: no files to measure
 
 
 def _lora_tensors(model: ModelSpec) -> int:

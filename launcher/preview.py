@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ftlaunch.errors import UserError
 
 
-_BATCH = 256  # rows per call into the tokenizer
+BATCH = 256  # rows per call into the tokenizer
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None)
     check_tokenizer(tokenizer, dataset.kind)
     rows = list(dataset.rows if rows is None else rows)
     tokenized = []
-    for start in range(0, len(rows), _BATCH):
-        chunk = rows[start:start + _BATCH]
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start:start + BATCH]
         batch = {key: [row[key] for row in chunk] for key in chunk[0]}
         out = tokenize_batch(batch, list(range(start, start + len(chunk))), tokenizer,
                              dataset.kind, only_assistant)

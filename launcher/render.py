@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
 from ftlaunch.planner import Plan
 from ftlaunch.resources import accelerate_templates_dir
@@ -32,7 +33,7 @@ class Rendezvous:
     """Where rank 0 listens; every node of a multi-node job must be given the same."""
     machine_rank: int = 0
     main_process_ip: str = "127.0.0.1"
-    main_process_port: int = 29500
+    main_process_port: int = DEFAULT_PORT
 
 
 def template_name(plan: Plan) -> str:

@@ -16,10 +16,10 @@ from pathlib import Path
 from ftlaunch import (__version__, builtin_models, checkpoints, launch, models, nodes,
                      preflight, preview, render, rundir)
 from ftlaunch import data as data_io
+from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
 from ftlaunch.job import Job
 from ftlaunch.resources import demo_data_path
-
 
 
 def train(job: Job, argv: list[str], echo) -> int:
@@ -63,7 +63,7 @@ def train(job: Job, argv: list[str], echo) -> int:
     port = cluster.master_port or (launch.free_port() if plan.num_processes > 1 else None)
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr or "127.0.0.1",
-                                   main_process_port=port or 29500)
+                                   main_process_port=port or DEFAULT_PORT)
     if dry:
         resume_from = state.checkpoint.path if state.checkpoint else None
         for note in notes + rundir.set_aside_torn(run_dir, state, move=False):
@@ -78,17 +78,21 @@ def train(job: Job, argv: list[str], echo) -> int:
         echo("  " + launch.printable(launch.command(
             run_dir / "accelerate.yaml", run_dir, resume_from, port,
             rendezvous if cluster.nnodes > 1 else None)))
+        echo("(the same ftlaunch command without --dry-run first tokenizes the data into the "
+             "run's cache, which the workers read)")
         return 0
 
     def start_files(verdict: nodes.Verdict | None) -> tuple[dict, Path | None]:
-        """The run files every worker reads, written once the nodes (if several) agreed."""
+        """The run files every worker reads, written once the nodes (if several) agreed.
+        The data first: its refusal must find the checkpoints where they were."""
+        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo,
+                            state.moved_aside_to)
         checkpoint = state.checkpoint
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
             checkpoint, more = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
             if checkpoint is not state.checkpoint:
                 notes.extend(more)
         notes.extend(rundir.set_aside_torn(run_dir, state))
-        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
         record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
                                   rendezvous, model, _nodes_record(job, verdict), cache)
         rundir.clear_stop_record(run_dir)
@@ -145,7 +149,7 @@ def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity
     if not resuming:
         _check_disk(job, run_dir, data, model, None)
     state = rundir.prepare(run_dir, identity, fresh=fresh, allow_changed=job.options.allow_changed)
-    if resuming:
+    if resuming and state.kind != "finished":  # a finished run needs no disk: nothing to do
         _check_disk(job, run_dir, data, model, state)
     return state
 
@@ -165,8 +169,9 @@ def _check_disk(job: Job, run_dir: Path, data: tuple, model: dict, state) -> Non
 
 
 # The tokenized cache against the data as JSON: a token is ~4 bytes of text and is stored
-# as a 4-byte id and an 8-byte label.
-_CACHE_PER_DATA_BYTE = 3
+# as a 4-byte id and an 8-byte label; then as much again for the truncated or packed copy
+# TRL's maps write beside it (measured 1.4x the cache for packed + unpacked builds).
+_CACHE_PER_DATA_BYTE = 3 * 2
 
 
 def _data_cache_estimate(data: tuple) -> int:
@@ -286,11 +291,11 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
                                allow_changed=options.allow_changed)
     else:
         state = local["state"]
+    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, state.moved_aside_to)
     checkpoint, notes = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
     notes += rundir.set_aside_torn(run_dir, state)
     if checkpoint is not None:
         notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
-    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo)
     record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
                               rendezvous, model, _nodes_record(job, verdict), cache)
     rundir.clear_stop_record(run_dir)
@@ -452,8 +457,6 @@ def _token_preflight(job: Job, dataset, record: dict) -> list[str]:
     examples are reported now, and data with nothing to train on is refused."""
     import random
 
-    from ftlaunch import preview
-
     if Path(record["tokenizer"]).is_absolute() and not Path(record["tokenizer"]).exists():
         return []  # a dry run before the built-in model was ever built: nothing to read yet
     rows = list(dataset.rows)
@@ -522,16 +525,20 @@ def _hf_config(spec) -> dict:
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 
-def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo) -> dict:
+def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo,
+                moved_aside: Path | None = None) -> dict:
     """Tokenize the data once, here, into the run directory (ftlaunch.data_cache): the
-    workers load it and no rank tokenizes. Length notes come from the whole set."""
+    workers load it and no rank tokenizes. Length notes come from the whole set. A refusal
+    leaves things as they were: a new run's directory is removed, and the run --fresh
+    moved aside (`moved_aside`) goes back."""
     from ftlaunch import data_cache
 
     cache_dir = run_dir / data_cache.DIRECTORY
     fresh_run = not (run_dir / rundir.RUN_FILE).exists()
     try:
         meta = data_cache.build(cache_dir, model, dataset, eval_dataset, job.recipe.data,
-                                job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8))
+                                job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8),
+                                seed=job.recipe.training.get("seed", 42))
         for note in preview.check(data_cache.length_stats(meta), f"--data {dataset.path}"):
             echo(f"Note: {note}.")
     except UserError:
@@ -539,6 +546,9 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
             shutil.rmtree(cache_dir, ignore_errors=True)
             if run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
+            if moved_aside is not None and not run_dir.exists():
+                moved_aside.rename(run_dir)
+                echo(f"--fresh: the previous run is back in {run_dir}.")
         raise
     if not meta.get("reused"):
         tokens = sum(split["tokens"] for split in meta["splits"].values())

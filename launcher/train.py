@@ -58,7 +58,7 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
     on_cpu = plan["engine"] == "cpu"
     kind = record["data"].get("kind", "conversational")
-    train_set, eval_set = _load_datasets(run_dir, record["data"], recipe)
+    train_set, eval_set = _load_datasets(run_dir, record["data"])
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
     config = _training_config(run_dir, record, eval_set is not None)
@@ -183,21 +183,16 @@ def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
     return model
 
 
-def _load_datasets(run_dir: Path, data_record: dict, recipe: dict):
-    """(train, eval or None) from the data cache the launcher tokenized (ftlaunch.data_cache):
-    no rank tokenizes, and every rank reads the same rows."""
+def _load_datasets(run_dir: Path, data_record: dict):
+    """(train, eval or None) from the data cache the launcher tokenized and split
+    (ftlaunch.data_cache): no rank tokenizes, and every rank reads the same rows."""
     from ftlaunch import data_cache
 
-    train, evaluation = data_cache.load(run_dir / data_cache.DIRECTORY,
-                                        data_record["cache"]["fingerprint"])
-    if evaluation is not None:
-        return train, evaluation
-    split = float(recipe["data"].get("eval_split") or 0)
-    if split > 0:
-        # Seeded, so every rank (and a resumed run) holds out the same examples.
-        parts = train.train_test_split(test_size=split, seed=recipe["training"].get("seed", 42))
-        return parts["train"], parts["test"]
-    return train, None
+    if "cache" not in data_record:
+        raise UserError(f"{run_dir / rundir.RUN_FILE} names no data cache: it was written by "
+                        "`ftlaunch --dry-run`. Start the run with the same ftlaunch command "
+                        "without --dry-run; it tokenizes the data first.")
+    return data_cache.load(run_dir / data_cache.DIRECTORY, data_record["cache"]["fingerprint"])
 
 
 def _training_config(run_dir, record, has_eval):

@@ -316,6 +316,14 @@ def test_bare_form_dry_run(ftlaunch, tmp_path):
     assert again.returncode == 0, again.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
+    # The dry run tokenized nothing: the worker started by hand on its files says so.
+    worker = subprocess.run([sys.executable, "-m", "ftlaunch.train", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert worker.returncode == 2, worker.stdout + worker.stderr
+    assert "without --dry-run" in worker.stderr
+    assert "Traceback" not in worker.stderr
+
 
 @pytest.mark.skipif(_cores() < 2, reason="--gpus 2 on a CPU-only box needs two cores")
 def test_dry_run_two_workers_writes_a_multi_process_config(ftlaunch, tmp_path):

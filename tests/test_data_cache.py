@@ -205,17 +205,18 @@ def test_the_trainer_does_not_tokenize_the_cache(model, model_record, tmp_path):
 
 def test_an_eval_split_of_the_cache_holds_out_the_examples_it_did_before(model_record,
                                                                          tmp_path):
-    """ftlaunch.train holds out data.eval_split with a seeded train_test_split: on the
-    cached set it picks the same examples as on the raw rows (the order is kept)."""
+    """The launcher holds out data.eval_split once, into the cache's eval split: the same
+    examples, in the same order, as the seeded train_test_split of the raw rows that
+    each rank used to make."""
     from datasets import Dataset
 
     rows = [{"text": f"Example {i}: the {w} is by the river."}
             for i, w in enumerate(["apple", "stone", "cloud", "tiger", "lemon"] * 8)]
     meta = data_cache.build(tmp_path / "cache", model_record, _data("text", rows, tmp_path),
-                            None, {}, MAX_LENGTH)
-    train, _ = data_cache.load(tmp_path / "cache", meta["fingerprint"])
+                            None, {"eval_split": 0.25}, MAX_LENGTH, seed=42)
+    train, evaluation = data_cache.load(tmp_path / "cache", meta["fingerprint"])
     before = Dataset.from_list(rows).train_test_split(test_size=0.25, seed=42)
-    after = train.train_test_split(test_size=0.25, seed=42)
+    after = {"train": train, "test": evaluation}
     tokenizer = _tokenizer(model_record, False)
     for part in ("train", "test"):
         assert [tokenizer.decode(ids) for ids in after[part]["input_ids"]] == [

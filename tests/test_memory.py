@@ -104,6 +104,28 @@ def test_the_fused_head_holds_a_tile_not_the_logits():
     assert fused < unfused / 8
 
 
+def test_label_smoothing_is_planned_with_the_whole_logits():
+    """TRL computes the full logits for label smoothing (not its fused head): a recipe that
+    asks for it is planned with them, through the real CLI."""
+    import json
+    import subprocess
+    import sys
+
+    def logits(*extra):
+        out = subprocess.run(
+            [sys.executable, "-m", "ftlaunch", "plan", "--model", "llama-3.1-8b", "--hardware",
+             "1xH100-80GB", "--seq-len", "2048", "--global-batch-size", "2",
+             "--no-gradient-checkpointing", "--json", *extra],
+            capture_output=True, text=True, timeout=120, check=True)
+        plan = json.loads(out.stdout)
+        assert plan["per_device_batch_size"] == 2
+        return plan["memory"]["logits"]
+
+    smoothed = logits("--set", "label_smoothing_factor=0.1")
+    assert smoothed == 4096 * 128256 * (2 + 8)
+    assert logits() < smoothed / 8
+
+
 def test_fused_tile_sizes_are_trls():
     from trl.kernels import chunked_logprob
     from trl.trainer import utils

@@ -278,3 +278,8 @@ def test_runtime_versions_name_the_runtime_and_the_libraries():
         assert versions["nccl"] is None
     if shutil.which("nvidia-smi") is None:
         assert versions["gpu_driver"] is None
+
+
+def test_a_snapshot_without_tokenizer_files_falls_back_to_the_estimate(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert preflight.tokenizer_bytes(tmp_path) is None

@@ -262,6 +262,24 @@ def test_all_examples_too_long_is_refused_before_launch(tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_refused_fresh_start_puts_the_previous_run_back(chat_run, tmp_path):
+    """--fresh moves the old run aside before the data is tokenized; data refused then
+    leaves the old run where it was, with nothing moved aside."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(chat_run, run_dir)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    long = [{"messages": [{"role": "user", "content": "word " * 400},
+                          {"role": "assistant", "content": "ok"}]}] * 4
+    proc = run_ftlaunch(*BASE, "--data", str(_write_jsonl(tmp_path / "long.jsonl", long)),
+                        "--output-dir", str(run_dir), "--fresh")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no example has a trained token within --seq-len 128" in proc.stderr
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run")] == ["run"]
+
+
 def test_bundled_recipes_cover_the_tutorial_defaults():
     from ftlaunch import recipes
 
