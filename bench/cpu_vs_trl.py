@@ -56,6 +56,7 @@ import threading
 import time
 from pathlib import Path
 
+import plain_sft  # bench/, beside this script
 import psutil
 import yaml
 
@@ -113,6 +114,7 @@ class Measured:
         self.peak_rss = self.peak_anon = 0
         self.spawned: list[tuple[float, str]] = []  # (s from the start, command line)
         self.start_epoch = time.time()
+        self.log = log
         machine_before, own_before = machine_cpu(), resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -216,31 +218,17 @@ def ftlaunch_argv(model: str, recipe_name: str, steps: int, seq_len: int, batch:
             "--global-batch-size", str(batch), "--set", f"seed={seed}", "--output-dir", str(out)]
 
 
-def plain_argv(variant: str, model_dir: str, rec: dict, the_plan: dict, steps: int, seed: int,
+def plain_argv(variant: str, model_dir: str, rec: dict, the_plan: dict, steps: int,
                template: Path | None, out: Path) -> list[str]:
-    training, lora = rec["training"], rec["lora"]
-    if lora.get("target_modules") != "all-linear" or lora.get("bias", "none") != "none":
-        raise SystemExit("plain_sft.py trains all linear layers without bias: so must the recipe")
-    if the_plan["gradient_accumulation_steps"] != 1 or the_plan["num_processes"] != 1:
-        raise SystemExit("plain_sft.py runs one process without accumulation: so must the plan")
     argv = [sys.executable, PLAIN, model_dir, str(DATA), "--out", str(out),
-            "--steps", str(steps), "--batch", str(the_plan["per_device_batch_size"]),
-            "--seq-len", str(the_plan["seq_len"]), "--seed", str(seed),
-            "--lr", str(training["learning_rate"]),
-            "--lr-scheduler", str(training["lr_scheduler_type"]),
-            "--warmup", str(training.get("warmup_steps", 0)),
-            "--max-grad-norm", str(training.get("max_grad_norm", 1.0)),
-            "--weight-decay", str(training.get("weight_decay", 0.0)),
-            "--logging-steps", str(int(training["logging_steps"])),
-            "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["lora_alpha"]),
-            "--lora-dropout", str(lora["lora_dropout"])]
+            *plain_sft.recipe_flags(rec, the_plan, steps)]
     if template is not None:
         argv += ["--chat-template", str(template)]
     if variant == "plain, matched":
         argv += ["--gradient-checkpointing", "on" if the_plan["gradient_checkpointing"] else "off",
                  "--optim", "adamw_torch",  # ftlaunch's optimizer on CPU (train.py)
                  "--packing", "on" if rec["data"].get("packing", True) else "off",
-                 "--save-steps", str(int(training.get("save_steps", 500)))]
+                 "--save-steps", str(int(rec["training"].get("save_steps", 500)))]
     return argv
 
 
@@ -304,6 +292,8 @@ def ftlaunch_result(m: Measured, out: Path) -> dict:
     train_end = losses[-1]["time"] - m.start_epoch
     train_start = train_end - rank["seconds"]
     launching = m.first(r"^Launching")
+    if launching is None:
+        raise SystemExit(f"ftlaunch printed no 'Launching' line; see {m.log}")
     loading = m.first(r"Loading weights") or train_start
     worker = next((t for t, cmd in m.spawned
                    if "ftlaunch.train" in cmd and "accelerate" not in cmd), launching)
@@ -474,6 +464,7 @@ def main() -> None:
 
     rec = recipes.load_recipe(args.recipe).to_json()  # the same recipe, defaults and all
     seed = args.seed if args.seed is not None else int(rec["training"].get("seed", 42))
+    rec["training"]["seed"] = seed  # what both sides train with
     seq_len, batch = int(rec["seq_len"]), int(rec["global_batch_size"])
     work = args.keep or Path(tempfile.mkdtemp(prefix="cpu_vs_trl-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -486,6 +477,10 @@ def main() -> None:
     repeated = 0  # runs measured again because other processes were busy during them
     for model in args.models.split(","):
         steps = args.steps or DEFAULT_STEPS.get(model, 20)
+        if steps % int(rec["training"]["logging_steps"]):
+            # The steady step time and the end of training are read from the loss logs.
+            raise SystemExit(f"--steps {steps} must be a multiple of the recipe's logging_steps "
+                             f"({rec['training']['logging_steps']}).")
         the_plan = plan(model, args.recipe, steps, seq_len, batch, env)
         # A one-step ftlaunch run first: it builds the model folder as ftlaunch does (the
         # plain script trains from the same folder) and warms the page cache for both.
@@ -505,7 +500,7 @@ def main() -> None:
                 if variant == "ftlaunch":
                     argv = ftlaunch_argv(model, args.recipe, steps, seq_len, batch, seed, out)
                 else:
-                    argv = plain_argv(variant, model_dir, rec, the_plan, steps, seed, template, out)
+                    argv = plain_argv(variant, model_dir, rec, the_plan, steps, template, out)
                 commands.setdefault((model, variant), argv)
                 for attempt in range(1, args.attempts + 1):
                     wait_until_quiet(args.max_wait)

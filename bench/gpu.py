@@ -15,8 +15,9 @@ steps and seed:
     qlora, micro-batch 2, ckpt    the reference point: seq 2048, gradient checkpointing
                                   (torchtune publishes 7.4 GiB for Llama 3.1 8B)
 
-Reported per row: trained tokens/s (labels that carry the loss, median over the steps
-after the first two), MFU in the 6N-per-token convention (a frozen base does less work
+Reported per row: trained tokens/s (labels that carry the loss) over the whole of
+trainer.train() on both sides, counted by the plain script and checked to be the same
+batches ftlaunch trained on (else "batches differ"), MFU in the 6N-per-token convention (a frozen base does less work
 than that counts, so LoRA's real utilisation is lower than it reads), the
 plan's per-device peak against torch's measured max_memory_allocated and
 max_memory_reserved (reserved is what runs out), and the error of the plan.
@@ -28,12 +29,13 @@ import argparse
 import datetime as dt
 import json
 import random
+import shlex
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import plain_sft  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 FTLAUNCH = str(Path(sys.executable).parent / "ftlaunch")
@@ -42,7 +44,6 @@ BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 # Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.1e12,
              "RTX4090": 165.2e12}
-WARMUP_STEPS = 2
 
 
 def main() -> int:
@@ -113,12 +114,18 @@ def build_model_folder(name: str, folder: Path) -> None:
     builtin_models.materialize(folder, name, build)
 
 
+def overrides(args) -> list[str]:
+    """--set values both sides train with: a loss log every step (the memory peaks are
+    read from them), no checkpoint within the run, one seed."""
+    return ["logging_steps=1", f"save_steps={args.steps * 10}", "seed=0"]
+
+
 def ftlaunch_args(model: str, config: dict, data: Path, args, out_dir: Path) -> list[str]:
     argv = ["--model", model, "--gpus", "1", "--method", config["method"],
             "--seq-len", str(args.seq_len), "--global-batch-size", str(config["batch"]),
-            "--max-steps", str(args.steps), "--data", str(data), "--output-dir", str(out_dir),
-            "--set", "logging_steps=1", "--set", f"save_steps={args.steps * 10}",
-            "--set", "seed=0"]
+            "--max-steps", str(args.steps), "--data", str(data), "--output-dir", str(out_dir)]
+    for assignment in overrides(args):
+        argv += ["--set", assignment]
     if config["checkpointing"] is not None:
         argv.append("--gradient-checkpointing" if config["checkpointing"]
                     else "--no-gradient-checkpointing")
@@ -136,49 +143,51 @@ def run_configuration(name: str, folder: Path | None, config: dict, data: Path, 
             plan_argv += ["--random-init"]
     plan = json.loads(_run([FTLAUNCH, *plan_argv]).stdout)
     row = {"model": name, "config": config["label"], "plan": plan,
-           "command": "ftlaunch " + " ".join(argv)}
+           "command": shlex.join(["ftlaunch", *argv])}
+    plain = [sys.executable, PLAIN, *plain_args(model, plan, data, args)]
     if args.dry_run:
         print(f"would run: {row['command']}")
-        print(f"would run: {sys.executable} {PLAIN} {' '.join(plain_args(model, plan, data, args))}")
+        print(f"would run: {shlex.join(plain)}")
         return row
     shutil.rmtree(out_dir, ignore_errors=True)
-    started = time.perf_counter()
     _run([FTLAUNCH, *argv])
-    row["ftlaunch"] = _measured(out_dir / "metrics.jsonl")
-    row["ftlaunch"]["wall_s"] = time.perf_counter() - started
+    row["ftlaunch"] = _measured(out_dir)
     plain_out = out_dir.with_name(out_dir.name + "-plain")
     shutil.rmtree(plain_out, ignore_errors=True)
-    started = time.perf_counter()
-    _run([sys.executable, PLAIN, *plain_args(model, plan, data, args), "--out", str(plain_out)])
+    _run([*plain, "--out", str(plain_out)])
     row["plain"] = json.loads((plain_out / "result.json").read_text())
-    row["plain"]["wall_s"] = time.perf_counter() - started
     return row
 
 
 def plain_args(model: str, plan: dict, data: Path, args) -> list[str]:
-    """The plain script with exactly what the plan chose (micro-batch, accumulation,
+    """The plain script with the recipe ftlaunch trains (the default one, with the same
+    --set values) and exactly what the plan chose (micro-batch, accumulation,
     checkpointing, precision, 4-bit base, packing and ftlaunch's GPU optimizer), so the
     two differ only in how they run, not in what they train."""
-    argv = [model, str(data), "--steps", str(args.steps), "--batch",
-            str(plan["per_device_batch_size"]), "--accumulation",
-            str(plan["gradient_accumulation_steps"]), "--seq-len", str(args.seq_len),
-            "--seed", "0", "--device", "cuda", "--precision", plan["precision"],
+    from ftlaunch import recipes
+
+    recipe = recipes.validate(recipes.apply_overrides(recipes.load_recipe(recipes.DEFAULT_RECIPE),
+                                                      overrides(args))).to_json()
+    argv = [model, str(data), *plain_sft.recipe_flags(recipe, plan, args.steps),
+            "--save-steps", str(int(recipe["training"]["save_steps"])),
+            "--device", "cuda", "--precision", plan["precision"],
             "--gradient-checkpointing", "on" if plan["gradient_checkpointing"] else "off",
-            "--packing", "on", "--optim", "paged_adamw_32bit"]
+            "--packing", "on" if recipe["data"].get("packing", True) else "off",
+            "--optim", "paged_adamw_32bit"]
     if plan["method"] == "qlora":
         argv.append("--qlora")
     return argv
 
 
-def _measured(metrics: Path) -> dict:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r and r["step"] > WARMUP_STEPS]
+def _measured(out_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rank = json.loads((out_dir / "ranks" / "rank-0.json").read_text())
     return {
-        "tokens_per_s": statistics.median(r["trained_tokens_per_s"] for r in steps
-                                          if "trained_tokens_per_s" in r),
+        "train_s": rank["seconds"],
+        "digest": rank["data_digest"],
         "peak_allocated_gib": max(r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r),
         "peak_reserved_gib": max(r.get("peak_memory_reserved_gib", 0) for r in rows),
-        "final_loss": steps[-1]["loss"],
+        "final_loss": [r for r in rows if "loss" in r][-1]["loss"],
     }
 
 
@@ -206,12 +215,16 @@ def render(rows: list[dict], args) -> str:
         if "ftlaunch" in row:
             ours, plain = row["ftlaunch"], row["plain"]
             reserved = ours["peak_reserved_gib"]
-            utilisation = mfu(ours["tokens_per_s"], plan, gpu)
             cells += [f"{ours['peak_allocated_gib']:.2f}", f"{reserved:.2f}",
-                      f"{(planned - reserved) / reserved:+.1%}",
-                      f"{ours['tokens_per_s']:.0f}", f"{plain['trained_tokens_per_s']:.0f}",
-                      f"{ours['tokens_per_s'] / plain['trained_tokens_per_s']:.2f}x",
-                      f"{utilisation:.1%}" if utilisation is not None else "n/a"]
+                      f"{(planned - reserved) / reserved:+.1%}"]
+            if ours["digest"] == plain["data_digest"]:
+                tokens_per_s = plain["trained_tokens"] / ours["train_s"]
+                utilisation = mfu(tokens_per_s, plan, gpu)
+                cells += [f"{tokens_per_s:.0f}", f"{plain['trained_tokens_per_s']:.0f}",
+                          f"{tokens_per_s / plain['trained_tokens_per_s']:.2f}x",
+                          f"{utilisation:.1%}" if utilisation is not None else "n/a"]
+            else:
+                cells += ["batches differ"] * 4
         else:
             cells += ["(dry run)"] * 7
         head.append("| " + " | ".join(cells) + " |")

@@ -72,6 +72,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def recipe_flags(recipe: dict, plan: dict, steps: int) -> list[str]:
+    """This script's flags for what an ftlaunch recipe (Recipe.to_json()) and its plan
+    train: hyper-parameters, LoRA shape, micro-batch, accumulation, seq len, seed. The
+    benches add what they vary (device, checkpointing, optimizer, packing)."""
+    training, lora = recipe["training"], recipe["lora"]
+    if lora.get("target_modules") != "all-linear" or lora.get("bias", "none") != "none":
+        raise SystemExit("plain_sft.py trains all linear layers without bias: so must the recipe")
+    if plan["num_processes"] != 1:
+        raise SystemExit("plain_sft.py runs one process: so must the plan")
+    return ["--steps", str(steps), "--batch", str(plan["per_device_batch_size"]),
+            "--accumulation", str(plan["gradient_accumulation_steps"]),
+            "--seq-len", str(plan["seq_len"]), "--seed", str(training.get("seed", 42)),
+            "--lr", str(training["learning_rate"]),
+            "--lr-scheduler", str(training["lr_scheduler_type"]),
+            "--warmup", str(training.get("warmup_steps", 0)),
+            "--max-grad-norm", str(training.get("max_grad_norm", 1.0)),
+            "--weight-decay", str(training.get("weight_decay", 0.0)),
+            "--logging-steps", str(int(training["logging_steps"])),
+            "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["lora_alpha"]),
+            "--lora-dropout", str(lora["lora_dropout"])]
+
+
 class CountingCollator:
     """Measurement only: per collated batch, the tokens with a label (the ones the loss is
     on) and all input ids, and a SHA-256 of the input ids in order, as ftlaunch's

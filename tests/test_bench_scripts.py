@@ -41,3 +41,31 @@ def test_gpu_benchmark_dry_run_plans_each_row_with_real_flags(tmp_path):
     assert len(rows) == 3
     # The reference row is what the issue fixes: QLoRA, micro-batch 2, checkpointing on.
     assert "| 2, on |" in rows[2]
+
+
+def test_cpu_benchmark_gives_the_plain_script_the_recipe_and_the_plan(tmp_path, monkeypatch):
+    """bench/cpu_vs_trl.py's plain runs: flags plain_sft.py's own parser accepts, carrying
+    the recipe's hyper-parameters and the plan's batch; the TRL-defaults run is the
+    matched one without the four settings the plan decides."""
+    import os
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import cpu_vs_trl
+    import plain_sft
+
+    from ftlaunch import recipes
+
+    rec = recipes.load_recipe("demo").to_json()
+    the_plan = cpu_vs_trl.plan("tiny", "demo", 10, rec["seq_len"], rec["global_batch_size"],
+                               dict(os.environ))
+    argv = {v: cpu_vs_trl.plain_argv(v, "MODEL", rec, the_plan, 10, None, tmp_path / "out")
+            for v in ("plain, TRL defaults", "plain, matched")}
+    parsed = {v: plain_sft.parse_args(a[2:]) for v, a in argv.items()}
+    matched = parsed["plain, matched"]
+    assert matched.lr == rec["training"]["learning_rate"]
+    assert matched.lora_r == rec["lora"]["r"] and matched.seq_len == the_plan["seq_len"]
+    assert (matched.batch, matched.accumulation) == (the_plan["per_device_batch_size"],
+                                                     the_plan["gradient_accumulation_steps"])
+    assert matched.gradient_checkpointing == ("on" if the_plan["gradient_checkpointing"] else "off")
+    assert argv["plain, matched"][:len(argv["plain, TRL defaults"])] == argv["plain, TRL defaults"]
+    assert parsed["plain, TRL defaults"].gradient_checkpointing == "default"
