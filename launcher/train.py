@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ftlaunch import checkpoints, preview, rundir
+from ftlaunch import checkpoints, config_fields, preview, rundir
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
@@ -216,8 +216,8 @@ def _training_config(run_dir, record, has_eval):
         training.setdefault("eval_steps", training.get("save_steps", 50))
         training.setdefault("per_device_eval_batch_size", plan["per_device_batch_size"])
     # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    prefix = ("activation" if "activation_checkpointing" in config_fields.fields("training")
+              else "gradient")
     training[f"{prefix}_checkpointing"] = plan["gradient_checkpointing"]
     training[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     config = SFTConfig(

@@ -169,6 +169,10 @@ def test_the_trainer_prepares_the_cache_exactly_as_the_raw_rows(kind, assistant_
     else:  # truncated, and an example with nothing trained within MAX_LENGTH dropped
         assert max(len(ids) for ids in raw.train_dataset["input_ids"]) == MAX_LENGTH
         assert (len(raw.train_dataset) < len(train_rows)) is masked
+        # The cache's statistics count exactly the examples TRL itself drops.
+        stats = data_cache.length_stats(meta)
+        assert stats.untrained_after_truncation == len(train_rows) - len(raw.train_dataset)
+        assert stats.over_seq_len >= stats.untrained_after_truncation
 
 
 def test_the_trainer_does_not_tokenize_the_cache(model, model_record, tmp_path):
