@@ -139,7 +139,16 @@ def parse_duration(text: str, flag: str) -> float:
 
 def _stop_options(func):
     """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
-    stops are timed."""
+    stops are timed, what watches the run."""
+    func = click.option("--report-to", "report_to", metavar="TRACKER[,TRACKER]",
+                        help="Also log to these trackers: tensorboard (into RUN_DIR/tensorboard), "
+                             "wandb, mlflow, ... (their packages must be installed; credentials "
+                             "come from the environment, e.g. WANDB_API_KEY).")(func)
+    func = click.option("--stall-timeout", default="30m", show_default=True, metavar="DURATION",
+                        help="Stop the job when no rank has made progress (a step, an eval "
+                             "batch, a save) for this long: a hung collective or a stuck GPU is "
+                             "reported with each rank's last step, and a re-run resumes. 'off' "
+                             "disables it.")(func)
     func = click.option("--join-timeout", default="15m", show_default=True, metavar="DURATION",
                         help="Multi-node: how long the nodes wait for each other to start "
                              "before giving up (exit 2).")(func)
@@ -168,7 +177,9 @@ def train(**kwargs):
     last complete checkpoint; a finished run is left alone.
 
     \b
-    Exit codes: 0 done; 1 training failed; 2 user error; 75 stopped by a signal
+    Exit codes: 0 done; 1 training failed; 2 user error (a NaN/inf loss too: it stops
+    with the last good weights checkpointed); 3 stalled (no progress for --stall-timeout;
+    re-run to resume); 75 stopped by a signal
     after writing a complete checkpoint (re-run to resume); 128+N stopped by
     signal N before a checkpoint was completed (a re-run resumes from the last one).
     """
@@ -191,6 +202,11 @@ def _train(kwargs: dict, argv: list[str]) -> int:
     kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
     every = kwargs.pop("save_every")
     kwargs["save_every_s"] = parse_duration(every, "--save-every") if every else None
+    stall = str(kwargs.pop("stall_timeout")).strip().lower()
+    kwargs["stall_timeout_s"] = None if stall == "off" else parse_duration(stall, "--stall-timeout")
+    report_to = kwargs.pop("report_to")
+    kwargs["report_to"] = tuple(t.strip() for t in report_to.split(",") if t.strip()) \
+        if report_to else None
     job = job_mod.resolve(_to_options(kwargs))
     click.echo(_plan_summary(job.plan))
     return start.train(job, argv, click.echo)
@@ -324,6 +340,20 @@ def merge(run_dir, out):
         click.echo("Note: the adapter was trained against the 4-bit base; it is merged into the "
                    "unquantised base weights.")
     return 0
+
+
+@cli.command()
+@click.option("--output-dir", default=".", show_default=True, metavar="DIR",
+              help="Where runs will be written (its free disk is checked).")
+def doctor(output_dir):
+    """Check this environment for fine-tuning: packages and their versions, CUDA, bf16,
+    bitsandbytes, DeepSpeed, NCCL, disk, RAM, hub access; say what is missing and how
+    to fix it. Exit code 1 when something essential is missing."""
+    from ftlaunch import doctor as doctor_mod
+
+    checks = doctor_mod.run_checks(Path(output_dir))
+    click.echo(doctor_mod.render(checks))
+    return doctor_mod.exit_code(checks)
 
 
 @cli.group()

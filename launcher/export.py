@@ -235,6 +235,7 @@ def _check_merge_target(out: Path, run_dir: Path, adapter_digest: str) -> None:
     """Refuse, before any model is loaded, to write where a merge must not go."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder for the merged model.")
+    _clear_interrupted(out)
     if out.is_dir() and any(out.iterdir()):
         try:
             previous = read_merge_record(out)
@@ -243,6 +244,15 @@ def _check_merge_target(out: Path, run_dir: Path, adapter_digest: str) -> None:
         ours = previous is not None and (
             previous.get("run_dir") == str(run_dir.resolve())
             or previous.get("adapter_sha256") == adapter_digest)
+        model_files = [p.name for p in out.iterdir()
+                       if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
+        if previous is None and model_files:
+            raise UserError(
+                f"--out {out} holds model files ({', '.join(sorted(model_files)[:3])}) but no "
+                f"{MERGE_RECORD}: an interrupted merge by another tool, a copy cut short, or "
+                "another model. ftlaunch's own merges are never left half-written there, and it "
+                "will not overwrite what it cannot identify; remove that folder (or choose "
+                "another --out) and merge again.")
         if not ours:
             raise UserError(
                 f"--out {out} exists and is not an earlier merge of {run_dir} (it has no "
@@ -254,6 +264,22 @@ def _check_merge_target(out: Path, run_dir: Path, adapter_digest: str) -> None:
         raise UserError(f"--out {out}: cannot create {out.parent} ({exc}).") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {out.parent} is not writable; choose another --out.")
+
+
+def _clear_interrupted(out: Path) -> None:
+    """What a merge killed in _save_atomically left beside `out`: its hidden copy, removed;
+    or, killed between the two renames, the earlier merge it had moved aside, put back."""
+    import psutil
+
+    for pattern in (f".{out.name}.old-*", f".{out.name}.tmp-*"):
+        for leftover in sorted(out.parent.glob(pattern)):
+            pid = leftover.name.rpartition("-")[2]
+            if not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue  # not ours, or a merge still running
+            if ".old-" in leftover.name and not out.exists():
+                leftover.rename(out)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _save_atomically(out: Path, model, tokenizer, merge_record: dict) -> None:

@@ -49,6 +49,8 @@ class Options:
     grace_s: float = 120.0  # --grace: how long a stop on a signal may take to checkpoint
     save_every_s: float | None = None  # --save-every: a checkpoint at least this often
     join_timeout_s: float = 900.0  # --join-timeout: how long the nodes wait for each other
+    stall_timeout_s: float | None = 1800.0  # --stall-timeout: no progress this long ends the job
+    report_to: tuple[str, ...] | None = None  # --report-to: None keeps the recipe's
     allow_changed: tuple[str, ...] = ()  # --set resume.allow_changed=...: accepted differences
 
 
@@ -71,6 +73,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     model = models.resolve(options.model)
     recipe = recipes.apply_overrides(recipes.load_recipe(options.recipe), options.sets)
     recipe = _apply_flags(recipe, options)
+    recipe = _fit_context(recipe, model, options)
     if validate or options.sets or options.recipe not in recipes.recipe_paths():
         recipe = recipes.validate(recipe)
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
@@ -90,6 +93,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
     )
     plan = planner.plan(machine, model, spec)
+    _check_engine(options, plan)
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
                plan=plan, output_dir=output_dir, cluster=cluster)
@@ -186,6 +190,8 @@ def _apply_flags(recipe: recipes.Recipe, options: Options) -> recipes.Recipe:
         training["num_train_epochs"] = options.epochs
         if options.max_steps is None:
             training["max_steps"] = -1  # --epochs alone means: run the epochs
+    if options.report_to is not None:
+        training["report_to"] = list(options.report_to)
     data = dict(recipe.data)
     for key in ("eval_split", "eval_data", "packing", "system_prompt"):
         if getattr(options, key) is not None:
@@ -204,6 +210,35 @@ def _apply_flags(recipe: recipes.Recipe, options: Options) -> recipes.Recipe:
         if getattr(out, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1.")
     return out
+
+
+def _check_engine(options: Options, plan: planner.Plan) -> None:
+    """--engine names a multi-GPU engine; a plan that cannot use it is a contradiction
+    to say out loud, not to ignore."""
+    if options.engine == "auto" or plan.engine == options.engine or not plan.fits:
+        return
+    if plan.num_processes == 1:
+        raise UserError(f"--engine {options.engine} spreads training over several processes, but "
+                        f"this plan runs one (--gpus {options.gpus} on {plan.hardware.describe()}). "
+                        f"Leave --engine out for one device, or give --gpus 2 or more.")
+    if plan.on_cpu:
+        raise UserError(f"--engine {options.engine} needs GPUs; without them ftlaunch's "
+                        f"{plan.num_processes} CPU worker processes train with DDP over gloo. "
+                        "Leave --engine out here.")
+
+
+def _fit_context(recipe: recipes.Recipe, model: models.ModelSpec,
+                 options: Options) -> recipes.Recipe:
+    """A sequence longer than the model's context (max_position_embeddings) trains
+    positions it never saw: refused when asked for, trimmed when a recipe's default."""
+    limit = model.context_length
+    if limit is None or recipe.seq_len <= limit:
+        return recipe
+    if options.seq_len is not None:
+        raise UserError(f"--seq-len {options.seq_len} is longer than {model.name}'s context of "
+                        f"{limit} tokens (max_position_embeddings in its config). Use "
+                        f"--seq-len {limit} or less.")
+    return replace(recipe, seq_len=limit)
 
 
 def _targets(value) -> tuple[str, ...] | str:

@@ -9,7 +9,8 @@ reaches the launcher, which decides what the workers get (see run). Their
 output is streamed live and also kept in train.log.
 
 Exit codes of `ftlaunch train`: 0 done (adapter/ written); 1 training failed;
-2 user error; PREEMPTED_EXIT (75) stopped on a signal after a complete
+2 user error; STALLED_EXIT (3) no progress for --stall-timeout, the job was killed
+(re-run to resume from the last complete checkpoint); PREEMPTED_EXIT (75) stopped on a signal after a complete
 checkpoint, re-run to resume; 128+N stopped by signal N before a checkpoint
 could be completed (a re-run resumes from the last complete one).
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from ftlaunch.errors import UserError
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try again
+STALLED_EXIT = 3  # no rank made progress for --stall-timeout: killed, a re-run resumes
 
 
 def command(config_path: Path, run_dir: Path, resume_from: Path | None,
@@ -156,13 +158,17 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             ) from None
 
 
-def run(argv: list[str], env: dict[str, str], log_path: Path,
-        grace_s: float = 120.0) -> tuple[int, int | None]:
-    """Run the workers, stream their output; return (exit code, signal received or None).
+def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 120.0,
+        watch=None) -> tuple[int, int | None, object]:
+    """Run the workers, stream their output; return (exit code, signal received or None,
+    the heartbeat.Stall that ended the job or None).
 
     The first SIGTERM/SIGINT goes to the workers themselves (not to torchrun's agent,
     which would SIGKILL them 30 s later): they finish the step, checkpoint and exit. A
     second signal, or the grace period running out, kills every process of the job.
+    `watch` (a heartbeat.Watch) is asked every few seconds; when it reports a stall, the
+    workers are asked for their Python stacks (SIGUSR1, into the logs) and the job is
+    killed: a hung rank cannot finish a step, so there is nothing to save.
     """
     received: list[int] = []
     env = {**env, "FTLAUNCH_LAUNCHER_PID": str(os.getpid())}
@@ -197,8 +203,15 @@ def run(argv: list[str], env: dict[str, str], log_path: Path,
         grace.start()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    stall = None
     try:
-        _follow(log_path, offset, process)
+        stall = _follow(log_path, offset, process, watch)
+        if stall is not None:
+            for proc in _job_processes(process, known):
+                if _is_worker(proc):
+                    _kill(proc, signal.SIGUSR1)  # faulthandler: every thread's stack
+            _follow_for(log_path, process, STACK_DUMP_WAIT_S)
+            kill_all()
         code = process.wait()
     finally:
         for signum, handler in previous.items():
@@ -210,13 +223,20 @@ def run(argv: list[str], env: dict[str, str], log_path: Path,
         process.wait()
     if code < 0:
         code = 128 - code
-    return code, (received[0] if received else None)
+    return code, (received[0] if received else None), stall
 
 
-def _follow(log_path: Path, offset: int, process: subprocess.Popen) -> None:
-    """Stream what the workers append to train.log until the launch process exits."""
+STACK_DUMP_WAIT_S = 3.0  # for the workers' stacks to reach the log before the kill
+_WATCH_EVERY_S = 2.0
+
+
+def _follow(log_path: Path, offset: int, process: subprocess.Popen, watch=None,
+            until: float | None = None):
+    """Stream what the workers append to train.log until the launch process exits (or
+    `until`, a time.monotonic() deadline); return the stall `watch` found, if any."""
     import time
 
+    next_watch = time.monotonic() + _WATCH_EVERY_S
     with open(log_path, "rb") as log:
         log.seek(offset)
         while True:
@@ -228,10 +248,21 @@ def _follow(log_path: Path, offset: int, process: subprocess.Popen) -> None:
                     sys.stdout.flush()
                 except (BrokenPipeError, ValueError):
                     pass  # nobody reads our output any more; train.log still has it
-            elif finished:
-                return
+            elif finished or (until is not None and time.monotonic() >= until):
+                return None
             else:
                 time.sleep(0.05)
+            if watch is not None and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + _WATCH_EVERY_S
+                stall = watch.check()
+                if stall is not None:
+                    return stall
+
+
+def _follow_for(log_path: Path, process: subprocess.Popen, seconds: float) -> None:
+    import time
+
+    _follow(log_path, log_path.stat().st_size, process, until=time.monotonic() + seconds)
 
 
 def _job_processes(process: subprocess.Popen, known: dict) -> list:

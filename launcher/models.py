@@ -35,6 +35,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     tie_word_embeddings: bool
+    context_length: int | None = None  # max_position_embeddings: the longest sequence it was built for
 
     @property
     def is_builtin(self) -> bool:
@@ -112,11 +113,26 @@ def resolve(name: str) -> ModelSpec:
     if cached is not None:
         return from_config(name, name, _read_json(cached))
     known = ", ".join(preset_names())
+    close = close_presets(name)
+    guess = (f"Did you mean {close[0]}" + (f" (or {', '.join(close[1:])})" if close[1:] else "")
+             + "? ") if close else ""
     raise UserError(
         f"--model {name!r} is not a preset, a local model folder, or a hub model whose "
-        f"config.json is in the local Hugging Face cache. Presets: {known}. "
+        f"config.json is in the local Hugging Face cache. {guess}Presets: {known}. "
         "`ftlaunch recipes` lists them with their hub ids."
     )
+
+
+def close_presets(name: str) -> list[str]:
+    """Preset names whose name, alias or hub id is close to `name` (a typo), best first."""
+    import difflib
+
+    spellings: dict[str, str] = {}
+    for key, entry in load_presets().items():
+        for spelling in (key, *entry.get("aliases", ()), entry["id"]):
+            spellings.setdefault(spelling.lower(), key)
+    matches = difflib.get_close_matches(name.lower(), list(spellings), n=6, cutoff=0.75)
+    return list(dict.fromkeys(spellings[m] for m in matches))[:3]
 
 
 def from_config(name: str, source: str, config: dict) -> ModelSpec:
@@ -141,6 +157,8 @@ def from_config(name: str, source: str, config: dict) -> ModelSpec:
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            context_length=int(config["max_position_embeddings"])
+            if config.get("max_position_embeddings") else None,
         )
     except KeyError as missing:
         raise UserError(f"--model {name}: its config.json lacks {missing}.") from None

@@ -351,3 +351,28 @@ def _human(n: int | float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
+
+
+# `--report-to` trackers (transformers' integrations) and the modules each needs.
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "trackio": ("trackio",),
+             "swanlab": ("swanlab",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+             "neptune": ("neptune",), "aim": ("aim",)}
+
+
+def check_reporters(report_to) -> None:
+    """The trackers asked for exist and are installed: the Trainer would otherwise fail
+    on every rank after the model is loaded."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORTERS:
+            raise UserError(f"--report-to {name}: not a tracker ftlaunch knows; use one of "
+                            f"{', '.join(REPORTERS)} (or none).")
+        if not any(importlib.util.find_spec(module) for module in REPORTERS[name]):
+            raise UserError(f"--report-to {name}: the {REPORTERS[name][0]} package is not "
+                            f"installed here. pip install {REPORTERS[name][0]}, or leave "
+                            "--report-to out (metrics.jsonl and loss.png are always written).")

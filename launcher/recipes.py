@@ -55,7 +55,21 @@ PLAN_OWNED = {
     "dataset_text_field": "--data formats (the data is tokenized before training)",
     "assistant_only_loss": "data.assistant_only_loss (the data is tokenized before training)",
     "completion_only_loss": "the data's format (prompt/completion data trains on completions)",
+    "packing": "--packing / --no-packing (data.packing)",
+    "ddp_backend": "the engine (nccl on GPUs, gloo on CPU)",
 }
+
+# Credentials are read from the environment by the libraries that need them: a value
+# given here would be written into run.yaml, the checkpoints' training_args.bin and the
+# shell history. Field -> the variable to set instead.
+SECRET_KEYS = {"hub_token": "HF_TOKEN"}
+
+
+def _refuse_secret(key: str, where: str) -> None:
+    if key in SECRET_KEYS:
+        raise UserError(f"{where}{key}: ftlaunch does not take credentials as settings (they would "
+                        f"be written into run.yaml and every checkpoint). Put the token in the "
+                        f"environment instead ({SECRET_KEYS[key]}=...), where the libraries read it.")
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ def load_recipe(name_or_path: str) -> Recipe:
     for section in ("training", "lora", "data"):
         if not isinstance(raw.get(section) or {}, dict):
             raise UserError(f"Recipe {path}: `{section}` must be a mapping.")
+    for key in raw.get("training") or {}:
+        _refuse_secret(key, f"Recipe {path}: training.")
     recipe = Recipe(
         name=path.stem,
         description=str(raw.get("description", "")),
@@ -142,6 +158,7 @@ def apply_overrides(recipe: Recipe, assignments: tuple[str, ...] | list[str]) ->
         elif key in PLAN_OWNED:
             raise UserError(f"--set {key} is decided by {PLAN_OWNED[key]}; use that instead.")
         else:
+            _refuse_secret(key, "--set ")
             training[key] = value
     return replace(recipe, training=training, lora=lora, data=data)
 

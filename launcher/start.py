@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ftlaunch import (__version__, builtin_models, checkpoints, launch, models, nodes,
-                     preflight, preview, render, rundir)
+from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
+                      nodes, preflight, preview, render, rundir)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
@@ -31,6 +31,7 @@ def train(job: Job, argv: list[str], echo) -> int:
         raise UserError("--random-init with QLoRA is not supported: quantisation needs saved "
                         "weights. Use --method lora with --random-init.")
     render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
+    preflight.check_reporters(job.recipe.training.get("report_to"))
     cluster = job.cluster
     if cluster.nnodes > 1 and cluster.node_rank > 0 and not options.dry_run:
         return _train_joining_node(job, argv, echo)
@@ -136,8 +137,27 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
              + launch.printable(argv_launch))
     else:
         echo("Launching: " + launch.printable(argv_launch))
-    code, received = launch.run(argv_launch, env, log_path, job.options.grace_s)
+    ranks = [job.cluster.node_rank * plan.processes_per_node + i
+             for i in range(plan.processes_per_node)]
+    heartbeat.clear(run_dir, ranks)
+    watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
+             if job.options.stall_timeout_s else None)
+    code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
+    if stall is not None:
+        return _stalled(run_dir, stall, echo)
     return _outcome(run_dir, code, received, echo)
+
+
+def _stalled(run_dir: Path, stall, echo) -> int:
+    """The job was killed for making no progress: say where each rank was, keep it in
+    stalled.json, and how to go on."""
+    rundir.atomic_write(run_dir / heartbeat.STALL_FILE, json.dumps(stall.to_json()) + "\n")
+    last = checkpoints.scan(run_dir / "checkpoints").newest
+    since = last.path.name if last else "the start (no checkpoint was completed)"
+    echo(f"Stalled: {stall.describe()} The job was stopped; the Python stacks of the ranks "
+         f"that could still answer are in {run_dir / 'train.log'}. Exit code "
+         f"{launch.STALLED_EXIT}: re-run the same command to resume from {since}.")
+    return launch.STALLED_EXIT
 
 
 def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity: dict,
@@ -345,6 +365,8 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo) -> int:
         echo(f"Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
         return 0
     stop = rundir.read_stop_record(run_dir)
+    if stop is not None and stop.get("why") == "non-finite loss":
+        raise UserError(_non_finite_message(run_dir, stop))
     if stop is not None and checkpoints.verify(Path(stop["checkpoint"]))[0] is None:
         echo(f"Preempted ({stop['why']}): stopped after step {stop['step']} with a complete "
              f"checkpoint, {stop['checkpoint']}. Exit code {launch.PREEMPTED_EXIT}: re-run the "
@@ -361,6 +383,23 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo) -> int:
         echo(f"Training failed with exit code {code} (see {run_dir / 'train.log'}); after fixing "
              f"the cause, re-run the same command to resume from {since}.")
     return code
+
+
+def _non_finite_message(run_dir: Path, stop: dict) -> str:
+    step, checkpoint = stop.get("non_finite_step") or stop["step"], stop.get("checkpoint")
+    if stop.get("update_skipped") and checkpoint:
+        state = (f"its update was skipped, and {Path(checkpoint).name} holds the weights from "
+                 "just before it (the last good state)")
+    elif checkpoint:
+        state = f"the last good state is the last complete checkpoint, {Path(checkpoint).name}"
+    else:
+        state = "no checkpoint was completed before it"
+    return (f"The training loss became NaN or infinite at step {step} ({stop.get('found_in') or 'loss'} "
+            f"not finite), so the run was stopped: {state}. Usual causes are a learning rate "
+            "too high for this model, fp16 overflow, or broken examples in the data. Start over "
+            "with a lower rate (the same command with --fresh --set learning_rate=...), or, if "
+            f"one bad batch was the cause, re-run the same command to resume; {run_dir / 'train.log'} "
+            "has the losses before it.")
 
 
 def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:

@@ -50,6 +50,7 @@ class Session:
     recorder: "_BatchRecorder"
     tokenizer: object
     checkpointing: "_Checkpointing"
+    guard: "_NonFiniteGuard"
 
 
 def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
@@ -67,14 +68,24 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
-    checkpointing = _Checkpointing(run_dir, record, stop or _StopRequest())
+    stop = stop or _StopRequest()
+    guard = _NonFiniteGuard(stop)
+    checkpointing = _Checkpointing(run_dir, record, stop)
+    checkpointing.guard = guard
+    trainer.add_callback(guard)  # before _Checkpointing: its step-end agreement sees the stop
     trainer.add_callback(checkpointing)
-    return Session(trainer, recorder, tokenizer, checkpointing)
+    trainer.add_callback(_Heartbeat(run_dir))
+    return Session(trainer, recorder, tokenizer, checkpointing, guard)
 
 
 def run(run_dir: Path, resume_from: Path | None) -> None:
     stop = _StopRequest()
     stop.install()  # first thing: a signal during model loading must not kill this rank
+    import faulthandler
+
+    # The launcher asks for every thread's stack this way when the job stalls; it is
+    # written from the signal handler itself, so even a rank stuck in C code answers.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     record = rundir.read_run_file(run_dir)
     _watch_launcher(stop, float(record["checkpointing"]["grace_s"]))
     session = build(run_dir, stop)
@@ -90,11 +101,8 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     stopped_at = session.checkpointing.stopped_at
     if stopped_at is not None:  # the stop's checkpoint is complete: on_save waited for all ranks
         if writes_run_files:
-            checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
-            rundir.write_stop_record(run_dir, {"step": stopped_at, "why": stop.reason,
-                                               "checkpoint": str(checkpoint)})
-            print(f"ftlaunch: stopped ({stop.reason}) after step {stopped_at}; "
-                  f"{checkpoint.name} is complete", flush=True)
+            _record_stop(run_dir, stop, stopped_at, session.checkpointing.saved_at_stop,
+                         session.guard)
         # No node's launcher may look for stopped.json before it is there.
         _barrier()
         return
@@ -239,15 +247,18 @@ def _training_config(run_dir, record, has_eval):
         # Best-fit packing, padding-free: examples share a row without attending to each
         # other (position_ids restart per example), and no compute goes to padding.
         packing=bool(data.get("packing", True)),
-        packing_strategy="bfd",
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="steps",
-        ddp_find_unused_parameters=False if plan["num_processes"] > 1 else None,
         ddp_backend=_ddp_backend(plan),
-        dataloader_num_workers=0,
-        **training,
+        # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
+        **{"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,
+           "save_strategy": "steps", "dataloader_num_workers": 0,
+           # A NaN loss is logged as NaN, not as the average of the steps before it.
+           "logging_nan_inf_filter": False,
+           "ddp_find_unused_parameters": False if plan["num_processes"] > 1 else None,
+           **training},
     )
+    # Trackers' local files belong to the run (transformers 5 reads these, not logging_dir).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
     return config
 
 
@@ -337,6 +348,36 @@ class _MetricsCallback(TrainerCallback):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(line, flush=True)
+
+
+class _Heartbeat(TrainerCallback):
+    """This rank's progress for the launcher's stall watch (ftlaunch.heartbeat)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.writer = None
+
+    def _beat(self, args, state, phase: str) -> None:
+        if self.writer is None:
+            from ftlaunch import heartbeat
+
+            self.writer = heartbeat.Writer(self.run_dir, args.process_index)
+        self.writer.beat(state.global_step, phase)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._beat(args, state, "training")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._beat(args, state, "training")
+
+    def on_substep_end(self, args, state, control, **kwargs):  # a micro-batch of accumulation
+        self._beat(args, state, "training")
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self._beat(args, state, "evaluating")
+
+    def on_save(self, args, state, control, **kwargs):
+        self._beat(args, state, "training")
 
 
 class _BatchRecorder:
@@ -476,6 +517,80 @@ def _trim_metrics(path: Path, step: int) -> None:
     rundir.atomic_write(path, "".join(line + "\n" for line in kept))
 
 
+NON_FINITE = "non-finite loss"
+
+
+def _record_stop(run_dir: Path, stop: "_StopRequest", step: int, saved: bool,
+                 guard: "_NonFiniteGuard") -> None:
+    """stopped.json, which tells the launcher why the workers ended before max_steps and
+    which complete checkpoint holds the state to go on from."""
+    root = run_dir / "checkpoints"
+    if saved:
+        checkpoint = root / f"checkpoint-{step}"
+    else:  # the weights at the stop are not worth keeping: the last complete checkpoint is
+        newest = checkpoints.scan(root).newest
+        checkpoint = newest.path if newest else None
+    record = {"step": step, "why": stop.reason,
+              "checkpoint": str(checkpoint) if checkpoint else None}
+    if stop.reason == NON_FINITE:
+        record.update(guard.report())
+    rundir.write_stop_record(run_dir, record)
+    where = f"{checkpoint.name} is complete" if checkpoint else "no checkpoint was completed"
+    print(f"ftlaunch: stopped ({stop.reason}) at step {step}; {where}", flush=True)
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """A NaN or inf loss stops the run before it poisons the weights.
+
+    Before each optimizer step the trainable parameters' gradients are checked (LoRA's
+    are a few MB); when any is not finite on any rank, every rank drops its gradients, so
+    the optimizer skips that update (torch's optimizers skip parameters without a
+    gradient), and the run stops with a checkpoint of the weights as they were before
+    it: the last good state. Where the gradients are not visible (DeepSpeed keeps them
+    in its own partitions), the logged loss is checked instead, and the run stops
+    without saving: the last complete checkpoint is then the last good state."""
+
+    def __init__(self, stop: "_StopRequest"):
+        self.stop = stop
+        self.step: int | None = None
+        self.kept_good = False  # the update was skipped: the current weights are good
+        self.found_in = ""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        finite = all(bool(torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all())
+                     for g in grads)
+        device = _agreement_device()
+        if device is not None:
+            import torch.distributed as dist
+
+            flag = torch.tensor([0 if finite else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = not int(flag[0])
+        if finite:
+            return
+        for param in model.parameters():
+            param.grad = None
+        self._trip(state.global_step + 1, "gradients", kept_good=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float)) and not math.isfinite(loss) and self.step is None:
+            self._trip(state.global_step, "logged loss", kept_good=False)
+
+    def _trip(self, step: int, found_in: str, kept_good: bool) -> None:
+        self.step, self.found_in, self.kept_good = step, found_in, kept_good
+        self.stop.request(NON_FINITE)
+
+    def report(self) -> dict:
+        return {"non_finite_step": self.step, "found_in": self.found_in,
+                "update_skipped": self.kept_good}
+
+
 class _StopRequest:
     """SIGTERM / SIGINT on this rank: finish the step, checkpoint, stop (see _Checkpointing).
 
@@ -484,7 +599,7 @@ class _StopRequest:
     The reason is a small number so that the ranks can agree on it with a max-reduce.
     """
 
-    REASONS = (None, "SIGINT", "SIGTERM", "launcher exited")
+    REASONS = (None, "SIGINT", "SIGTERM", "launcher exited", NON_FINITE)
 
     def __init__(self):
         self.code = 0
@@ -497,8 +612,9 @@ class _StopRequest:
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
-        if not self.code:
-            self.code = self.REASONS.index(reason)
+        code = self.REASONS.index(reason)
+        if not self.code or code == self.REASONS.index(NON_FINITE):
+            self.code = code  # a non-finite loss decides how the stop saves, whatever came first
 
     @property
     def reason(self) -> str | None:
@@ -564,6 +680,8 @@ class _Checkpointing(TrainerCallback):
         self.record = record
         self.stop = stop
         self.stopped_at: int | None = None
+        self.saved_at_stop = True  # whether the stop wrote a checkpoint at stopped_at
+        self.guard: _NonFiniteGuard | None = None
         self._reason = "steps"
         self._last_save = time.monotonic()
         self._device = None  # of the per-step agreement; None on one process
@@ -589,17 +707,24 @@ class _Checkpointing(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         due = bool(self.save_every) and time.monotonic() - self._last_save >= self.save_every
         stop, due = self._agree(due)
-        if state.global_step >= state.max_steps:
+        last = state.global_step >= state.max_steps
+        non_finite = stop == _StopRequest.REASONS.index(NON_FINITE)
+        if last and not non_finite:
             control.should_save = False
             return
         if stop:
-            control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
             self.stop.code = stop  # the reason every rank agreed on
+            # After a non-finite loss only weights whose bad update was skipped are saved,
+            # and never at max_steps (see the class docstring).
+            save = not non_finite or (self.guard is not None and self.guard.kept_good and not last)
+            control.should_training_stop = True
+            control.should_save = self.saved_at_stop = save
             self._reason = "stop requested"
             if args.should_save:
-                print(f"ftlaunch: stop requested ({self.stop.reason}): saving a checkpoint at "
-                      f"step {state.global_step}", flush=True)
+                print(f"ftlaunch: stop requested ({self.stop.reason}): "
+                      + (f"saving a checkpoint at step {state.global_step}" if save else
+                         "not saving the weights at this step"), flush=True)
         elif due:
             control.should_save = True
             self._reason = "time"
