@@ -225,7 +225,8 @@ def resume(run_dir, changes):
 
     if not (run_dir / rundir.RUN_FILE).is_file():
         raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
-                        f"{rundir.RUN_FILE}); nothing to resume.")
+                        f"{rundir.RUN_FILE}); nothing to resume. Pass the --output-dir of a "
+                        "training that was started (runs/<model> by default).")
     record = rundir.read_run_file(run_dir)
     command = [str(a) for a in record.get("command") or []]
     if command[:1] == ["train"]:
@@ -425,6 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("ftlaunch: aborted", err=True)
         code = 130
+    except click.UsageError as exc:
+        # One paragraph like every other user error, and where the usage is.
+        command = exc.ctx.command_path if exc.ctx else "ftlaunch"
+        click.echo(f"ftlaunch: error: {exc.format_message()} See `{command} --help`.", err=True)
+        code = USER_ERROR_EXIT
     except click.ClickException as exc:
         exc.show()
         code = USER_ERROR_EXIT

@@ -45,9 +45,19 @@ def resolve(env: Mapping[str, str], nnodes: int | None, node_rank: int | None,
         master_port=master_port or found.master_port,
         source="flags" if nnodes is not None else found.source,
     )
-    if context.nnodes < 1 or not 0 <= context.node_rank < context.nnodes:
-        raise UserError(f"Node rank {context.node_rank} must be between 0 and nnodes - 1 "
-                        f"({context.nnodes - 1}) (from {context.source}).")
+    flags = context.source == "flags" or node_rank is not None
+    if context.nnodes < 1:
+        raise UserError(f"--nnodes {context.nnodes} (from {context.source}) must be at least 1: "
+                        "the number of machines in the job.")
+    if not 0 <= context.node_rank < context.nnodes:
+        named = (f"--node-rank {context.node_rank} with --nnodes {context.nnodes}" if flags
+                 else f"node rank {context.node_rank} of {context.nnodes} nodes")
+        raise UserError(f"{named} (from {context.source}): a node's rank must be between 0 and "
+                        f"{context.nnodes - 1}. Number the machines 0 to {context.nnodes - 1}, "
+                        "node 0 being the one at --master-addr.")
+    if context.master_port is not None and not 1 <= context.master_port <= 65535:
+        raise UserError(f"--master-port {context.master_port} is not a TCP port: use one "
+                        "between 1024 and 65535 that is free on node 0.")
     if context.nnodes > 1 and not context.master_addr:
         raise UserError(f"{context.nnodes} nodes need the address of node rank 0: pass "
                         "--master-addr HOST (the same on every node).")

@@ -231,7 +231,7 @@ def _read_json_array(path: Path) -> list[_Row]:
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text.") from None
+        raise UserError(_not_text(path)) from None
     except ValueError as exc:
         raise UserError(f"{path}: not valid JSON ({exc}).") from None
     rows = []
@@ -262,7 +262,7 @@ def _read_jsonl(path: Path) -> list[_Row]:
                                     f"{type(row).__name__}.")
                 rows.append(_Row(f"{path}, line {number}", row))
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text.") from None
+        raise UserError(_not_text(path)) from None
     except OSError as exc:
         raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
     return rows
@@ -295,7 +295,7 @@ def _read_csv(path: Path) -> tuple[set[str], list[_Row]]:
             except csv.Error as exc:
                 raise UserError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text.") from None
+        raise UserError(_not_text(path)) from None
     except OSError as exc:
         raise UserError(f"Cannot read {path}: {exc.strerror}.") from None
     return set(header or ()), rows
@@ -369,10 +369,16 @@ def _dataset_rows(label: str, loaded) -> list[_Row]:
 
 # ---------------------------------------------------------------- formats
 
+def _not_text(path: Path) -> str:
+    return (f"{path} is not UTF-8 text (a binary file, or another encoding): ftlaunch reads "
+            "UTF-8 .jsonl, .json and .csv text or .parquet; save it as UTF-8, or pass another --data.")
+
+
 def _build(label: str, columns: set[str] | None, rows: list[_Row], format: str,
            system_prompt: str | None, origin: Path | str, digest: str) -> Dataset:
     if not rows:
-        raise UserError(f"--data {label} holds no examples.")
+        raise UserError(f"--data {label} holds no examples: give a file with one example per "
+                        f"line (JSON Lines), or another --data.")
     detected = _detect(rows[0]) if format == "auto" else format
     if columns is not None:
         _check_columns(label, columns, detected)

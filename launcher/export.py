@@ -192,6 +192,9 @@ def _finished_record(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} does not exist or is not a run directory; pass the "
                         "--output-dir of a finished training.")
+    if not (run_dir / rundir.RUN_FILE).is_file():
+        raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
+                        f"{rundir.RUN_FILE}); pass the --output-dir of a finished training.")
     if not rundir.is_finished(run_dir):
         raise UserError(f"{run_dir} has no finished adapter yet (no {run_dir / 'adapter'}); "
                         "finish or resume the training first.")

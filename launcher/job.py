@@ -75,7 +75,8 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     recipe = _apply_flags(recipe, options)
     recipe = _fit_context(recipe, model, options)
     if validate or options.sets or options.recipe not in recipes.recipe_paths():
-        recipe = recipes.validate(recipe)
+        set_keys = frozenset(a.partition("=")[0].strip() for a in options.sets)
+        recipe = recipes.validate(recipe, set_keys, options.recipe)
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
     cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
                                   options.master_addr, options.master_port)

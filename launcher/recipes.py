@@ -170,17 +170,21 @@ def _parse_scalar(text: str):
         return text
 
 
-def validate(recipe: Recipe) -> Recipe:
+def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str = "") -> Recipe:
     """Check every key and type against SFTConfig, LoraConfig and DATA_KEYS.
 
     Returns the recipe with values coerced to the declared types (YAML reads
-    1e-4 as a string; SFTConfig wants a float).
+    1e-4 as a string; SFTConfig wants a float). A refusal names where the key came
+    from: `set_keys` were given with --set, the others are the recipe file `source`'s.
     """
-    training = _coerce_section(recipe.training, "training", "")
+    def where(key: str, section: str) -> str:
+        return "--set " if key in set_keys else f"Recipe {source or recipe.name}: {section}."
+
+    training = _coerce_section(recipe.training, "training", "", where)
     for key in training:
         if key in PLAN_OWNED:
             raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
-    lora = _coerce_section(recipe.lora, "lora", "lora.")
+    lora = _coerce_section(recipe.lora, "lora", "lora.", where)
     data = {}
     for key, value in recipe.data.items():
         if key not in DATA_KEYS:
@@ -193,18 +197,25 @@ def validate(recipe: Recipe) -> Recipe:
     return replace(recipe, training=training, lora=lora, data=data)
 
 
-def _coerce_section(values: dict, section: str, prefix: str) -> dict:
+def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
+    import difflib
+
     types_by_name = config_fields.fields(section)
     out = {}
     for key, value in values.items():
+        origin = where(prefix + key, section)
+        shown = f"{origin}{prefix}{key}" if origin.startswith("--set") else f"{origin}{key}"
         if key not in types_by_name:
-            close = [n for n in types_by_name if key.lower() in n.lower() or n.lower() in key.lower()]
-            hint = f" Did you mean {', '.join(sorted(close)[:4])}?" if close else ""
+            close = difflib.get_close_matches(key, list(types_by_name), n=3, cutoff=0.75)
+            close += sorted(n for n in types_by_name if n not in close
+                            and (key.lower() in n.lower() or n.lower() in key.lower()))
+            hint = f" Did you mean {', '.join(close[:4])}?" if close else ""
             owner = "TRL's SFTConfig / TrainingArguments" if section == "training" else "peft's LoraConfig"
-            raise UserError(f"--set {prefix}{key}: {owner} has no field {key!r}.{hint}")
+            raise UserError(f"{shown}: {owner} has no field {key!r}.{hint} `ftlaunch train "
+                            "--help` and the SFTConfig documentation list the fields.")
         try:
             out[key] = config_fields.coerce(value, types_by_name[key])
         except (TypeError, ValueError):
-            raise UserError(f"--set {prefix}{key}={value!r}: expected "
+            raise UserError(f"{shown}={value!r}: expected "
                             f"{config_fields.type_name(types_by_name[key])}.") from None
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ftlaunch.hardware import Hardware, format_gib
+from ftlaunch.hardware import GIB, Hardware, format_gib
 from ftlaunch.planner import Plan
 
 
@@ -39,10 +39,62 @@ def plan_text(plan: Plan) -> str:
         f"  {'budget':<12} {format_gib(plan.budget_bytes, 2):>10}",
         f"  {'headroom':<12} {format_gib(headroom, 2):>10}",
         "",
+        *memory_bars(plan),
+        "",
         "fits" if plan.fits else "DOES NOT FIT",
     ]
     lines += [f"  - {reason}" for reason in plan.reasons]
     return "\n".join(lines)
+
+
+# One letter per memory term in the bars; what is left of the budget is '.'.
+_BAR_TERMS = (("W", "weights", ("weights",)),
+              ("A", "adapter, gradients, optimizer", ("adapter", "gradients", "optimizer")),
+              ("X", "activations, logits", ("activations", "logits")),
+              ("O", "overhead", ("overhead",)))
+BAR_WIDTH = 40
+_MAX_BARS = 8
+
+
+def memory_bars(plan: Plan, width: int = BAR_WIDTH) -> list[str]:
+    """A bar per device of this node: the planned peak by term against the budget (the
+    card less the allocator's margin). Every device of a plan carries the same load."""
+    mem, budget = plan.memory, plan.budget_bytes
+    scale = max(budget, mem.total)
+    bar, used = "", 0
+    for letter, _, names in _BAR_TERMS:
+        part = sum(getattr(mem, n) for n in names)
+        cells = round((used + part) / scale * width) - round(used / scale * width)
+        bar, used = bar + letter * cells, used + part
+    bar = bar[:width] + "." * (round(budget / scale * width) - min(len(bar), width))
+    if mem.total > budget:
+        bar = bar[:round(budget / scale * width)] + "!" + bar[round(budget / scale * width):]
+    label = "gpu" if plan.hardware.has_gpus else "cpu worker"
+    devices = plan.processes_per_node
+    rows = [f"  {label} {i:<3} [{bar}] {mem.total / GIB:6.2f} / {format_gib(budget, 2)}"
+            for i in range(min(devices, _MAX_BARS))]
+    if devices > _MAX_BARS:
+        rows.append(f"  ... {devices - _MAX_BARS} more, the same")
+    legend = ", ".join(f"{letter} {what}" for letter, what, _ in _BAR_TERMS)
+    return ["memory per device", *rows, f"  ({legend}, . free" +
+            (", ! budget" if mem.total > budget else "") + ")"]
+
+
+def run_text(plan: Plan, model, size, data_note: str = "") -> list[str]:
+    """The run's size and, on known GPUs, its time estimate (ftlaunch.estimate)."""
+    from ftlaunch import estimate
+
+    steps = f"{size.steps} steps" if size.steps else "steps: set by the epochs"
+    lines = [f"run        {steps} x {estimate.count(size.tokens_per_step)} tokens"
+             + (f" = {estimate.count(size.tokens)} tokens" if size.tokens else "") + data_note]
+    seconds = estimate.gpu_seconds(model, plan, size.tokens) if size.tokens else None
+    if seconds is not None:
+        lines.append(f"time       ~{estimate.duration(seconds)} (estimate: FLOPs at "
+                     f"{estimate.MFU[plan.method]:.0%} of the GPU's bf16 peak; the progress line "
+                     "shows the measured rate)")
+    else:
+        lines.append("time       measured once training runs: the progress line shows the ETA")
+    return lines
 
 
 def hardware_text(hw: Hardware) -> str:

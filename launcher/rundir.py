@@ -63,7 +63,8 @@ def check_writable(output_dir: Path) -> None:
             break
         probe_dir = probe_dir.parent
     if probe_dir.exists() and not probe_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir}: {probe_dir} is a file, not a directory.")
+        raise UserError(f"--output-dir {output_dir}: {probe_dir} is a file, not a directory. "
+                        "Choose another --output-dir (or move that file).")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise UserError(f"--output-dir {output_dir} is not writable ({probe_dir} does not allow "
                         "creating files). Choose another --output-dir.")

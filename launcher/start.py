@@ -167,6 +167,7 @@ def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity
     checkpoints are known (prepare only reads an existing run)."""
     resuming = (run_dir / rundir.RUN_FILE).is_file() and not fresh
     if not resuming:
+        rundir.check_writable(run_dir)  # a read-only place is that, not "too small"
         _check_disk(job, run_dir, data, model, None)
     state = rundir.prepare(run_dir, identity, fresh=fresh, allow_changed=job.options.allow_changed)
     if resuming and state.kind != "finished":  # a finished run needs no disk: nothing to do
@@ -470,8 +471,11 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
     eval_dataset = None
     if options.get("eval_data"):
-        eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
-                                    options.get("system_prompt"))
+        try:
+            eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
+                                        options.get("system_prompt"))
+        except UserError as exc:  # data.load speaks of --data; this file came with --eval-data
+            raise UserError(str(exc).replace("--data ", "--eval-data ", 1)) from None
     _check_eval_split(options, dataset, eval_dataset)
     return dataset, eval_dataset
 
