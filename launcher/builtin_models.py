@@ -126,6 +126,10 @@ def materialize(target: Path, name: str, build) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    # mkdtemp makes it private (0700); the folder it becomes follows the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         model, tokenizer = build()
         model.save_pretrained(staging)

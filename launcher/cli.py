@@ -415,7 +415,14 @@ def _plan_summary(p) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     from ftlaunch.quiet import silence_library_noise
+
+    # The launcher's own lines and the progress line are the output; per-file progress
+    # bars of model saving, tokenizing and loading (here and in the workers) are not.
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
 
     silence_library_noise()
     try:

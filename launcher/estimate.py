@@ -83,8 +83,10 @@ def gpu_seconds(model: ModelSpec, plan: Plan, tokens: int) -> float | None:
 
 
 def duration(seconds: float) -> str:
-    """12 s, 4 min 10 s, 3 h 05 min, 2 d 4 h."""
-    seconds = max(0, int(round(seconds)))
+    """0.4 s, 12 s, 4 min 10 s, 3 h 05 min, 2 d 4 h."""
+    if seconds < 10:
+        return f"{max(seconds, 0):.1f} s"
+    seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:

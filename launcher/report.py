@@ -8,14 +8,15 @@ from ftlaunch.hardware import GIB, Hardware, format_gib
 from ftlaunch.planner import Plan
 
 
-def plan_text(plan: Plan) -> str:
+def summary_lines(plan: Plan) -> list[str]:
+    """Model, hardware, strategy and batch: the head of every plan table."""
     hw = plan.hardware
     strategy = f"{plan.method.upper()} on {plan.engine}"
     if plan.zero_stage:
         strategy += f" (ZeRO-{plan.zero_stage})"
     if plan.offload:
         strategy += " with CPU offload"
-    lines = [
+    return [
         f"model      {plan.model_id}: {plan.parameters:,} parameters, "
         f"{plan.trainable_parameters:,} trainable (LoRA)",
         f"hardware   {hw.describe()}" + ("" if hw.source == "detected" else f"  [described: {hw.source}]"),
@@ -24,9 +25,11 @@ def plan_text(plan: Plan) -> str:
         f"batch      global {plan.global_batch_size} = micro-batch {plan.per_device_batch_size} x "
         f"accumulation {plan.gradient_accumulation_steps} x {plan.num_processes} process(es); "
         f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
-        "",
-        "memory per device (peak estimate)",
     ]
+
+
+def plan_text(plan: Plan) -> str:
+    lines = [*summary_lines(plan), "", "memory per device (peak estimate)"]
     for f in fields(plan.memory):
         if f.name == "cuda_context":
             continue  # shown inside overhead
@@ -49,8 +52,8 @@ def plan_text(plan: Plan) -> str:
 
 # One letter per memory term in the bars; what is left of the budget is '.'.
 _BAR_TERMS = (("W", "weights", ("weights",)),
-              ("A", "adapter, gradients, optimizer", ("adapter", "gradients", "optimizer")),
-              ("X", "activations, logits", ("activations", "logits")),
+              ("A", "adapter+gradients+optimizer", ("adapter", "gradients", "optimizer")),
+              ("X", "activations+logits", ("activations", "logits")),
               ("O", "overhead", ("overhead",)))
 BAR_WIDTH = 40
 _MAX_BARS = 8

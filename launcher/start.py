@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
-                      nodes, preflight, preview, render, rundir)
+                      nodes, preflight, preview, rank_logs, render, rundir)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
@@ -109,8 +109,24 @@ def train(job: Job, argv: list[str], echo) -> int:
     else:
         record, resume_from = start_files(None)
     _log(run_dir, notes, echo)
+    echo(_launch_table(job, record["data"].get("cache") or {}))
     return _launch(job, run_dir, run_dir / "train.log", record, resume_from, port, rendezvous,
                    echo)
+
+
+def _launch_table(job: Job, cache: dict) -> str:
+    """What is about to run, once the data is counted: strategy, memory per device, the
+    run's steps and tokens, and a time estimate where one can be made."""
+    from ftlaunch import estimate, report
+
+    plan, training = job.plan, job.recipe.training
+    size = estimate.run_size(plan, training.get("max_steps"), training.get("num_train_epochs"),
+                             cache.get("train_tokens"), cache.get("train_examples"),
+                             bool(job.recipe.data.get("packing", True)))
+    data_note = (f" (data: {estimate.count(cache['train_tokens'])} tokens in "
+                 f"{cache['train_examples']} examples)" if cache.get("train_tokens") else "")
+    return "\n".join(["", *report.summary_lines(plan), *report.memory_bars(plan),
+                      *report.run_text(plan, job.model, size, data_note), ""])
 
 
 _FSDP_NEEDS_SHARED = (
@@ -140,12 +156,13 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
     ranks = [job.cluster.node_rank * plan.processes_per_node + i
              for i in range(plan.processes_per_node)]
     heartbeat.clear(run_dir, ranks)
+    rank_logs.clear(run_dir, ranks)
     watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
              if job.options.stall_timeout_s else None)
     code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
     if stall is not None:
         return _stalled(run_dir, stall, echo)
-    return _outcome(run_dir, code, received, echo)
+    return _outcome(run_dir, code, received, echo, log_path)
 
 
 def _stalled(run_dir: Path, stall, echo) -> int:
@@ -359,11 +376,11 @@ def _log(run_dir: Path, notes: list[str], echo) -> None:
             log.write(f"ftlaunch: {note}.\n")
 
 
-def _outcome(run_dir: Path, code: int, received: int | None, echo) -> int:
+def _outcome(run_dir: Path, code: int, received: int | None, echo,
+             log_path: Path | None = None) -> int:
     """The launcher's exit code: done, preempted with a checkpoint, stopped, failed."""
     if rundir.is_finished(run_dir) and code == 0:
-        echo(f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}")
-        echo(f"Adapter: {run_dir / 'adapter'}   metrics: {run_dir / 'metrics.jsonl'}")
+        echo(final_summary(run_dir))
         return 0
     stop = rundir.read_stop_record(run_dir)
     if stop is not None and stop.get("why") == "non-finite loss":
@@ -381,7 +398,10 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo) -> int:
              f"{code}); re-run the same command to resume from {since}.")
     else:
         code = code or 1  # the workers claimed success but left no adapter
-        echo(f"Training failed with exit code {code} (see {run_dir / 'train.log'}); after fixing "
+        log_path = log_path or run_dir / "train.log"
+        first = rank_logs.first_error_text(run_dir, log_path)
+        echo((first + " " if first else "")
+             + f"Training failed with exit code {code} (see {log_path}); after fixing "
              f"the cause, re-run the same command to resume from {since}.")
     return code
 
@@ -442,6 +462,33 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
             f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
             f"batch {plan.global_batch_size}, {was.get('samples_seen')} samples seen so far")
     return notes
+
+
+def final_summary(run_dir: Path) -> str:
+    """Where everything is, and what to do next."""
+    import shlex
+
+    here = shlex.quote(str(run_dir))
+    files = [("adapter/", "the trained LoRA adapter (PEFT format) and its tokenizer"),
+             ("loss.png", "the loss curve" + (" with the eval loss" if _has_eval(run_dir) else "")),
+             ("metrics.jsonl", "one line per logged step: loss, lr, tokens/s, memory"),
+             ("train.log", "the launcher's and rank 0's output"),
+             ("ranks/", "each rank's report, and the log of every rank but 0")]
+    lines = [f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}", f"Run directory: {run_dir}"]
+    lines += [f"  {name:<14} {what}" for name, what in files if (run_dir / name.rstrip('/')).exists()]
+    lines += ["Next:",
+              f"  ftlaunch generate {here} --prompt 'your question'   try the adapter",
+              f"  ftlaunch merge {here}   fold it into the base: one standalone model folder",
+              "  (the same training command again does nothing: the run is finished; "
+              "--fresh trains again)"]
+    return "\n".join(lines)
+
+
+def _has_eval(run_dir: Path) -> bool:
+    from ftlaunch.plot import read_points
+
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and bool(read_points(metrics)[1])
 
 
 def _loss_summary(metrics: Path) -> str:
@@ -596,7 +643,9 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
     if not meta.get("reused"):
         tokens = sum(split["tokens"] for split in meta["splits"].values())
         echo(f"Tokenized {len(dataset)} examples ({tokens} tokens) into {cache_dir}.")
-    return {"fingerprint": meta["fingerprint"]}
+    train = meta["splits"]["train"]
+    return {"fingerprint": meta["fingerprint"], "train_tokens": train["tokens"],
+            "train_examples": train["examples"]}
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ftlaunch import checkpoints, config_fields, preview, rundir
+from ftlaunch import checkpoints, config_fields, preview, rank_logs, rundir
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
@@ -34,12 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--resume-from", type=Path, default=None)
     args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    rank_logs.redirect_if_not_first(run_dir)
     silence_library_noise()
     try:
-        run(args.run_dir.resolve(), args.resume_from)
+        run(run_dir, args.resume_from)
     except UserError as exc:
+        rank_logs.record_error(run_dir, exc)
         print(f"ftlaunch: {exc}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+    except BaseException as exc:
+        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            rank_logs.record_error(run_dir, exc)
+        raise
     return 0
 
 
@@ -317,9 +324,11 @@ class _MetricsCallback(TrainerCallback):
         self.path = path
         self.recorder = None
         self._since = (time.time(), 0)
+        self._began = (time.time(), 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._since = (time.time(), 0.0)
+        self._began = (time.time(), state.global_step)  # a resume starts mid-way
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -335,12 +344,14 @@ class _MetricsCallback(TrainerCallback):
             recorder = self.recorder
             fraction = recorder.trained_tokens / recorder.tokens if recorder and recorder.tokens else 0
             if now > then and tokens > tokens_then:
+                row["tokens_per_s"] = round((tokens - tokens_then) / (now - then), 1)
                 row["trained_tokens_per_s"] = round((tokens - tokens_then) * fraction
                                                     / (now - then), 1)
             self._since = (now, tokens)
             row.update(_peak_memory())
-            line = (f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                    f"lr {logs.get('learning_rate', 0):.2e}")
+            line = progress_line(state.global_step, state.max_steps, logs["loss"],
+                                 logs.get("learning_rate", 0), row.get("tokens_per_s"),
+                                 now - self._began[0], state.global_step - self._began[1])
         else:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             line = (f"step {state.global_step}/{state.max_steps}  eval loss "
@@ -378,6 +389,27 @@ class _Heartbeat(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._beat(args, state, "training")
+
+
+PROGRESS_BAR_WIDTH = 20
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s,
+                  elapsed_s: float, steps_done: int) -> str:
+    """Rank 0's line per logged step: a bar, the step, loss, rate and time left (from
+    the steps this launch has run: a resume does not count the earlier ones as fast)."""
+    from ftlaunch.estimate import count, duration
+
+    fraction = min(step / max_steps, 1.0) if max_steps > 0 else 0.0
+    filled = round(fraction * PROGRESS_BAR_WIDTH)
+    bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
+    rate = f"{count(tokens_per_s)} tok/s" if tokens_per_s else "- tok/s"
+    if steps_done > 0 and max_steps > step:
+        eta = duration(elapsed_s / steps_done * (max_steps - step))
+    else:
+        eta = "-" if max_steps > step else "0 s"
+    return (f"[{bar}] step {step}/{max_steps} {fraction:4.0%} | loss {loss:.4f} | "
+            f"lr {lr:.2e} | {rate} | elapsed {duration(elapsed_s)} | ETA {eta}")
 
 
 class _BatchRecorder:
