@@ -123,10 +123,21 @@ def load_recipe(name_or_path: str) -> Recipe:
         global_batch_size=raw.get("global_batch_size", 16),
         training=dict(raw.get("training") or {}),
         lora=dict(raw.get("lora") or {}),
-        data=dict(raw.get("data") or {}),
+        data=_recipe_relative(dict(raw.get("data") or {}), path),
     )
     _check_top_level(recipe, f"Recipe {path}")
     return recipe
+
+
+def _recipe_relative(data: dict, path: Path) -> dict:
+    """A file a recipe names (data.eval_data) is found beside the recipe, wherever the
+    command runs from: a recipe checked in with its data means the same from any folder.
+    `~` is expanded; nothing else is interpreted (no variables, no globbing)."""
+    value = data.get("eval_data")
+    if isinstance(value, str) and value:
+        target = Path(value).expanduser()
+        data["eval_data"] = str(target if target.is_absolute() else (path.parent / target).resolve())
+    return data
 
 
 def _check_top_level(recipe: Recipe, where: str) -> None:

@@ -122,3 +122,20 @@ def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
     record["recipe"]["training"]["report_to"] = ["tensorboard"]
     assert train._training_config(run_dir, record, False).report_to == ["tensorboard"]
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(run_dir / "tensorboard")
+
+
+def test_a_recipe_finds_its_files_beside_it_from_any_folder(tmp_path):
+    from ftlaunch import recipes
+
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    recipe_file = tmp_path / "proj" / "r.yaml"
+    recipe_file.write_text("data:\n  eval_data: data/eval.jsonl\n", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    try:
+        os.chdir(elsewhere)
+        recipe = recipes.load_recipe(str(recipe_file))
+    finally:
+        os.chdir(cwd)
+    assert recipe.data["eval_data"] == str(tmp_path / "proj" / "data" / "eval.jsonl")
