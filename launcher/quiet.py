@@ -4,10 +4,14 @@ import logging
 import warnings
 
 
+# bitsandbytes' CPU backend tries to fetch an optional kernel from the hub and warns
+# when it cannot; ftlaunch never downloads at run time, so this is expected. Set on
+# import: transformers' trainer modules import bitsandbytes before any function of a
+# worker runs, so the training module imports this first.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def silence_library_noise() -> None:
-    # bitsandbytes' CPU backend tries to fetch an optional kernel from the hub and
-    # warns when it cannot; ftlaunch never downloads at run time, so this is expected.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Libraries calling each other's renamed transformers-5 attributes: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6",
                             category=FutureWarning)

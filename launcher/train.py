@@ -21,11 +21,12 @@ import threading
 import time
 from pathlib import Path
 
+from ftlaunch.quiet import silence_library_noise  # before transformers: see ftlaunch.quiet
+
 from transformers import TrainerCallback
 
 from ftlaunch import checkpoints, config_fields, preview, rank_logs, rundir
 from ftlaunch.nodes import NODE_LOCAL
-from ftlaunch.quiet import silence_library_noise
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 
 
