@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("ftlaunch: aborted", err=True)
         code = 130
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ftlaunch` alone: the help
+        exc.show()
+        code = USER_ERROR_EXIT
     except click.UsageError as exc:
         # One paragraph like every other user error, and where the usage is.
         command = exc.ctx.command_path if exc.ctx else "ftlaunch"

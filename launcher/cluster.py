@@ -57,7 +57,7 @@ def resolve(env: Mapping[str, str], nnodes: int | None, node_rank: int | None,
                         "node 0 being the one at --master-addr.")
     if context.master_port is not None and not 1 <= context.master_port <= 65535:
         raise UserError(f"--master-port {context.master_port} is not a TCP port: use one "
-                        "between 1024 and 65535 that is free on node 0.")
+                        "between 1 and 65535 that is free on node 0 (below 1024 only as root).")
     if context.nnodes > 1 and not context.master_addr:
         raise UserError(f"{context.nnodes} nodes need the address of node rank 0: pass "
                         "--master-addr HOST (the same on every node).")

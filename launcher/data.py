@@ -25,6 +25,8 @@ Every example comes out in one of three canonical kinds (Dataset.kind):
 
 from __future__ import annotations
 
+import contextvars
+
 import csv
 import hashlib
 import json
@@ -89,8 +91,26 @@ class _Row:
 
 # ---------------------------------------------------------------- entry point
 
-def load(source: str | Path, format: str = "auto", system_prompt: str | None = None) -> Dataset:
-    """Read, check and canonicalize every example of `source`; any problem is a UserError."""
+# The flag the file came with, for the messages (--data, or --eval-data for the eval file).
+_FLAG: contextvars.ContextVar[str] = contextvars.ContextVar("flag", default="--data")
+
+
+def _flag() -> str:
+    return _FLAG.get()
+
+
+def load(source: str | Path, format: str = "auto", system_prompt: str | None = None,
+         flag: str = "--data") -> Dataset:
+    """Read, check and canonicalize every example of `source`; any problem is a UserError
+    naming `flag`."""
+    token = _FLAG.set(flag)
+    try:
+        return _load(source, format, system_prompt)
+    finally:
+        _FLAG.reset(token)
+
+
+def _load(source: str | Path, format: str, system_prompt: str | None) -> Dataset:
     if format not in ("auto",) + FORMATS:
         raise UserError(f"data.format {format!r} is not one of {', '.join(('auto',) + FORMATS)}.")
     text = str(source)
@@ -107,7 +127,7 @@ def load(source: str | Path, format: str = "auto", system_prompt: str | None = N
         label, columns, rows, digest = _read_hub(text)
         origin = text
     else:
-        raise UserError(f"--data {text}: no such file or folder. {_WHAT_WE_READ}.")
+        raise UserError(f"{_flag()} {text}: no such file or folder. {_WHAT_WE_READ}.")
     return _build(label, columns, rows, format, system_prompt, origin, digest)
 
 
@@ -155,7 +175,7 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 def _check_suffix(path: Path) -> None:
     if path.suffix.lower() not in SUFFIXES:
-        raise UserError(f"--data {path}: cannot read {path.suffix or 'suffix-less'} files; "
+        raise UserError(f"{_flag()} {path}: cannot read {path.suffix or 'suffix-less'} files; "
                         f"{_WHAT_WE_READ}.")
 
 
@@ -164,13 +184,13 @@ def _data_files(folder: Path) -> list[Path]:
                     if p.is_file() and not p.name.startswith(".")
                     and p.suffix.lower() in SUFFIXES), key=lambda p: p.name)
     if not files:
-        raise UserError(f"--data {folder}: this folder holds no .jsonl, .json, .csv or .parquet "
+        raise UserError(f"{_flag()} {folder}: this folder holds no .jsonl, .json, .csv or .parquet "
                         "files (sub-folders are not searched) and is not a folder written by "
                         "datasets' save_to_disk.")
     families = {_family(p) for p in files}
     if len(families) > 1:
         found = ", ".join(sorted({p.suffix.lower() for p in files}))
-        raise UserError(f"--data {folder}: the folder mixes file types ({found}); put files of "
+        raise UserError(f"{_flag()} {folder}: the folder mixes file types ({found}); put files of "
                         "one type (JSON / JSON lines, CSV or Parquet) in a data folder.")
     return files
 
@@ -196,7 +216,7 @@ def _from_files(label_path: Path, files: list[Path], format: str,
             if first_format is None:
                 first_format = (detected, file_rows[0].where)
             elif detected != first_format[0]:
-                raise UserError(f"--data {label_path}: {first_format[1]} is {first_format[0]} data "
+                raise UserError(f"{_flag()} {label_path}: {first_format[1]} is {first_format[0]} data "
                                 f"but {file_rows[0].where} is {detected} data; a dataset holds "
                                 "one format. Split the files, or set --set data.format=NAME "
                                 "to check all of them against one.")
@@ -332,12 +352,12 @@ def _read_saved(folder: Path) -> tuple[str, set[str], list[_Row]]:
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001 - any failure here is a folder the user handed us
-        raise UserError(f"--data {folder} looks like a datasets save_to_disk folder but cannot "
+        raise UserError(f"{_flag()} {folder} looks like a datasets save_to_disk folder but cannot "
                         f"be loaded ({type(exc).__name__}: {exc}).") from None
     label = str(folder)
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise UserError(f"--data {folder} is a saved DatasetDict with splits "
+            raise UserError(f"{_flag()} {folder} is a saved DatasetDict with splits "
                             f"{', '.join(loaded) or '(none)'} but no `train` split; save the "
                             "split to train on (dataset_dict[NAME].save_to_disk(...)) and pass "
                             "that folder.")
@@ -353,7 +373,7 @@ def _read_hub(dataset_id: str) -> tuple[str, set[str], list[_Row], str]:
         loaded = datasets.load_dataset(dataset_id, split="train")
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo or split
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"--data {dataset_id}: no such local file or folder, and the Hugging "
+        raise UserError(f"{_flag()} {dataset_id}: no such local file or folder, and the Hugging "
                         f"Face Hub dataset {dataset_id} (train split) could not be reached "
                         f"({type(exc).__name__}: {reason}). Check the id and your network (or "
                         "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), or pass a local .jsonl, .csv "
@@ -371,20 +391,20 @@ def _dataset_rows(label: str, loaded) -> list[_Row]:
 
 def _not_text(path: Path) -> str:
     return (f"{path} is not UTF-8 text (a binary file, or another encoding): ftlaunch reads "
-            "UTF-8 .jsonl, .json and .csv text or .parquet; save it as UTF-8, or pass another --data.")
+            f"UTF-8 .jsonl, .json and .csv text or .parquet; save it as UTF-8, or pass another {_flag()}.")
 
 
 def _build(label: str, columns: set[str] | None, rows: list[_Row], format: str,
            system_prompt: str | None, origin: Path | str, digest: str) -> Dataset:
     if not rows:
-        raise UserError(f"--data {label} holds no examples: give a file with one example per "
-                        f"line (JSON Lines), or another --data.")
+        raise UserError(f"{_flag()} {label} holds no examples: give a file with one example per "
+                        f"line (JSON Lines), or another {_flag()}.")
     detected = _detect(rows[0]) if format == "auto" else format
     if columns is not None:
         _check_columns(label, columns, detected)
     kind = KINDS[detected]
     if system_prompt and kind != "conversational":
-        raise UserError(f"data.system_prompt is set, but --data {label} holds {detected} data, "
+        raise UserError(f"data.system_prompt is set, but {_flag()} {label} holds {detected} data, "
                         "not conversations; system prompts apply to chat data only (formats "
                         "messages, sharegpt, alpaca, human_assistant). Remove data.system_prompt "
                         "or convert the data to chat messages.")
@@ -450,7 +470,7 @@ def _check_columns(label, columns: set[str], fmt: str) -> None:
     """CSV, Parquet and datasets have columns: a missing one is one error, not one per row."""
     missing = [name for name in REQUIRED[fmt] if name not in columns]
     if missing:
-        raise UserError(f"--data {label} (format {fmt}): no {_names(missing)} column"
+        raise UserError(f"{_flag()} {label} (format {fmt}): no {_names(missing)} column"
                         f"{'s' if len(missing) > 1 else ''}; format {fmt} needs "
                         f"{_names(REQUIRED[fmt])}, and the columns are "
                         f"{', '.join(sorted(columns)) or '(none)'}.")

@@ -15,9 +15,7 @@ import io
 import logging
 import os
 import platform
-import re
 import sys
-import tempfile
 import textwrap
 import warnings
 from collections import Counter
@@ -26,18 +24,25 @@ from importlib import metadata, util
 from pathlib import Path
 
 import psutil
+from huggingface_hub import constants as hub_constants
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import Specifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
+from ftlaunch import preflight, rundir
+from ftlaunch.errors import UserError
 from ftlaunch.hardware import GIB, free_disk, nvidia_smi
+from ftlaunch.resources import constraints_path
 
 STATUSES = ("ok", "warn", "missing")
 CORE_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
-CHECK_NAMES = ("python", *CORE_PACKAGES, "cuda", "bf16", "bitsandbytes", "deepspeed", "nccl",
-               "flash-attn", "disk", "ram", "hf-hub")
-MIN_PYTHON = (3, 10)
 # Below this a 7-8B run's checkpoints and data cache may not fit; each run still checks
 # what it needs itself (preflight.check_disk), so this is only a warning.
 DISK_WARN_BYTES = 20 * GIB
-# One GPU worker holds about 2 GiB of libraries before any model (preflight's figure).
+# Twice what one GPU worker holds in libraries before any model (about 2 GiB, preflight's
+# figure): below it even a small model is tight. Each run checks the RAM it needs itself
+# (preflight.check_ram), so this is only a warning.
 RAM_WARN_BYTES = 4 * GIB
 _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -62,19 +67,26 @@ class Check:
 
 
 def run_checks(output_dir: Path) -> list[Check]:
-    """Every check, in CHECK_NAMES order. Imports torch (and bitsandbytes where installed):
+    """Every check: python, the core packages, cuda, bf16, bitsandbytes, deepspeed, nccl,
+    flash-attn, disk, ram, hf-hub. Imports torch (and bitsandbytes where installed):
     a few seconds on CPU."""
     pins = _pins()
-    needs = _requirements()
-    torch, torch_error = _import_torch()
-    checks = [_python()]
-    checks += [_package(name, pins, needs, torch_error if name == "torch" else None)
-               for name in CORE_PACKAGES]
-    cuda = _cuda(torch)
+    requires_python, needs = _declared()
+    versions = preflight.package_versions((*CORE_PACKAGES, "bitsandbytes", "deepspeed",
+                                           "flash-attn"))
+    torch, torch_error, runtime, said = _import_torch()
+    if torch is not None:
+        versions["torch"] = runtime["torch"]  # the build that imports, as run.yaml records it
+    checks = [_python(requires_python)]
+    checks += [_package(name, versions[name], pins, needs,
+                        torch_error if name == "torch" else None) for name in CORE_PACKAGES]
+    cuda = _cuda(torch, runtime, said)
     on_gpu = cuda.status == "ok"
-    checks += [cuda, _bf16(torch, on_gpu), _bitsandbytes(torch, on_gpu, pins, needs),
-               _deepspeed(pins, needs), _nccl(torch, on_gpu), _flash_attn(torch, on_gpu),
-               _disk(Path(output_dir)), _ram(), _hf_hub()]
+    checks += [cuda, _bf16(torch, on_gpu),
+               _bitsandbytes(torch, on_gpu, versions["bitsandbytes"], pins, needs),
+               _deepspeed(versions["deepspeed"], pins, needs), _nccl(torch, runtime, on_gpu),
+               _flash_attn(torch, on_gpu, versions["flash-attn"]), _disk(Path(output_dir)),
+               _ram(), _hf_hub()]
     return checks
 
 
@@ -115,104 +127,75 @@ def verdict(checks: list[Check]) -> str:
 
 # --- packages ----------------------------------------------------------------------------
 
-def constraints_path() -> Path | None:
-    """The repository's constraints.txt (the known-good pins), in a source checkout only:
-    there the package is the launcher/ folder beside it; an installed wheel's parent folder
-    is site-packages, whose files are not ours."""
-    here = Path(__file__).resolve().parent
-    path = here.parent / "constraints.txt"
-    return path if here.name == "launcher" and path.is_file() else None
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _pins() -> dict[str, str]:
+    """{canonical name: version} of constraints.txt's name==version lines."""
     path = constraints_path()
     if path is None:
         return {}
     pins = {}
     for line in path.read_text().splitlines():
-        name, sep, version = line.split("#", 1)[0].strip().partition("==")
-        if sep and name and version:
-            pins[_canonical(name.strip())] = version.strip()
+        line = line.split("#", 1)[0].strip()
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:  # blank, or a pip option (-c, --index-url ...)
+            continue
+        specs = list(requirement.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            pins[canonicalize_name(requirement.name)] = specs[0].version
     return pins
 
 
-def _requirements() -> dict[str, str]:
-    """{package: version range} as ftlaunch's own metadata declares them, extras included."""
+def _declared() -> tuple[str, dict[str, str]]:
+    """(ftlaunch's Requires-Python, {canonical name: version range} of its requirements,
+    extras included) as its metadata declares them; nothing where it is not installed."""
     try:
-        declared = metadata.requires("ftlaunch") or []
+        declared = metadata.metadata("ftlaunch")
     except metadata.PackageNotFoundError:
-        return {}
+        return "", {}
     out: dict[str, str] = {}
-    for line in declared:
-        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*([^;]*)", line)
-        if match:
-            # Lower bounds first: ">=5.0,<6" reads better than metadata's "<6,>=5.0".
-            specs = sorted((s.strip() for s in match[2].split(",") if s.strip()),
-                           key=lambda s: not s.startswith(">"))
-            out.setdefault(_canonical(match[1]), ",".join(specs))
-    return out
+    for line in declared.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        # Lower bounds first: ">=5.0,<6" reads better than packaging's "<6,>=5.0".
+        specs = sorted((str(s) for s in requirement.specifier),
+                       key=lambda s: not s.startswith(">"))
+        out.setdefault(canonicalize_name(requirement.name), ",".join(specs))
+    return declared.get("Requires-Python") or "", out
 
 
 def _install(name: str, pins: dict[str, str], needs: dict[str, str]) -> str:
-    pin = pins.get(_canonical(name))
-    spec = f"=={pin}" if pin else needs.get(_canonical(name), "")
+    pin = pins.get(canonicalize_name(name))
+    spec = f"=={pin}" if pin else needs.get(canonicalize_name(name), "")
     return f"pip install '{name}{spec}'" if spec else f"pip install {name}"
-
-
-def _same_version(a: str, b: str) -> bool:
-    """Equal public versions: a local label such as torch's +cpu or +cu128 is the build."""
-    try:
-        from packaging.version import InvalidVersion, Version
-    except ImportError:
-        return a.split("+", 1)[0] == b.split("+", 1)[0]
-    try:
-        return Version(a).public == Version(b).public
-    except InvalidVersion:
-        return a.split("+", 1)[0] == b.split("+", 1)[0]
-
-
-def _in_range(version: str, spec: str) -> bool:
-    """Whether ftlaunch's declared range admits version (True when it cannot be told)."""
-    if not spec:
-        return True
-    try:
-        from packaging.specifiers import InvalidSpecifier, SpecifierSet
-        from packaging.version import InvalidVersion
-    except ImportError:
-        return True
-    try:
-        return SpecifierSet(spec).contains(version, prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
-        return True
 
 
 def _versioned(name: str, version: str, pins: dict[str, str], needs: dict[str, str],
                status_if_outside: str, use: str = "") -> Check:
-    """The check of an installed package: against ftlaunch's declared range, then the pin."""
-    spec = needs.get(_canonical(name), "")
-    if not _in_range(version, spec):
+    """The check of an installed package: against ftlaunch's declared range (outside it:
+    status_if_outside), then constraints.txt's pin (another version: warn). A version
+    that is not PEP 440 cannot be placed in a range and matches no pin."""
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        parsed = None
+    spec = needs.get(canonicalize_name(name), "")
+    if parsed is not None and not SpecifierSet(spec).contains(parsed, prereleases=True):
         return Check(name, status_if_outside, f"{version} installed; ftlaunch needs {name}{spec}",
                      f"{_install(name, pins, needs)}.")
-    pin = pins.get(_canonical(name))
+    pin = pins.get(canonicalize_name(name))
     use = f"; {use}" if use else ""
     if pin is None:
         return Check(name, "ok", f"{version}{use}")
-    if _same_version(version, pin):
+    # As pip -c would judge it: a pin without a local label admits any build (+cpu, +cu128).
+    if parsed is not None and Specifier(f"=={pin}").contains(parsed, prereleases=True):
         return Check(name, "ok", f"{version} (pinned {pin}){use}")
     return Check(name, "warn", f"{version}, but constraints.txt pins {pin}{use}",
                  f"{_install(name, pins, needs)} to match the tested set "
                  f"(or keep {version} if your runs work).")
 
 
-def _package(name: str, pins: dict[str, str], needs: dict[str, str],
+def _package(name: str, version: str | None, pins: dict[str, str], needs: dict[str, str],
              import_error: str | None) -> Check:
-    try:
-        version = metadata.version(name)
-    except metadata.PackageNotFoundError:
+    if version is None:
         return Check(name, "missing", "not installed", f"{_install(name, pins, needs)}.")
     if import_error:
         return Check(name, "missing", f"{version} installed but does not import: {import_error}",
@@ -221,12 +204,19 @@ def _package(name: str, pins: dict[str, str], needs: dict[str, str],
 
 
 def _import_torch():
-    """(the torch module or None, why it did not import)."""
+    """(the torch module or None, why it did not import, preflight.torch_runtime() or {},
+    what torch warned while looking for a GPU)."""
     try:
         import torch
     except Exception as exc:  # a broken build raises OSError or RuntimeError, not only ImportError
-        return None, _short(exc)
-    return torch, None
+        return None, _short(exc), {}, ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime = preflight.torch_runtime()  # its torch.cuda.is_available() starts CUDA
+    # torch says why CUDA did not start (a driver too old, ...) in a warning.
+    said = "; ".join(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught
+                                   if str(w.message).strip()))
+    return torch, None, runtime, said
 
 
 def _short(exc: BaseException) -> str:
@@ -242,31 +232,26 @@ _FIX_TORCH = "Fix the torch check above first."
 
 # --- python ------------------------------------------------------------------------------
 
-def _python() -> Check:
+def _python(requires: str) -> Check:
+    """requires: ftlaunch's Requires-Python ("" where unknown). pip installs ftlaunch only
+    into such a Python, so this says which Python it is more than it ever fails."""
     detail = f"{platform.python_version()} ({sys.executable})"
-    if sys.version_info >= MIN_PYTHON:
+    if SpecifierSet(requires).contains(platform.python_version(), prereleases=True):
         return Check("python", "ok", detail)
-    return Check("python", "missing", f"{detail}; ftlaunch needs Python "
-                 f"{'.'.join(map(str, MIN_PYTHON))} or newer",
-                 "Install Python 3.10 or newer and install ftlaunch into it.")
+    return Check("python", "missing", f"{detail}; ftlaunch needs Python {requires}",
+                 f"Install Python {requires} and install ftlaunch into it.")
 
 
 # --- GPU ---------------------------------------------------------------------------------
 
-def _cuda(torch) -> Check:
+def _cuda(torch, runtime: dict, said: str) -> Check:
     if torch is None:
         return Check("cuda", "warn", _NO_TORCH, _FIX_TORCH)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        available = torch.cuda.is_available()
-    # torch says why CUDA did not start (a driver too old, ...) in a warning.
-    said = "; ".join(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught
-                                   if str(w.message).strip()))
     hip = getattr(torch.version, "hip", None)
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else (f"ROCm {hip}" if hip else None)
-    driver = nvidia_smi("driver_version")
-    driver = driver[0].strip() if driver else None
-    if available:
+    cuda = runtime["torch_cuda"]
+    build = f"CUDA {cuda}" if cuda else (f"ROCm {hip}" if hip else None)
+    driver = preflight.gpu_driver()
+    if torch.cuda.is_available():
         count = torch.cuda.device_count()
         devices = Counter(f"{torch.cuda.get_device_name(i)} "
                           f"({torch.cuda.get_device_properties(i).total_memory / GIB:.0f} GiB)"
@@ -276,6 +261,7 @@ def _cuda(torch) -> Check:
                      f"{f', driver {driver}' if driver else ''}")
     seen = [line.strip() for line in nvidia_smi("name") or [] if line.strip()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    version = runtime["torch"]
     slow = "ftlaunch trains on CPU worker processes (slow)"
     cpu_fix = ("For real models use a machine with an NVIDIA GPU and a CUDA build of torch; "
                "--model tiny and small models train here.")
@@ -283,12 +269,12 @@ def _cuda(torch) -> Check:
         detail = f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU: {slow}"
         fix = "Unset CUDA_VISIBLE_DEVICES, or list the GPUs to use in it."
     elif build is None and seen:
-        detail = (f"torch {torch.__version__} is a CPU-only build, but nvidia-smi sees "
+        detail = (f"torch {version} is a CPU-only build, but nvidia-smi sees "
                   f"{_count(len(seen), 'GPU')} ({seen[0]}): {slow}")
         fix = ("Install the CUDA build of the same torch version for this driver (the command "
                "is at pytorch.org/get-started/locally).")
     elif build is None:
-        detail = f"no CUDA GPU (torch {torch.__version__} is a CPU-only build): {slow}"
+        detail = f"no CUDA GPU (torch {version} is a CPU-only build): {slow}"
         fix = cpu_fix
     elif seen:
         detail = (f"torch built with {build} cannot use the {_count(len(seen), 'GPU')} "
@@ -313,19 +299,16 @@ def _bf16(torch, on_gpu: bool) -> Check:
                      "generation or newer.")
     major, minor = _capability(torch, on_gpu)
     where = f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"
-    try:
-        # Native bf16 only: ftlaunch plans bf16 from sm_80 on; emulation is slow.
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before 2.3 has no emulation argument
-        native = torch.cuda.is_bf16_supported()
-    if native:
+    # Native bf16 only: ftlaunch plans bf16 from sm_80 on; emulation is slow.
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         return Check("bf16", "ok", f"supported by {where}")
     return Check("bf16", "warn", f"{where} has no native bf16: ftlaunch trains in fp16 "
                  "mixed precision", "For steadier bf16 training use an Ampere or newer GPU "
                  "(A100, A10, L4, H100, RTX 30xx/40xx).")
 
 
-def _bitsandbytes(torch, on_gpu: bool, pins: dict[str, str], needs: dict[str, str]) -> Check:
+def _bitsandbytes(torch, on_gpu: bool, version: str | None, pins: dict[str, str],
+                  needs: dict[str, str]) -> Check:
     if util.find_spec("bitsandbytes") is None:
         return Check("bitsandbytes", "warn", "not installed: --method qlora cannot run "
                      "(LoRA can)", f"{_install('bitsandbytes', pins, needs)} "
@@ -347,10 +330,7 @@ def _bitsandbytes(torch, on_gpu: bool, pins: dict[str, str], needs: dict[str, st
                      "Reinstall it: pip install --force-reinstall bitsandbytes.")
     finally:
         logger.setLevel(level)
-    try:
-        version = metadata.version("bitsandbytes")
-    except metadata.PackageNotFoundError:
-        version = str(getattr(bitsandbytes, "__version__", "version unknown"))
+    version = version or str(getattr(bitsandbytes, "__version__", "version unknown"))
     lib = getattr(getattr(bitsandbytes, "cextension", None), "lib", None)
     if on_gpu and type(lib).__name__ == "ErrorHandlerMockBNBNativeLibrary":
         return Check("bitsandbytes", "warn", f"{version} imports but found no native library "
@@ -362,18 +342,16 @@ def _bitsandbytes(torch, on_gpu: bool, pins: dict[str, str], needs: dict[str, st
     return _versioned("bitsandbytes", version, pins, needs, "warn", use)
 
 
-def _deepspeed(pins: dict[str, str], needs: dict[str, str]) -> Check:
+def _deepspeed(version: str | None, pins: dict[str, str], needs: dict[str, str]) -> Check:
     # Metadata only: importing deepspeed takes seconds and logs its accelerator guess.
-    try:
-        version = metadata.version("deepspeed")
-    except metadata.PackageNotFoundError:
+    if version is None:
         return Check("deepspeed", "warn", "not installed: --engine deepspeed cannot run "
                      "(ddp and fsdp can)", f"{_install('deepspeed', pins, needs)} "
                      "(only --engine deepspeed needs it).")
     return _versioned("deepspeed", version, pins, needs, "warn")
 
 
-def _nccl(torch, on_gpu: bool) -> Check:
+def _nccl(torch, runtime: dict, on_gpu: bool) -> Check:
     if torch is None:
         return Check("nccl", "warn", _NO_TORCH, _FIX_TORCH)
     dist = torch.distributed
@@ -387,12 +365,8 @@ def _nccl(torch, on_gpu: bool) -> Check:
             return Check("nccl", "warn", "this torch build has no NCCL: multi-GPU training "
                          "cannot run (one GPU can)",
                          "Install a Linux CUDA build of torch, which bundles NCCL.")
-        try:
-            version = torch.cuda.nccl.version()
-            version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        except (AttributeError, RuntimeError):
-            version = "version unknown"
-        return Check("nccl", "ok", f"NCCL {version}: GPU processes communicate over it")
+        return Check("nccl", "ok", f"NCCL {runtime['nccl'] or 'version unknown'}: GPU "
+                     "processes communicate over it")
     built = "built in, unused" if nccl else "not in this torch build"
     if dist.is_gloo_available():
         return Check("nccl", "ok", f"no CUDA GPU: CPU worker processes communicate over gloo "
@@ -401,7 +375,7 @@ def _nccl(torch, on_gpu: bool) -> Check:
                  "(one can)", official)
 
 
-def _flash_attn(torch, on_gpu: bool) -> Check:
+def _flash_attn(torch, on_gpu: bool, version: str | None) -> Check:
     try:
         found = util.find_spec("flash_attn") is not None
     except ValueError:  # a module object without a spec: treat as absent
@@ -415,11 +389,7 @@ def _flash_attn(torch, on_gpu: bool) -> Check:
                          "--no-build-isolation.")
         return Check("flash-attn", "ok", "not installed: SDPA attention is used (flash-attn "
                      "would need an Ampere or newer GPU)")
-    version = "version unknown"
-    for dist_name in ("flash-attn", "flash_attn"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            version = metadata.version(dist_name)
-            break
+    version = version or "version unknown"
     if ampere:
         return Check("flash-attn", "ok", f"{version}: used for bf16/fp16 training on this GPU")
     return Check("flash-attn", "ok", f"{version}, unused here (it needs an Ampere or newer GPU): "
@@ -431,6 +401,12 @@ def _flash_attn(torch, on_gpu: bool) -> Check:
 def _disk(output_dir: Path) -> Check:
     target = output_dir.expanduser()
     try:
+        rundir.check_writable(target)  # what a run checks first, with a real file
+    except UserError as exc:
+        # Its message is what is wrong, then one sentence saying what to do.
+        detail, _, fix = str(exc).rpartition(". ")
+        return Check("disk", "missing", detail or str(exc), fix)
+    try:
         probe, free = free_disk(target)
     except OSError as exc:
         return Check("disk", "missing", f"cannot measure free space for {target}: {_short(exc)}",
@@ -438,17 +414,6 @@ def _disk(output_dir: Path) -> Check:
     gib = f"{free / GIB:.1f} GiB free"
     # The run folder may not exist yet: what counts is the nearest folder that does.
     for_target = "" if probe == target.resolve() else f" (for {target})"
-    if not probe.is_dir():
-        return Check("disk", "missing", f"{probe} is a file, not a folder{for_target}; {gib}",
-                     "Pass an --output-dir that names a folder.")
-    try:
-        # A real write: permissions, read-only mounts and quotas all show here.
-        with tempfile.TemporaryFile(dir=probe, prefix=".ftlaunch-doctor-"):
-            pass
-    except OSError as exc:
-        return Check("disk", "missing", f"cannot write to {probe}{for_target}: "
-                     f"{exc.strerror or _short(exc)}; {gib}",
-                     f"Make {probe} writable, or pass an --output-dir you can write to.")
     if free < DISK_WARN_BYTES:
         return Check("disk", "warn", f"{gib} at {probe}{for_target}, under "
                      f"{DISK_WARN_BYTES // GIB} GiB", "Free space there or pass an --output-dir "
@@ -468,31 +433,21 @@ def _ram() -> Check:
 
 
 def _hf_hub() -> Check:
-    """Only whether variables are set is reported: the token's value is never read out."""
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    if offline is None:
-        mode = "online (HF_HUB_OFFLINE not set)"
-    elif offline.strip().upper() in ("1", "ON", "YES", "TRUE"):
-        mode = "offline (HF_HUB_OFFLINE set): models and data come from the local cache only"
+    """As huggingface_hub itself sees it: its constants, read from the environment when it
+    was imported. Only whether token variables are set is said: the token is never read."""
+    if hub_constants.HF_HUB_OFFLINE:
+        mode = ("offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set): models and data come "
+                "from the local cache only")
     else:
-        mode = "online (HF_HUB_OFFLINE set to a false value)"
+        mode = "online (HF_HUB_OFFLINE not set or false)"
     named = [var for var in _TOKEN_VARS if os.environ.get(var, "").strip()]
     if named:
         token = f"token: set ({', '.join(named)})"
-    elif _token_file().is_file():
+    elif Path(hub_constants.HF_TOKEN_PATH).is_file():
         token = "token: not set in the environment; a saved login token file exists"
     else:
         token = "token: not set (gated models such as Llama need HF_TOKEN or `hf auth login`)"
     return Check("hf-hub", "ok", f"{mode}; {token}")
-
-
-def _token_file() -> Path:
-    """Where huggingface_hub keeps the token of `hf auth login`."""
-    if os.environ.get("HF_TOKEN_PATH"):
-        return Path(os.environ["HF_TOKEN_PATH"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "token"
 
 
 # --- text --------------------------------------------------------------------------------

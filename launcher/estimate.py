@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ftlaunch.hardware import known_gpu
 from ftlaunch.models import ModelSpec
 from ftlaunch.planner import Plan
 
-# Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s, vendor datasheets, without sparsity).
+# Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s, vendor datasheets, without sparsity;
+# SXM figures for H100/H200), for every GPU hardware._KNOWN_GPUS names (a test checks).
 PEAK_TFLOPS = {"B200": 2250, "H200": 989, "H100": 989, "GH200": 989, "A100": 312, "A800": 312,
                "L40S": 362, "L40": 181, "RTX6000ADA": 364, "RTX4090": 165, "A6000": 155,
                "RTXA6000": 155, "RTX3090": 71, "A10G": 70, "A10": 125, "L4": 121,
@@ -47,12 +49,13 @@ def run_size(plan: Plan, max_steps: int | None, epochs: float | None,
         tokens_per_step = rows_per_step * plan.seq_len
     else:
         tokens_per_step = round(rows_per_step * min(data_tokens / examples, plan.seq_len))
-    steps = max_steps if max_steps and max_steps > 0 else None
-    if steps is None and epochs and data_tokens and examples:
+    by_epochs = not (max_steps and max_steps > 0)  # None or the recipes' -1: the epochs decide
+    steps = None if by_epochs else max_steps
+    if by_epochs and epochs and data_tokens and examples:
         rows = math.ceil(data_tokens / plan.seq_len) if packing else examples
         steps = math.ceil(epochs * rows / rows_per_step)
     tokens = steps * tokens_per_step if steps else None
-    if tokens and data_tokens and max_steps is None and epochs:
+    if tokens and data_tokens and by_epochs:  # the last step of an epoch is not full
         tokens = min(tokens, round(epochs * data_tokens))
     return RunSize(steps, tokens_per_step, tokens)
 
@@ -73,9 +76,7 @@ def gpu_seconds(model: ModelSpec, plan: Plan, tokens: int) -> float | None:
     hw = plan.hardware
     if not hw.has_gpus:
         return None
-    name = hw.gpu.name.upper().replace(" ", "").replace("-", "")
-    peak = next((tf for key, tf in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0]))
-                 if key in name), None)
+    peak = PEAK_TFLOPS.get(known_gpu(hw.gpu.name))
     if peak is None:
         return None
     rate = peak * 1e12 * MFU[plan.method] * plan.num_processes

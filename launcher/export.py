@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from ftlaunch import rundir
@@ -104,6 +105,7 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
     record = _finished_record(run_dir)
     out = Path(out) if out is not None else run_dir / "merged"
     adapter_digest = _adapter_digest(run_dir)
+    _recover_interrupted(out)
     _check_merge_target(out, run_dir, adapter_digest)  # refusals come before the slow imports
 
     import torch
@@ -238,7 +240,6 @@ def _check_merge_target(out: Path, run_dir: Path, adapter_digest: str) -> None:
     """Refuse, before any model is loaded, to write where a merge must not go."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder for the merged model.")
-    _clear_interrupted(out)
     if out.is_dir() and any(out.iterdir()):
         try:
             previous = read_merge_record(out)
@@ -269,12 +270,20 @@ def _check_merge_target(out: Path, run_dir: Path, adapter_digest: str) -> None:
         raise UserError(f"--out {out}: {out.parent} is not writable; choose another --out.")
 
 
-def _clear_interrupted(out: Path) -> None:
-    """What a merge killed in _save_atomically left beside `out`: its hidden copy, removed;
-    or, killed between the two renames, the earlier merge it had moved aside, put back."""
+def _sibling(out: Path, kind: str) -> Path:
+    """A merge's hidden working name beside `out`, owned by this host and process: on a
+    shared filesystem another host's merge is never taken for an interrupted one."""
+    return out.with_name(f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _recover_interrupted(out: Path) -> None:
+    """What a merge on this host killed in _save_atomically left beside `out`: its hidden
+    copy, removed; or, killed between the two renames, the earlier merge it had moved
+    aside, put back."""
     import psutil
 
-    for pattern in (f".{out.name}.old-*", f".{out.name}.tmp-*"):
+    host = socket.gethostname()
+    for pattern in (f".{out.name}.old-{host}-*", f".{out.name}.tmp-{host}-*"):
         for leftover in sorted(out.parent.glob(pattern)):
             pid = leftover.name.rpartition("-")[2]
             if not pid.isdigit() or psutil.pid_exists(int(pid)):
@@ -288,8 +297,7 @@ def _clear_interrupted(out: Path) -> None:
 def _save_atomically(out: Path, model, tokenizer, merge_record: dict) -> None:
     """Save into a hidden sibling, then swap it in: `out` is never half written. An
     earlier merge there is moved aside first and deleted once the new one is in place."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    tmp, old = _sibling(out, "tmp"), _sibling(out, "old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)

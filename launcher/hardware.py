@@ -50,6 +50,19 @@ _KNOWN_GPUS: dict[str, tuple[int, int]] = {
 }
 
 
+def known_gpu(name: str) -> str | None:
+    """The _KNOWN_GPUS key a GPU name stands for: a spec's NAME ("H100", "RTX4090") or a
+    driver's ("NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090", "NVIDIA RTX A6000").
+    Whole words only, joined with their neighbours: an "RTX A1000" is not an A100."""
+    words = [w for w in re.split(r"[\s_-]+", name.upper()) if w]
+    for size in (3, 2, 1):  # the longest spelling first: RTX6000ADA before RTX6000
+        for i in range(len(words) - size + 1):
+            joined = "".join(words[i:i + size])
+            if joined in _KNOWN_GPUS:
+                return joined
+    return None
+
+
 @dataclass(frozen=True)
 class Gpu:
     name: str
@@ -108,6 +121,9 @@ def parse_spec(spec: str) -> Hardware:
         return Hardware(nodes=1, gpus_per_node=0, gpu=None, cpu_cores=cpu_cores,
                         ram_bytes=ram, source=text)
     match = _SPEC.match(text.replace(" ", ""))
+    if not match and re.fullmatch(r"(\d+x){1,2}[A-Za-z][A-Za-z0-9]*", text.replace(" ", "")):
+        raise UserError(f"--hardware {spec!r} names no GPU memory: add it as -NNGB, e.g. "
+                        f"{text.replace(' ', '')}-80GB (memory decides every plan).")
     if not match:
         raise UserError(
             f"--hardware {spec!r} is not a hardware spec. Write GPUS x NAME-MEMORY, optionally "

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DIRECTORY = "ranks"
+from ftlaunch.rundir import RANKS_DIR, atomic_write
+
 STALL_FILE = "stalled.json"
+# The phase a rank reports once training is over (evaluation, the adapter's checksum and
+# save, which can gather a whole model under ZeRO-3/FSDP): the watch stands down then, and
+# the collective timeout (ddp_timeout) bounds a hang.
+FINISHING = "finishing"
 
 # Within one step (micro-batches, evaluation batches) progress is written at most this
 # often; a new step or phase is written at once.
@@ -26,7 +32,7 @@ _MIN_INTERVAL_S = 1.0
 
 
 def path(run_dir: Path, rank: int) -> Path:
-    return run_dir / DIRECTORY / f"heartbeat-{rank}.json"
+    return run_dir / RANKS_DIR / f"heartbeat-{rank}.json"
 
 
 class Writer:
@@ -34,6 +40,7 @@ class Writer:
 
     def __init__(self, run_dir: Path, rank: int):
         self.path = path(run_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self._last = (0.0, None)
 
@@ -42,26 +49,16 @@ class Writer:
         if (step, phase) == self._last[1] and now - self._last[0] < _MIN_INTERVAL_S:
             return
         self._last = (now, (step, phase))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         # No fsync: a heartbeat lost to a crash of the machine does not matter, and a
         # sync per step would on a network filesystem.
-        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "step": step,
-                                   "phase": phase, "time": now}) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
-
-
-def clear(run_dir: Path, ranks: list[int]) -> None:
-    """Before a launch: no heartbeat of this node's ranks from an earlier launch may count
-    as progress (other nodes' ranks, in a shared run directory, are theirs to clear)."""
-    for rank in ranks:
-        path(run_dir, rank).unlink(missing_ok=True)
-    (run_dir / STALL_FILE).unlink(missing_ok=True)
+        atomic_write(self.path, json.dumps({"rank": self.rank, "pid": os.getpid(),
+                                            "host": socket.gethostname(), "step": step,
+                                            "phase": phase, "time": now}) + "\n", sync=False)
 
 
 def read(run_dir: Path) -> list[dict]:
     beats = []
-    for file in sorted((run_dir / DIRECTORY).glob("heartbeat-*.json")):
+    for file in (run_dir / RANKS_DIR).glob("heartbeat-*.json"):
         try:
             beats.append(json.loads(file.read_text(encoding="utf-8")))
         except (OSError, ValueError):
@@ -94,8 +91,7 @@ class Stall:
         if not self.ranks:
             return list(self.silent)
         furthest = max(b["step"] for b in self.ranks)
-        late = [b["rank"] for b in self.ranks if b["step"] < furthest]
-        return sorted(late + list(self.silent)) if (late or self.silent) else []
+        return sorted([b["rank"] for b in self.ranks if b["step"] < furthest] + list(self.silent))
 
     def to_json(self) -> dict:
         return {"seconds": round(self.seconds, 1), "timeout_s": self.timeout_s,
@@ -103,20 +99,23 @@ class Stall:
 
 
 class Watch:
-    """The launcher's side: checks this node's ranks' heartbeats. Armed by the first
+    """The launcher's side: checks this node's ranks' heartbeats (in a run directory
+    shared by several nodes, the others' are theirs to watch). Armed by the first
     heartbeat of this launch (loading the model and meeting the other ranks have their
-    own timeouts); from then on, a stall is `timeout_s` without any rank's heartbeat
-    changing."""
+    own timeouts; an earlier launch's files do not count); from then on, a stall is
+    `timeout_s` without any rank's heartbeat changing, until a rank is finishing."""
 
     def __init__(self, run_dir: Path, timeout_s: float, local_ranks: list[int]):
         self.run_dir = run_dir
         self.timeout_s = timeout_s
         self.local_ranks = local_ranks
+        self.since = time.time()
 
     def check(self, now: float | None = None) -> Stall | None:
         now = time.time() if now is None else now
-        beats = read(self.run_dir)
-        if not beats:
+        beats = [b for b in read(self.run_dir)
+                 if b.get("rank") in self.local_ranks and b.get("time", 0) >= self.since]
+        if not beats or any(b.get("phase") == FINISHING for b in beats):
             return None
         newest = max(b["time"] for b in beats)
         if now - newest < self.timeout_s:

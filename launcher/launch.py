@@ -171,7 +171,9 @@ def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 1
     killed: a hung rank cannot finish a step, so there is nothing to save.
     """
     received: list[int] = []
-    env = {**env, "FTLAUNCH_LAUNCHER_PID": str(os.getpid())}
+    # The launcher's pid (workers stop when it dies) and its log (a node's first rank's
+    # error record names it: ftlaunch.rank_logs).
+    env = {**env, "FTLAUNCH_LAUNCHER_PID": str(os.getpid()), "FTLAUNCH_LOG": str(log_path)}
     # The workers write to train.log, not to a pipe of ours: if the launcher dies, their
     # output (and their stop with a checkpoint) does not die with it.
     with open(log_path, "ab") as log:
@@ -203,14 +205,14 @@ def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 1
         grace.start()
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    stall = None
+    def ask_for_stacks() -> None:
+        for proc in _job_processes(process, known):
+            if _is_worker(proc):
+                _kill(proc, signal.SIGUSR1)  # faulthandler: every thread's stack
+
     try:
-        stall = _follow(log_path, offset, process, watch)
+        stall = _follow(log_path, offset, process, watch, ask_for_stacks)
         if stall is not None:
-            for proc in _job_processes(process, known):
-                if _is_worker(proc):
-                    _kill(proc, signal.SIGUSR1)  # faulthandler: every thread's stack
-            _follow_for(log_path, process, STACK_DUMP_WAIT_S)
             kill_all()
         code = process.wait()
     finally:
@@ -231,12 +233,14 @@ _WATCH_EVERY_S = 2.0
 
 
 def _follow(log_path: Path, offset: int, process: subprocess.Popen, watch=None,
-            until: float | None = None):
-    """Stream what the workers append to train.log until the launch process exits (or
-    `until`, a time.monotonic() deadline); return the stall `watch` found, if any."""
+            on_stall=None):
+    """Stream what the workers append to train.log until the launch process exits; return
+    the stall `watch` found, if any. After a stall, `on_stall()` is called and the log
+    is streamed STACK_DUMP_WAIT_S longer (the stacks it asked for), then it returns."""
     import time
 
     next_watch = time.monotonic() + _WATCH_EVERY_S
+    stall, until = None, None
     with open(log_path, "rb") as log:
         log.seek(offset)
         while True:
@@ -249,20 +253,15 @@ def _follow(log_path: Path, offset: int, process: subprocess.Popen, watch=None,
                 except (BrokenPipeError, ValueError):
                     pass  # nobody reads our output any more; train.log still has it
             elif finished or (until is not None and time.monotonic() >= until):
-                return None
+                return stall
             else:
                 time.sleep(0.05)
-            if watch is not None and time.monotonic() >= next_watch:
+            if watch is not None and stall is None and time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + _WATCH_EVERY_S
                 stall = watch.check()
                 if stall is not None:
-                    return stall
-
-
-def _follow_for(log_path: Path, process: subprocess.Popen, seconds: float) -> None:
-    import time
-
-    _follow(log_path, log_path.stat().st_size, process, until=time.monotonic() + seconds)
+                    on_stall()
+                    until = time.monotonic() + STACK_DUMP_WAIT_S
 
 
 def _job_processes(process: subprocess.Popen, known: dict) -> list:

@@ -56,7 +56,7 @@ from ftlaunch.planner import Plan
 
 KIB = 1024
 
-# torch is reported by the imported build itself (_torch_runtime), not its dist-info.
+# torch is reported by the imported build itself (torch_runtime), not its dist-info.
 PACKAGES = ("transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
             "deepspeed", "click", "psutil")
 
@@ -314,18 +314,26 @@ def runtime_versions() -> dict:
     with, NCCL and cuDNN (None without CUDA), the GPU driver (None without nvidia-smi),
     the libraries, the interpreter."""
     out: dict = {"python": platform.python_version(), "ftlaunch": __version__}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out.update(_torch_runtime())
-    out["gpu_driver"] = _gpu_driver()
+    out.update(package_versions(PACKAGES))
+    out.update(torch_runtime())
+    out["gpu_driver"] = gpu_driver()
     out["executable"] = sys.executable
     return out
 
 
-def _torch_runtime() -> dict:
+def package_versions(names) -> dict[str, str | None]:
+    """{name: installed version, None where not installed}, from the distributions'
+    metadata (importlib.metadata normalises the names: flash_attn finds flash-attn)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def torch_runtime() -> dict:
     import torch
 
     # The imported build is what the workers run, which a stale dist-info could contradict.
@@ -341,7 +349,8 @@ def _torch_runtime() -> dict:
     return out
 
 
-def _gpu_driver() -> str | None:
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi's), None without nvidia-smi."""
     lines = nvidia_smi("driver_version")
     return lines[0].strip() if lines else None
 
@@ -353,26 +362,52 @@ def _human(n: int | float) -> str:
     return f"{int(n)} B"
 
 
-# `--report-to` trackers (transformers' integrations) and the modules each needs.
-REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
-             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "trackio": ("trackio",),
-             "swanlab": ("swanlab",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-             "neptune": ("neptune",), "aim": ("aim",)}
+# `--report-to` trackers: transformers' integrations (INTEGRATION_TO_CALLBACK, which a
+# test compares with these names), the package to install for each, and the modules
+# transformers looks for ("a|b": either will do).
+REPORTERS = {
+    "azure_ml": ("azureml-core", ("azureml.core.run",)),
+    "clearml": ("clearml", ("clearml",)),
+    "codecarbon": ("codecarbon", ("codecarbon",)),
+    "comet_ml": ("comet_ml", ("comet_ml",)),
+    "dagshub": ("dagshub", ("dagshub", "mlflow")),
+    "dvclive": ("dvclive", ("dvclive",)),
+    "flyte": ("flytekitplugins-deck-standard", ("flytekit", "flytekitplugins.deck")),
+    "kubeflow": ("kubeflow-trainer", ()),  # transformers asks the environment, not a module
+    "mlflow": ("mlflow", ("mlflow",)),
+    "neptune": ("neptune", ("neptune",)),
+    "swanlab": ("swanlab", ("swanlab",)),
+    "tensorboard": ("tensorboard", ("tensorboard|tensorboardX",)),
+    "trackio": ("trackio", ("trackio",)),
+    "wandb": ("wandb", ("wandb",)),
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
 
 
 def check_reporters(report_to) -> None:
     """The trackers asked for exist and are installed: the Trainer would otherwise fail
     on every rank after the model is loaded."""
-    import importlib.util
-
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if len(names) > 1 and {"none", "all"} & set(names):
+        raise UserError(f"--report-to {','.join(names)}: 'none' and 'all' stand alone; name "
+                        "trackers, or one of those two.")
     for name in names:
         if name in ("none", "all"):
             continue
         if name not in REPORTERS:
-            raise UserError(f"--report-to {name}: not a tracker ftlaunch knows; use one of "
+            raise UserError(f"--report-to {name}: not a tracker transformers knows; use one of "
                             f"{', '.join(REPORTERS)} (or none).")
-        if not any(importlib.util.find_spec(module) for module in REPORTERS[name]):
-            raise UserError(f"--report-to {name}: the {REPORTERS[name][0]} package is not "
-                            f"installed here. pip install {REPORTERS[name][0]}, or leave "
-                            "--report-to out (metrics.jsonl and loss.png are always written).")
+        package, modules = REPORTERS[name]
+        if not all(any(_importable(m) for m in alternatives.split("|"))
+                   for alternatives in modules):
+            raise UserError(f"--report-to {name}: the {package} package is not installed "
+                            f"here. pip install {package}, or leave --report-to out "
+                            "(metrics.jsonl and loss.png are always written).")

@@ -113,8 +113,6 @@ def load_recipe(name_or_path: str) -> Recipe:
     for section in ("training", "lora", "data"):
         if not isinstance(raw.get(section) or {}, dict):
             raise UserError(f"Recipe {path}: `{section}` must be a mapping.")
-    for key in raw.get("training") or {}:
-        _refuse_secret(key, f"Recipe {path}: training.")
     recipe = Recipe(
         name=path.stem,
         description=str(raw.get("description", "")),
@@ -169,7 +167,6 @@ def apply_overrides(recipe: Recipe, assignments: tuple[str, ...] | list[str]) ->
         elif key in PLAN_OWNED:
             raise UserError(f"--set {key} is decided by {PLAN_OWNED[key]}; use that instead.")
         else:
-            _refuse_secret(key, "--set ")
             training[key] = value
     return replace(recipe, training=training, lora=lora, data=data)
 
@@ -191,6 +188,8 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
     def where(key: str, section: str) -> str:
         return "--set " if key in set_keys else f"Recipe {source or recipe.name}: {section}."
 
+    for key in recipe.training:  # before the field check: hub_token is a field
+        _refuse_secret(key, where(key, "training"))
     training = _coerce_section(recipe.training, "training", "", where)
     for key in training:
         if key in PLAN_OWNED:

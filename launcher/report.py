@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from ftlaunch import estimate
 from ftlaunch.hardware import GIB, Hardware, format_gib
 from ftlaunch.planner import Plan
 
@@ -59,19 +60,20 @@ BAR_WIDTH = 40
 _MAX_BARS = 8
 
 
-def memory_bars(plan: Plan, width: int = BAR_WIDTH) -> list[str]:
+def memory_bars(plan: Plan) -> list[str]:
     """A bar per device of this node: the planned peak by term against the budget (the
-    card less the allocator's margin). Every device of a plan carries the same load."""
+    card less the allocator's margin), then the legend. Every device of a plan carries
+    the same load."""
     mem, budget = plan.memory, plan.budget_bytes
-    scale = max(budget, mem.total)
+    cell = max(budget, mem.total) / BAR_WIDTH
     bar, used = "", 0
     for letter, _, names in _BAR_TERMS:
         part = sum(getattr(mem, n) for n in names)
-        cells = round((used + part) / scale * width) - round(used / scale * width)
-        bar, used = bar + letter * cells, used + part
-    bar = bar[:width] + "." * (round(budget / scale * width) - min(len(bar), width))
+        bar, used = bar + letter * (round((used + part) / cell) - round(used / cell)), used + part
+    edge = round(budget / cell)
+    bar += "." * (edge - len(bar))  # the free part of the budget; none when it does not fit
     if mem.total > budget:
-        bar = bar[:round(budget / scale * width)] + "!" + bar[round(budget / scale * width):]
+        bar = bar[:edge] + "!" + bar[edge + 1:]  # where the budget ends
     label = "gpu" if plan.hardware.has_gpus else "cpu worker"
     devices = plan.processes_per_node
     rows = [f"  {label} {i:<3} [{bar}] {mem.total / GIB:6.2f} / {format_gib(budget, 2)}"
@@ -79,25 +81,41 @@ def memory_bars(plan: Plan, width: int = BAR_WIDTH) -> list[str]:
     if devices > _MAX_BARS:
         rows.append(f"  ... {devices - _MAX_BARS} more, the same")
     legend = ", ".join(f"{letter} {what}" for letter, what, _ in _BAR_TERMS)
-    return ["memory per device", *rows, f"  ({legend}, . free" +
-            (", ! budget" if mem.total > budget else "") + ")"]
+    return [*rows, f"  ({legend}, . free" + (", ! budget" if mem.total > budget else "") + ")"]
 
 
 def run_text(plan: Plan, model, size, data_note: str = "") -> list[str]:
     """The run's size and, on known GPUs, its time estimate (ftlaunch.estimate)."""
-    from ftlaunch import estimate
-
     steps = f"{size.steps} steps" if size.steps else "steps: set by the epochs"
     lines = [f"run        {steps} x {estimate.count(size.tokens_per_step)} tokens"
              + (f" = {estimate.count(size.tokens)} tokens" if size.tokens else "") + data_note]
     seconds = estimate.gpu_seconds(model, plan, size.tokens) if size.tokens else None
     if seconds is not None:
         lines.append(f"time       ~{estimate.duration(seconds)} (estimate: FLOPs at "
-                     f"{estimate.MFU[plan.method]:.0%} of the GPU's bf16 peak; the progress line "
+                     f"{estimate.MFU[plan.method]:.0%} of the GPU's 16-bit peak; the progress line "
                      "shows the measured rate)")
     else:
         lines.append("time       measured once training runs: the progress line shows the ETA")
     return lines
+
+
+PROGRESS_BAR_WIDTH = 20
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s,
+                  elapsed_s: float, steps_done: int) -> str:
+    """Rank 0's line per logged step: a bar, the step, loss, rate and time left (from
+    the steps this launch has run: a resume does not count the earlier ones as fast)."""
+    fraction = min(step / max_steps, 1.0) if max_steps > 0 else 0.0
+    filled = round(fraction * PROGRESS_BAR_WIDTH)
+    bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
+    rate = f"{estimate.count(tokens_per_s)} tok/s" if tokens_per_s else "- tok/s"
+    if steps_done > 0 and max_steps > step:
+        eta = estimate.duration(elapsed_s / steps_done * (max_steps - step))
+    else:
+        eta = "-" if max_steps > step else "0 s"
+    return (f"[{bar}] step {step}/{max_steps} {fraction:4.0%} | loss {loss:.4f} | "
+            f"lr {lr:.2e} | {rate} | elapsed {estimate.duration(elapsed_s)} | ETA {eta}")
 
 
 def hardware_text(hw: Hardware) -> str:

@@ -1,4 +1,5 @@
-"""Where the bundled data (recipes, model facts, accelerate templates) lives.
+"""Where the bundled data (recipes, model facts, accelerate templates) lives, and the
+source checkout's constraints.txt.
 
 In a built wheel, pyproject maps recipes/ and accelerate_configs/ inside the
 `ftlaunch` package; in a source checkout (editable install) they stand beside
@@ -27,3 +28,11 @@ def accelerate_templates_dir() -> Path:
 
 def demo_data_path() -> Path:
     return recipes_dir() / "data" / "demo-arithmetic.jsonl"
+
+
+def constraints_path() -> Path | None:
+    """The repository's constraints.txt (the known-good pins), in a source checkout only:
+    there this package is the launcher/ folder beside it. None in an installed wheel,
+    whose parent folder is site-packages: no file there is ours."""
+    path = _PACKAGE_DIR.parent / "constraints.txt"
+    return path if _PACKAGE_DIR.name == "launcher" and path.is_file() else None

@@ -35,6 +35,10 @@ LAUNCH_MARK = ".ftlaunch-launch-"
 # Written by rank 0 after a stop on a signal, once the stop's checkpoint is complete:
 # how the launcher tells "preempted, resumable" from "done" and from "failed".
 STOP_FILE = "stopped.json"
+# The stop record's "why" for a NaN/inf loss (the others are the signal's name).
+NON_FINITE_STOP = "non-finite loss"
+# Per-rank files: reports, logs, heartbeats, errors.
+RANKS_DIR = "ranks"
 # Identity fields (start._identity) that --set resume.allow_changed may let a resume change,
 # and the global batch a checkpoint was trained with. Not the LoRA shape or
 # --random-init: the checkpoint's weights would not load.
@@ -57,6 +61,11 @@ class RunState:
 
 
 def check_writable(output_dir: Path) -> None:
+    """UserError unless files can be made where output_dir is or will be (its nearest
+    existing folder). Each message is what is wrong, then one sentence saying what to do
+    (ftlaunch doctor shows them apart)."""
+    import tempfile
+
     probe_dir = output_dir
     while not probe_dir.exists():
         if probe_dir == probe_dir.parent:
@@ -65,9 +74,15 @@ def check_writable(output_dir: Path) -> None:
     if probe_dir.exists() and not probe_dir.is_dir():
         raise UserError(f"--output-dir {output_dir}: {probe_dir} is a file, not a directory. "
                         "Choose another --output-dir (or move that file).")
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
+    try:
+        # A real file, not os.access: it also meets what access() does not ask about
+        # (inode or quota exhaustion, FUSE and network filesystems, LSMs that act on open).
+        # Unnamed (O_TMPFILE) where the filesystem allows; else removed at once.
+        with tempfile.TemporaryFile(dir=probe_dir, prefix=".ftlaunch-probe-"):
+            pass
+    except OSError:
         raise UserError(f"--output-dir {output_dir} is not writable ({probe_dir} does not allow "
-                        "creating files). Choose another --output-dir.")
+                        "creating files). Choose another --output-dir.") from None
 
 
 def prepare(output_dir: Path, identity: dict, fresh: bool,
@@ -160,15 +175,17 @@ def _move_aside(output_dir: Path) -> Path:
     return target
 
 
-def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write beside and rename: a reader sees the old file or the whole new one."""
+def atomic_write(path: Path, data: str | bytes, sync: bool = True) -> Path:
+    """Write beside and rename: a reader sees the old file or the whole new one.
+    sync=False for files whose loss in a machine crash does not matter (heartbeats)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the bytes do
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not land before the bytes do
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
@@ -125,7 +126,7 @@ def _launch_table(job: Job, cache: dict) -> str:
                              bool(job.recipe.data.get("packing", True)))
     data_note = (f" (data: {estimate.count(cache['train_tokens'])} tokens in "
                  f"{cache['train_examples']} examples)" if cache.get("train_tokens") else "")
-    return "\n".join(["", *report.summary_lines(plan), *report.memory_bars(plan),
+    return "\n".join(["", *report.summary_lines(plan), "memory per device", *report.memory_bars(plan),
                       *report.run_text(plan, job.model, size, data_note), ""])
 
 
@@ -155,25 +156,29 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
         echo("Launching: " + launch.printable(argv_launch))
     ranks = [job.cluster.node_rank * plan.processes_per_node + i
              for i in range(plan.processes_per_node)]
-    heartbeat.clear(run_dir, ranks)
-    rank_logs.clear(run_dir, ranks)
+    (run_dir / heartbeat.STALL_FILE).unlink(missing_ok=True)
     watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
              if job.options.stall_timeout_s else None)
+    started = time.time()  # error records and heartbeats of earlier launches do not count
     code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
     if stall is not None:
-        return _stalled(run_dir, stall, echo)
-    return _outcome(run_dir, code, received, echo, log_path)
+        return _stalled(run_dir, stall, log_path, echo)
+    return _outcome(run_dir, code, received, echo, log_path, started)
 
 
-def _stalled(run_dir: Path, stall, echo) -> int:
+def _resume_point(run_dir: Path) -> str:
+    last = checkpoints.scan(run_dir / "checkpoints").newest
+    return last.path.name if last else "the start (no checkpoint was completed)"
+
+
+def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
     """The job was killed for making no progress: say where each rank was, keep it in
     stalled.json, and how to go on."""
     rundir.atomic_write(run_dir / heartbeat.STALL_FILE, json.dumps(stall.to_json()) + "\n")
-    last = checkpoints.scan(run_dir / "checkpoints").newest
-    since = last.path.name if last else "the start (no checkpoint was completed)"
     echo(f"Stalled: {stall.describe()} The job was stopped; the Python stacks of the ranks "
-         f"that could still answer are in {run_dir / 'train.log'}. Exit code "
-         f"{launch.STALLED_EXIT}: re-run the same command to resume from {since}.")
+         f"that could still answer are in {log_path} and {run_dir / rundir.RANKS_DIR}/rank-*.log. "
+         f"Exit code {launch.STALLED_EXIT}: re-run the same command to resume from "
+         f"{_resume_point(run_dir)}.")
     return launch.STALLED_EXIT
 
 
@@ -377,21 +382,20 @@ def _log(run_dir: Path, notes: list[str], echo) -> None:
 
 
 def _outcome(run_dir: Path, code: int, received: int | None, echo,
-             log_path: Path | None = None) -> int:
+             log_path: Path | None = None, started: float = 0.0) -> int:
     """The launcher's exit code: done, preempted with a checkpoint, stopped, failed."""
     if rundir.is_finished(run_dir) and code == 0:
         echo(final_summary(run_dir))
         return 0
     stop = rundir.read_stop_record(run_dir)
-    if stop is not None and stop.get("why") == "non-finite loss":
+    if stop is not None and stop.get("why") == rundir.NON_FINITE_STOP:
         raise UserError(_non_finite_message(run_dir, stop))
     if stop is not None and checkpoints.verify(Path(stop["checkpoint"]))[0] is None:
         echo(f"Preempted ({stop['why']}): stopped after step {stop['step']} with a complete "
              f"checkpoint, {stop['checkpoint']}. Exit code {launch.PREEMPTED_EXIT}: re-run the "
              f"same command (or `ftlaunch resume {run_dir}`) to continue from there.")
         return launch.PREEMPTED_EXIT
-    last = checkpoints.scan(run_dir / "checkpoints").newest
-    since = f"{last.path.name}" if last else "the start (no checkpoint was completed)"
+    since = _resume_point(run_dir)
     if received is not None:
         code = 128 + received  # whatever torchrun made of it, this was a stop by signal
         echo(f"Stopped by signal {received} before a checkpoint could be completed (exit code "
@@ -399,7 +403,7 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo,
     else:
         code = code or 1  # the workers claimed success but left no adapter
         log_path = log_path or run_dir / "train.log"
-        first = rank_logs.first_error_text(run_dir, log_path)
+        first = rank_logs.first_error_text(run_dir, log_path, started)
         echo((first + " " if first else "")
              + f"Training failed with exit code {code} (see {log_path}); after fixing "
              f"the cause, re-run the same command to resume from {since}.")
@@ -408,7 +412,7 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo,
 
 def _non_finite_message(run_dir: Path, stop: dict) -> str:
     step, checkpoint = stop.get("non_finite_step") or stop["step"], stop.get("checkpoint")
-    if stop.get("update_skipped") and checkpoint:
+    if stop.get("update_skipped") and checkpoint and checkpoints.step_of(Path(checkpoint)) == step:
         state = (f"its update was skipped, and {Path(checkpoint).name} holds the weights from "
                  "just before it (the last good state)")
     elif checkpoint:
@@ -469,12 +473,17 @@ def final_summary(run_dir: Path) -> str:
     import shlex
 
     here = shlex.quote(str(run_dir))
+    from ftlaunch.plot import read_points
+
+    metrics = run_dir / "metrics.jsonl"
+    losses, evals = read_points(metrics) if metrics.exists() else ([], [])
     files = [("adapter/", "the trained LoRA adapter (PEFT format) and its tokenizer"),
-             ("loss.png", "the loss curve" + (" with the eval loss" if _has_eval(run_dir) else "")),
+             ("loss.png", "the loss curve" + (" with the eval loss" if evals else "")),
              ("metrics.jsonl", "one line per logged step: loss, lr, tokens/s, memory"),
-             ("train.log", "the launcher's and rank 0's output"),
-             ("ranks/", "each rank's report, and the log of every rank but 0")]
-    lines = [f"Done. {_loss_summary(run_dir / 'metrics.jsonl')}", f"Run directory: {run_dir}"]
+             ("train.log", "the launcher's output and each node's first rank's"),
+             (f"{rundir.RANKS_DIR}/", "each rank's report, and the other ranks' logs")]
+    lines = [f"Done. {_loss_summary(metrics, [loss for _, loss in losses])}",
+             f"Run directory: {run_dir}"]
     lines += [f"  {name:<14} {what}" for name, what in files if (run_dir / name.rstrip('/')).exists()]
     lines += ["Next:",
               f"  ftlaunch generate {here} --prompt 'your question'   try the adapter",
@@ -484,19 +493,9 @@ def final_summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _has_eval(run_dir: Path) -> bool:
-    from ftlaunch.plot import read_points
-
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.exists() and bool(read_points(metrics)[1])
-
-
-def _loss_summary(metrics: Path) -> str:
-    from ftlaunch.plot import read_points
-
+def _loss_summary(metrics: Path, losses: list[float]) -> str:
     if not metrics.exists():  # a node-local copy of a node other than 0
         return "The loss is logged in node 0's run directory."
-    losses = [loss for _, loss in read_points(metrics)[0]]
     if not losses:
         return "No loss was logged."
     return f"Loss {losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)."
@@ -518,11 +517,8 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
     eval_dataset = None
     if options.get("eval_data"):
-        try:
-            eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
-                                        options.get("system_prompt"))
-        except UserError as exc:  # data.load speaks of --data; this file came with --eval-data
-            raise UserError(str(exc).replace("--data ", "--eval-data ", 1)) from None
+        eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
+                                    options.get("system_prompt"), flag="--eval-data")
     _check_eval_split(options, dataset, eval_dataset)
     return dataset, eval_dataset
 

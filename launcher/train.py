@@ -25,7 +25,8 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 
 from transformers import TrainerCallback
 
-from ftlaunch import checkpoints, config_fields, preview, rank_logs, rundir
+from ftlaunch import checkpoints, config_fields, preview, rank_logs, report, rundir
+from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 
@@ -40,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     silence_library_noise()
     try:
         run(run_dir, args.resume_from)
-    except UserError as exc:
-        rank_logs.record_error(run_dir, exc)
-        print(f"ftlaunch: {exc}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
     except BaseException as exc:
         if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            rank_logs.record_error(run_dir, exc)
-        raise
+            launcher_log = os.environ.get("FTLAUNCH_LOG")
+            rank_logs.record_error(run_dir, exc, Path(launcher_log) if launcher_log else None)
+        if not isinstance(exc, UserError):
+            raise
+        print(f"ftlaunch: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
     return 0
 
 
@@ -58,7 +59,7 @@ class Session:
     recorder: "_BatchRecorder"
     tokenizer: object
     checkpointing: "_Checkpointing"
-    guard: "_NonFiniteGuard"
+    heartbeat: "_Heartbeat"
 
 
 def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
@@ -77,13 +78,17 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
     stop = stop or _StopRequest()
-    guard = _NonFiniteGuard(stop)
-    checkpointing = _Checkpointing(run_dir, record, stop)
-    checkpointing.guard = guard
-    trainer.add_callback(guard)  # before _Checkpointing: its step-end agreement sees the stop
+    # Gradients the guard can act on before the optimizer steps: not DeepSpeed's (its
+    # engine steps inside backward), not fp16's (an inf gradient under the GradScaler is
+    # routine: the scaler skips that step and lowers the scale).
+    guard = _NonFiniteGuard(stop, checks_gradients=not trainer.is_deepspeed_enabled
+                            and getattr(trainer.accelerator, "scaler", None) is None)
+    checkpointing = _Checkpointing(run_dir, record, stop, guard)
+    heartbeat = _Heartbeat(run_dir)
+    trainer.add_callback(guard)  # before _Checkpointing: its agreement sees the guard's finding
     trainer.add_callback(checkpointing)
-    trainer.add_callback(_Heartbeat(run_dir))
-    return Session(trainer, recorder, tokenizer, checkpointing, guard)
+    trainer.add_callback(heartbeat)
+    return Session(trainer, recorder, tokenizer, checkpointing, heartbeat)
 
 
 def run(run_dir: Path, resume_from: Path | None) -> None:
@@ -107,13 +112,16 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     # directories every node's first rank (save_on_each_node), each into its own copy.
     writes_run_files = trainer.args.should_save
     stopped_at = session.checkpointing.stopped_at
+    if stopped_at is None and stop.reason == rundir.NON_FINITE_STOP:
+        stopped_at = trainer.state.global_step  # found in the last step's logged loss
     if stopped_at is not None:  # the stop's checkpoint is complete: on_save waited for all ranks
         if writes_run_files:
-            _record_stop(run_dir, stop, stopped_at, session.checkpointing.saved_at_stop,
-                         session.guard)
+            checkpoints.clear_incoming(run_dir / "checkpoints")
+            _record_stop(run_dir, stop, stopped_at, session.checkpointing.guard)
         # No node's launcher may look for stopped.json before it is there.
         _barrier()
         return
+    session.heartbeat.beat(trainer.args, trainer.state, heartbeat_mod.FINISHING)
 
     _write_rank_report(run_dir, trainer, recorder, result, time.time() - started)
     evaluated = {row["step"] for row in trainer.state.log_history if "eval_loss" in row}
@@ -350,7 +358,7 @@ class _MetricsCallback(TrainerCallback):
                                                     / (now - then), 1)
             self._since = (now, tokens)
             row.update(_peak_memory())
-            line = progress_line(state.global_step, state.max_steps, logs["loss"],
+            line = report.progress_line(state.global_step, state.max_steps, logs["loss"],
                                  logs.get("learning_rate", 0), row.get("tokens_per_s"),
                                  now - self._began[0], state.global_step - self._began[1])
         else:
@@ -369,48 +377,25 @@ class _Heartbeat(TrainerCallback):
         self.run_dir = run_dir
         self.writer = None
 
-    def _beat(self, args, state, phase: str) -> None:
+    def beat(self, args, state, phase: str = "training") -> None:
         if self.writer is None:
-            from ftlaunch import heartbeat
-
-            self.writer = heartbeat.Writer(self.run_dir, args.process_index)
+            self.writer = heartbeat_mod.Writer(self.run_dir, args.process_index)
         self.writer.beat(state.global_step, phase)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._beat(args, state, "training")
+        self.beat(args, state)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._beat(args, state, "training")
+        self.beat(args, state)
 
     def on_substep_end(self, args, state, control, **kwargs):  # a micro-batch of accumulation
-        self._beat(args, state, "training")
+        self.beat(args, state)
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        self._beat(args, state, "evaluating")
+        self.beat(args, state, "evaluating")
 
     def on_save(self, args, state, control, **kwargs):
-        self._beat(args, state, "training")
-
-
-PROGRESS_BAR_WIDTH = 20
-
-
-def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s,
-                  elapsed_s: float, steps_done: int) -> str:
-    """Rank 0's line per logged step: a bar, the step, loss, rate and time left (from
-    the steps this launch has run: a resume does not count the earlier ones as fast)."""
-    from ftlaunch.estimate import count, duration
-
-    fraction = min(step / max_steps, 1.0) if max_steps > 0 else 0.0
-    filled = round(fraction * PROGRESS_BAR_WIDTH)
-    bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
-    rate = f"{count(tokens_per_s)} tok/s" if tokens_per_s else "- tok/s"
-    if steps_done > 0 and max_steps > step:
-        eta = duration(elapsed_s / steps_done * (max_steps - step))
-    else:
-        eta = "-" if max_steps > step else "0 s"
-    return (f"[{bar}] step {step}/{max_steps} {fraction:4.0%} | loss {loss:.4f} | "
-            f"lr {lr:.2e} | {rate} | elapsed {duration(elapsed_s)} | ETA {eta}")
+        self.beat(args, state)
 
 
 class _BatchRecorder:
@@ -501,7 +486,7 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
     }
-    ranks = run_dir / "ranks"
+    ranks = run_dir / rundir.RANKS_DIR
     ranks.mkdir(exist_ok=True)
     (ranks / f"rank-{report['rank']}.json").write_text(json.dumps(report) + "\n", encoding="utf-8")
 
@@ -550,73 +535,77 @@ def _trim_metrics(path: Path, step: int) -> None:
     rundir.atomic_write(path, "".join(line + "\n" for line in kept))
 
 
-NON_FINITE = "non-finite loss"
+NON_FINITE = rundir.NON_FINITE_STOP
 
 
-def _record_stop(run_dir: Path, stop: "_StopRequest", step: int, saved: bool,
+def _record_stop(run_dir: Path, stop: "_StopRequest", step: int,
                  guard: "_NonFiniteGuard") -> None:
     """stopped.json, which tells the launcher why the workers ended before max_steps and
-    which complete checkpoint holds the state to go on from."""
-    root = run_dir / "checkpoints"
-    if saved:
-        checkpoint = root / f"checkpoint-{step}"
-    else:  # the weights at the stop are not worth keeping: the last complete checkpoint is
-        newest = checkpoints.scan(root).newest
-        checkpoint = newest.path if newest else None
+    which complete checkpoint holds the state to go on from: the stop's own, or (when the
+    weights at the stop were not worth saving) the last one before it."""
+    newest = checkpoints.scan(run_dir / "checkpoints").newest
     record = {"step": step, "why": stop.reason,
-              "checkpoint": str(checkpoint) if checkpoint else None}
+              "checkpoint": str(newest.path) if newest else None}
     if stop.reason == NON_FINITE:
         record.update(guard.report())
     rundir.write_stop_record(run_dir, record)
-    where = f"{checkpoint.name} is complete" if checkpoint else "no checkpoint was completed"
+    where = f"{newest.path.name} is complete" if newest else "no checkpoint was completed"
     print(f"ftlaunch: stopped ({stop.reason}) at step {step}; {where}", flush=True)
 
 
 class _NonFiniteGuard(TrainerCallback):
     """A NaN or inf loss stops the run before it poisons the weights.
 
-    Before each optimizer step the trainable parameters' gradients are checked (LoRA's
-    are a few MB); when any is not finite on any rank, every rank drops its gradients, so
-    the optimizer skips that update (torch's optimizers skip parameters without a
-    gradient), and the run stops with a checkpoint of the weights as they were before
-    it: the last good state. Where the gradients are not visible (DeepSpeed keeps them
-    in its own partitions), the logged loss is checked instead, and the run stops
-    without saving: the last complete checkpoint is then the last good state."""
+    Before each optimizer step this rank's trainable gradients (LoRA's, a few MB) are
+    checked; _Checkpointing's per-step agreement carries the finding to every rank, and
+    when any rank found one, every rank drops its gradients (skip_update), so the
+    optimizer skips that update (torch's optimizers skip parameters without a gradient),
+    and the run stops with a checkpoint of the weights as they were before it: the last
+    good state. Where the gradients cannot be acted on (checks_gradients False: DeepSpeed,
+    fp16) the logged loss is checked instead, and the run stops without saving: the last
+    complete checkpoint is then the last good state."""
 
-    def __init__(self, stop: "_StopRequest"):
+    def __init__(self, stop: "_StopRequest", checks_gradients: bool = True):
         self.stop = stop
+        self.checks_gradients = checks_gradients
         self.step: int | None = None
         self.kept_good = False  # the update was skipped: the current weights are good
         self.found_in = ""
+        self._params: list = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.checks_gradients or self.step is not None:
+            return
         import torch
 
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not grads:
-            return
-        finite = all(bool(torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all())
-                     for g in grads)
-        device = _agreement_device()
-        if device is not None:
-            import torch.distributed as dist
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in self._params if p.grad is not None]
+        # One reduction and one device sync for all of them, not one per tensor.
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._trip(state.global_step + 1, "gradients")
 
-            flag = torch.tensor([0 if finite else 1], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = not int(flag[0])
-        if finite:
-            return
-        for param in model.parameters():
+    def skip_update(self, step: int) -> None:
+        """Every rank, once the ranks agreed that some rank's gradients are not finite."""
+        for param in self._params:
             param.grad = None
-        self._trip(state.global_step + 1, "gradients", kept_good=True)
+        if self.step is None:
+            self._trip(step, "gradients")  # another rank's shard was the one
+        self.kept_good = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
+        loss = (logs or {}).get("loss")  # gathered over the ranks: every rank sees it
         if isinstance(loss, (int, float)) and not math.isfinite(loss) and self.step is None:
-            self._trip(state.global_step, "logged loss", kept_good=False)
+            self._trip(state.global_step, "logged loss")
+            # The save and evaluation that follow this log in the same step would keep or
+            # judge weights that the bad update has already reached.
+            control.should_save = control.should_evaluate = False
+            return control
 
-    def _trip(self, step: int, found_in: str, kept_good: bool) -> None:
-        self.step, self.found_in, self.kept_good = step, found_in, kept_good
+    def _trip(self, step: int, found_in: str) -> None:
+        self.step, self.found_in = step, found_in
         self.stop.request(NON_FINITE)
 
     def report(self) -> dict:
@@ -645,9 +634,9 @@ class _StopRequest:
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
-        code = self.REASONS.index(reason)
-        if not self.code or code == self.REASONS.index(NON_FINITE):
-            self.code = code  # a non-finite loss decides how the stop saves, whatever came first
+        # The later reason wins, as between ranks (the max-reduce in _Checkpointing._agree):
+        # a non-finite loss, the highest, decides how the stop saves.
+        self.code = max(self.code, self.REASONS.index(reason))
 
     @property
     def reason(self) -> str | None:
@@ -705,19 +694,20 @@ class _Checkpointing(TrainerCallback):
     checkpoint at max_steps would be one a resume must never train from (the Trainer
     would run a step past the end)."""
 
-    def __init__(self, run_dir: Path, record: dict, stop: _StopRequest):
+    def __init__(self, run_dir: Path, record: dict, stop: _StopRequest,
+                 guard: _NonFiniteGuard):
         settings = record["checkpointing"]
         self.root = run_dir / "checkpoints"
         self.keep = settings["keep"]
         self.save_every = settings["save_every_s"]
         self.record = record
         self.stop = stop
+        self.guard = guard
         self.stopped_at: int | None = None
-        self.saved_at_stop = True  # whether the stop wrote a checkpoint at stopped_at
-        self.guard: _NonFiniteGuard | None = None
         self._reason = "steps"
         self._last_save = time.monotonic()
         self._device = None  # of the per-step agreement; None on one process
+        self._agreed: tuple[int, bool] | None = None  # this step's, until its end
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_save = time.monotonic()
@@ -725,8 +715,9 @@ class _Checkpointing(TrainerCallback):
 
     def _agree(self, save_due: bool) -> tuple[int, bool]:
         """(stop reason code, save) as every rank sees it: the ranks' stop requests (the
-        highest code), rank 0's clock. One tiny all-reduce per optimizer step, on every
-        rank at the same step, so all ranks stop and checkpoint at the same step."""
+        highest code; the guard's finding is one), rank 0's clock. One tiny all-reduce per
+        optimizer step, on every rank at the same step, so all ranks skip a bad update,
+        stop and checkpoint at the same step."""
         if self._device is None:
             return self.stop.code, save_due
         import torch
@@ -737,9 +728,16 @@ class _Checkpointing(TrainerCallback):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return int(flags[0]), bool(flags[1])
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Agree before the update: a non-finite gradient on any rank must stop it on all."""
         due = bool(self.save_every) and time.monotonic() - self._last_save >= self.save_every
-        stop, due = self._agree(due)
+        self._agreed = self._agree(due)
+        if self._agreed[0] == _StopRequest.REASONS.index(NON_FINITE) and self.guard.checks_gradients:
+            self.guard.skip_update(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop, due = self._agreed if self._agreed is not None else self._agree(False)
+        self._agreed = None
         last = state.global_step >= state.max_steps
         non_finite = stop == _StopRequest.REASONS.index(NON_FINITE)
         if last and not non_finite:
@@ -750,9 +748,9 @@ class _Checkpointing(TrainerCallback):
             self.stop.code = stop  # the reason every rank agreed on
             # After a non-finite loss only weights whose bad update was skipped are saved,
             # and never at max_steps (see the class docstring).
-            save = not non_finite or (self.guard is not None and self.guard.kept_good and not last)
+            save = not non_finite or (self.guard.kept_good and not last)
             control.should_training_stop = True
-            control.should_save = self.saved_at_stop = save
+            control.should_save = save
             self._reason = "stop requested"
             if args.should_save:
                 print(f"ftlaunch: stop requested ({self.stop.reason}): "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,3 +116,102 @@ def grace_s(params: dict) -> float:
 
     return parse_duration(params["grace"], "--grace")
 
+
+
+# --- user errors, as every CLI test checks them ---------------------------------------------
+
+USER_ERROR = 2
+ERROR_PREFIX = "ftlaunch: error:"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# Variables from which ftlaunch would read a multi-node context (ftlaunch.cluster): a CLI
+# test must not depend on the scheduler the tests happen to run under.
+_CLUSTER_VARS = ("NNODES", "PET_NNODES", "NODE_RANK", "PET_NODE_RANK", "GROUP_RANK",
+                 "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> dict:
+    """The environment of a module's ftlaunch commands: offline, a cache of the module's
+    own, no cluster variables, no warnings."""
+    root = tmp_path_factory.mktemp("cli-env")
+    env = {k: v for k, v in os.environ.items()
+           if k not in _CLUSTER_VARS and not k.startswith("SLURM_")}
+    env.update(FTLAUNCH_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(root / "hf-hub"),
+               PYTHONWARNINGS="ignore")
+    return env
+
+
+def _found(needle, message: str) -> bool:
+    """A needle: a substring, a compiled regex, or a tuple of alternatives."""
+    if isinstance(needle, tuple):
+        return any(_found(n, message) for n in needle)
+    if isinstance(needle, re.Pattern):
+        return needle.search(message) is not None
+    return needle in message
+
+
+def user_error_problems(result: subprocess.CompletedProcess, needles=(),
+                        forbidden=()) -> list[str]:
+    """What is wrong with `result` as a user error (empty: nothing): exit 2, no traceback,
+    exactly one one-paragraph `ftlaunch: error:` message on stderr holding every needle,
+    no forbidden text on either stream."""
+    problems = []
+    if result.returncode != USER_ERROR:
+        problems.append(f"exit code {result.returncode}, not {USER_ERROR}")
+    for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+        if "Traceback" in text:
+            problems.append(f"a traceback on {stream}")
+        problems += [f"{stream} has {bad!r}, which it must not" for bad in forbidden
+                     if bad in text]
+    count = result.stderr.count(ERROR_PREFIX)
+    if count != 1:
+        problems.append(f"{count} {ERROR_PREFIX!r} lines on stderr, not exactly one")
+    elif not result.stderr.startswith(ERROR_PREFIX):
+        problems.append("stderr has other output before the error")
+    message = result.stderr[result.stderr.find(ERROR_PREFIX):].strip() if count else result.stderr
+    if re.search(r"\n[ \t]*\n", message):
+        problems.append("the message is not one paragraph (it has a blank line)")
+    problems += [f"the message lacks {n!r}" for n in needles if not _found(n, message)]
+    return problems
+
+
+def error_report(problems: list[str], result: subprocess.CompletedProcess) -> str:
+    return ("\n".join(problems) + f"\n--- exit code {result.returncode}; stderr:\n"
+            f"{result.stderr[-4000:]}\n--- stdout (tail):\n{result.stdout[-1500:]}")
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles, forbidden=()) -> str:
+    """user_error_problems as an assertion; returns the message."""
+    problems = user_error_problems(result, needles, forbidden)
+    if problems:
+        pytest.fail(error_report(problems, result), pytrace=False)
+    return result.stderr.strip()
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """relative path -> (size, sha256, mtime_ns) for each file, ("dir", mtime_ns) for each
+    directory (root included, as "."), ("link", target) for each symlink: enough to tell
+    that nothing under `root` was touched."""
+    import hashlib
+
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        out[str(here.relative_to(root))] = ("dir", here.stat().st_mtime_ns)
+        for name in [*filenames, *(d for d in dirnames if (here / d).is_symlink())]:
+            path = here / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = ("link", os.readlink(path))
+                continue
+            stat = path.stat()
+            out[rel] = (stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
+                        stat.st_mtime_ns)
+    return out

@@ -20,7 +20,6 @@ module's own.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -33,18 +32,11 @@ from typing import Callable, Union
 
 import pytest
 
-from conftest import FTLAUNCH, TINY_TRAIN, in_tmpfs
+from conftest import (FTLAUNCH, TINY_TRAIN, cores, error_report, in_tmpfs, tree,
+                      user_error_problems)
 
-USER_ERROR = 2
-PREFIX = "ftlaunch: error:"
 WRONG_REASON = "holds a run made with different settings"
 TIMEOUT_S = 300
-
-# Variables from which ftlaunch would read a multi-node context (ftlaunch.cluster): a case
-# must not depend on the scheduler the tests happen to run under.
-_CLUSTER_VARS = ("NNODES", "PET_NNODES", "NODE_RANK", "PET_NODE_RANK", "GROUP_RANK",
-                 "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "CUDA_VISIBLE_DEVICES")
 
 # A needle: a substring, a compiled regex, or a tuple of alternatives (any one will do).
 # Strings may hold {tmp} (the case's tmp_path) and {run} (the existing run directory).
@@ -62,10 +54,6 @@ class Case:
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def _write(path: Path, content: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):
@@ -79,37 +67,10 @@ def _fill(text: str, tmp: Path, run: Path) -> str:
     return text.replace("{tmp}", str(tmp)).replace("{run}", str(run))
 
 
-def _show(needle: Needle) -> str:
+def _filled(needle, tmp: Path, run: Path):
     if isinstance(needle, tuple):
-        return " | ".join(_show(n) for n in needle)
-    return f"/{needle.pattern}/" if isinstance(needle, re.Pattern) else repr(needle)
-
-
-def _found(needle: Needle, message: str, tmp: Path, run: Path) -> bool:
-    if isinstance(needle, tuple):
-        return any(_found(n, message, tmp, run) for n in needle)
-    if isinstance(needle, re.Pattern):
-        return needle.search(message) is not None
-    return _fill(needle, tmp, run) in message
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    """relative path -> (size, sha256, mtime_ns) for each file, ("dir", mtime_ns) for each
-    directory (root included, as "."), ("link", target) for each symlink."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        out[str(here.relative_to(root))] = ("dir", here.stat().st_mtime_ns)
-        for name in [*filenames, *(d for d in dirnames if (here / d).is_symlink())]:
-            path = here / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                out[rel] = ("link", os.readlink(path))
-                continue
-            stat = path.stat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out[rel] = (stat.st_size, digest, stat.st_mtime_ns)
-    return out
+        return tuple(_filled(n, tmp, run) for n in needle)
+    return _fill(needle, tmp, run) if isinstance(needle, str) else needle
 
 
 def _tree_diff(before: dict, after: dict) -> list[str]:
@@ -120,52 +81,7 @@ def _tree_diff(before: dict, after: dict) -> list[str]:
     return lines
 
 
-def run_ftlaunch(argv: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
-
-
-def user_error_problems(result: subprocess.CompletedProcess, needles, forbidden,
-                        tmp: Path, run: Path) -> list[str]:
-    """What is wrong with `result` as a user error (empty: nothing)."""
-    problems = []
-    if result.returncode != USER_ERROR:
-        problems.append(f"exit code {result.returncode}, not {USER_ERROR}")
-    for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
-        if "Traceback" in text:
-            problems.append(f"a traceback on {stream}")
-    count = result.stderr.count(PREFIX)
-    if count != 1:
-        problems.append(f"{count} {PREFIX!r} lines on stderr, not exactly one")
-    message = result.stderr[result.stderr.find(PREFIX):].strip() if count else result.stderr
-    if re.search(r"\n[ \t]*\n", message):
-        problems.append("the message is not one paragraph (it has a blank line)")
-    for needle in needles:
-        if not _found(needle, message, tmp, run):
-            problems.append(f"the message lacks {_fill(_show(needle), tmp, run)}")
-    for bad in forbidden:
-        if _fill(bad, tmp, run) in result.stderr:
-            problems.append(f"stderr has {_fill(bad, tmp, run)!r}, which it must not")
-    return problems
-
-
-def _report(problems: list[str], result: subprocess.CompletedProcess) -> str:
-    return ("\n".join(problems) + f"\n--- exit code {result.returncode}; stderr:\n"
-            f"{result.stderr[-4000:]}\n--- stdout (tail):\n{result.stdout[-1500:]}")
-
-
 # --- fixtures -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bad_input_env(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("bad-input-env")
-    env = {k: v for k, v in os.environ.items()
-           if k not in _CLUSTER_VARS and not k.startswith("SLURM_")}
-    env.update(FTLAUNCH_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(root / "hf-hub"),
-               PYTHONWARNINGS="ignore")
-    return env
-
 
 @pytest.fixture(scope="module")
 def existing_run(tiny_run, tmp_path_factory) -> Path:
@@ -181,8 +97,10 @@ def check_case(argv: list[str], needles, forbidden, tmp: Path, run: Path, env: d
     """Run argv (a full command line) with cwd tmp; assert a clean user error and that
     neither `run` (nor anything beside it) nor tmp changed."""
     run_before, tmp_before = tree(run), tree(tmp)
-    result = run_ftlaunch(argv, env, tmp)
-    problems = user_error_problems(result, needles, forbidden, tmp, run)
+    result = subprocess.run([str(a) for a in argv], env=env, cwd=tmp, capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    problems = user_error_problems(result, [_filled(n, tmp, run) for n in needles],
+                                   [_fill(f, tmp, run) for f in forbidden])
     changed = _tree_diff(run_before, tree(run))
     if changed:
         problems.append(f"the existing run {run} changed:\n" + "\n".join(changed))
@@ -198,7 +116,7 @@ def check_case(argv: list[str], needles, forbidden, tmp: Path, run: Path, env: d
     if changed:
         problems.append(f"the working directory {tmp} changed:\n" + "\n".join(changed))
     if problems:
-        pytest.fail(_report(problems, result), pytrace=False)
+        pytest.fail(error_report(problems, result), pytrace=False)
     return result
 
 
@@ -316,7 +234,7 @@ CASES = [
     Case("hardware-banana", lambda t, r: ["plan", "--model", "tiny", "--hardware", "banana"],
          ("banana", "8xH100-80GB")),
     Case("hardware-without-memory", lambda t, r: ["plan", "--model", "tiny", "--hardware", "2xH100"],
-         ("2xH100", "NAME-MEMORY")),
+         ("2xH100", "memory", "2xH100-80GB")),
     Case("hardware-zero-gpus", lambda t, r: ["plan", "--model", "tiny", "--hardware", "0xA100-80GB"],
          ("0xA100-80GB", "at least 1")),
     Case("hardware-on-a-real-start",
@@ -357,10 +275,10 @@ CASES = [
          ("--data {tmp}/missing.jsonl", "no such file", "ftlaunch reads .jsonl")),
     Case("data-empty-file", _with_data("empty.jsonl", ""),
          ("{tmp}/empty.jsonl", "no examples",
-          ("per line", "another --data", "another file", "ftlaunch reads"))),
+          "one example per line", "another --data")),
     Case("data-binary-file", _with_data("blob.jsonl", os.urandom(4096)),
          ("{tmp}/blob.jsonl", "UTF-8",
-          ("ftlaunch reads", "right file", "save it as UTF-8", "another --data"))),
+          "save it as UTF-8", "another --data")),
     Case("data-bad-json-line-3",
          _with_data("bad.jsonl", '{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n'),
          ("{tmp}/bad.jsonl", "line 3", "not valid JSON")),
@@ -415,7 +333,7 @@ CASES = [
     Case("plan-does-not-fit",
          lambda t, r: ["--model", "llama-3.1-70b", "--hardware", "1xRTX4090-24GB", "--method",
                        "lora", "--dry-run", "--output-dir", str(r)],
-         ("does not fit", ("would fit", "--method qlora", "--gpus"))),
+         ("does not fit", "would fit")),
     # 17-18: flags that contradict each other
     Case("engine-deepspeed-on-one-process",
          lambda t, r: _tiny(r, "--method", "lora", "--engine", "deepspeed", "--gpus", "1"),
@@ -434,7 +352,7 @@ CASES = [
          ("--report-to tensorboard", "pip install tensorboard"),
          skip=_needs_no_package("tensorboard", "tensorboardX")),
     Case("report-to-unknown-tracker", lambda t, r: _tiny(r, "--report-to", "nosuchtracker"),
-         ("nosuchtracker", ("use one of", "Did you mean"))),
+         ("nosuchtracker", "use one of")),
     # 21-23: merge, resume and generate of what is not a finished run
     Case("merge-run-without-adapter", lambda t, r: ["merge", str(_stopped_run(t, r))],
          ("{tmp}/stopped", "no finished adapter", "resume the training")),
@@ -464,19 +382,19 @@ assert len({case.id for case in CASES}) == len(CASES), "case ids must be unique"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bad_input(case: Case, tmp_path, existing_run, bad_input_env):
+def test_bad_input(case: Case, tmp_path, existing_run, cli_env):
     reason = case.skip() if case.skip else None
     if reason:
         pytest.skip(reason)
     argv = case.setup(tmp_path, existing_run)
     check_case([FTLAUNCH, *argv], case.needles, case.forbidden, tmp_path, existing_run,
-               bad_input_env)
+               cli_env)
 
 
 # --- cases that need more than files ----------------------------------------------------------
 
-@pytest.mark.skipif(_cores() < 2, reason="--gpus 2 on a CPU-only box needs two cores")
-def test_master_port_in_use(tmp_path, existing_run, bad_input_env):
+@pytest.mark.skipif(cores() < 2, reason="--gpus 2 on a CPU-only box needs two cores")
+def test_master_port_in_use(tmp_path, existing_run, cli_env):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -484,10 +402,10 @@ def test_master_port_in_use(tmp_path, existing_run, bad_input_env):
         check_case([FTLAUNCH, *_tiny(existing_run, "--gpus", "2", "--master-port", str(port))],
                    (f"--master-port {port}", "in use",
                     ("free port", "leave --master-port out")),
-                   (WRONG_REASON,), tmp_path, existing_run, bad_input_env)
+                   (WRONG_REASON,), tmp_path, existing_run, cli_env)
 
 
-def test_not_enough_disk(tmpfs_allowed, tmp_path, existing_run, bad_input_env):
+def test_not_enough_disk(tmpfs_allowed, tmp_path, existing_run, cli_env):
     """The output directory on a real 1 MiB filesystem (a tmpfs in a private mount
     namespace): refused for disk space, and nothing written there."""
     quota = tmp_path / "quota"
@@ -499,13 +417,13 @@ def test_not_enough_disk(tmpfs_allowed, tmp_path, existing_run, bad_input_env):
     result = check_case(in_tmpfs(quota, "1m", argv),
                         ("Not enough free disk", "{tmp}/quota/run",
                          ("another --output-dir", "free space")),
-                        (WRONG_REASON,), tmp_path, existing_run, bad_input_env,
+                        (WRONG_REASON,), tmp_path, existing_run, cli_env,
                         expected_new_in_tmp=("left.txt",))
     assert result.returncode != 97, "the tmpfs could not be mounted"
     assert left.read_text() == "", f"written on the full disk: {left.read_text()!r}"
 
 
-def test_read_only_filesystem(tmpfs_allowed, tmp_path, existing_run, bad_input_env):
+def test_read_only_filesystem(tmpfs_allowed, tmp_path, existing_run, cli_env):
     """The output directory on a real read-only filesystem (a tmpfs mounted ro in a private
     mount namespace): what the chmod case checks, also where root cannot write."""
     mount = tmp_path / "readonly"
@@ -513,5 +431,5 @@ def test_read_only_filesystem(tmpfs_allowed, tmp_path, existing_run, bad_input_e
     argv = ["--model", "tiny", "--dry-run", "--output-dir", str(mount / "run")]
     result = check_case(in_tmpfs(mount, "256m,ro", [FTLAUNCH, *argv]),
                         ("{tmp}/readonly/run", "not writable", "another --output-dir"),
-                        (WRONG_REASON,), tmp_path, existing_run, bad_input_env)
+                        (WRONG_REASON,), tmp_path, existing_run, cli_env)
     assert result.returncode != 97, "the tmpfs could not be mounted"

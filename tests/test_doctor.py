@@ -1,14 +1,18 @@
-"""ftlaunch doctor's checks, run for real on this machine (the console command is wired
-separately, so the module is tested directly)."""
+"""ftlaunch doctor's checks, run for real on this machine: the module directly, and the
+console command once for its exit code."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
+from huggingface_hub import constants as hub_constants
 
+from conftest import FTLAUNCH
 from ftlaunch import doctor
 from ftlaunch.hardware import GIB
 
@@ -26,11 +30,9 @@ def by_name(checks) -> dict[str, doctor.Check]:
 
 
 def test_every_check_runs_here_and_ftlaunch_can_train(checks):
-    assert [c.name for c in checks] == list(NAMES) == list(doctor.CHECK_NAMES)
+    assert [c.name for c in checks] == list(NAMES)
     for c in checks:
-        assert c.status in ("ok", "warn", "missing"), c
         assert c.detail, c
-        assert (c.fix == "") == (c.status == "ok"), c
     # The venv has every core package, and tmp_path is writable.
     assert [c for c in checks if c.status == "missing"] == []
     assert doctor.exit_code(checks) == 0
@@ -43,12 +45,36 @@ def test_every_check_runs_here_and_ftlaunch_can_train(checks):
     assert all(len(line) <= 100 for line in lines), [line for line in lines if len(line) > 100]
 
 
-def test_versions_are_the_installed_ones(checks):
-    from importlib import metadata
-
+def test_versions_are_the_imported_ones(checks):
     found = by_name(checks)
     for name in doctor.CORE_PACKAGES:
-        assert found[name].detail.startswith(metadata.version(name)), found[name]
+        version = importlib.import_module(name).__version__
+        assert found[name].detail.startswith(version), found[name]
+
+
+@pytest.mark.parametrize("version, status, says", [
+    ("1.5.0", "ok", "1.5.0 (pinned 1.5.0)"),
+    ("1.5.0+cu128", "ok", "1.5.0+cu128 (pinned 1.5.0)"),  # a local label is the build
+    ("1.6.1", "warn", "1.6.1, but constraints.txt pins 1.5.0"),
+    ("0.9.2", "missing", "0.9.2 installed; ftlaunch needs widget>=1.2,<2"),
+    ("2.0.0", "missing", "2.0.0 installed; ftlaunch needs widget>=1.2,<2"),
+    ("2.0.0rc1", "missing", "2.0.0rc1 installed; ftlaunch needs widget>=1.2,<2"),
+])
+def test_a_package_is_judged_by_the_range_then_the_pin(version, status, says):
+    check = doctor._versioned("widget", version, {"widget": "1.5.0"}, {"widget": ">=1.2,<2"},
+                              "missing")
+    assert (check.status, check.detail) == (status, says), check
+    if status == "missing":
+        assert check.fix == "pip install 'widget==1.5.0'.", check
+    elif status == "warn":
+        assert check.fix.startswith("pip install 'widget==1.5.0' to match the tested set"), check
+
+
+def test_an_unpinned_package_is_judged_by_the_range_alone():
+    needs = {"widget": ">=1.2"}
+    assert doctor._versioned("widget", "3.0", {}, needs, "warn").status == "ok"
+    outside = doctor._versioned("widget", "1.0", {}, needs, "warn")
+    assert outside.status == "warn" and outside.fix == "pip install 'widget>=1.2'.", outside
 
 
 def test_cuda_check_matches_torch(checks):
@@ -78,8 +104,9 @@ def test_the_token_is_never_shown(monkeypatch, tmp_path):
 def test_token_not_set_is_said(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_TOKEN_PATH and HF_HUB_OFFLINE once, when it is imported.
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     hub = by_name(doctor.run_checks(tmp_path))["hf-hub"]
     assert hub.status == "ok"
     assert "token: not set" in hub.detail and "offline" in hub.detail
@@ -107,6 +134,17 @@ def test_output_dir_that_is_a_file_is_missing(tmp_path):
     checks = doctor.run_checks(file / "run")
     assert by_name(checks)["disk"].status == "missing"
     assert doctor.exit_code(checks) == 1
+
+
+def test_the_console_command_fails_on_an_output_dir_under_a_file(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    result = subprocess.run([FTLAUNCH, "doctor", "--output-dir", str(file / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^  missing  disk ", result.stdout, re.M), result.stdout
+    assert f"{file} is a file" in " ".join(result.stdout.split()), result.stdout
+    assert result.stdout.rstrip().splitlines()[-1] == "Not ready: 1 essential check failed (disk)."
 
 
 def test_disk_check_names_the_free_space(tmp_path):

@@ -111,3 +111,13 @@ def test_rejected_set_is_a_user_error(assignment, needle):
     with pytest.raises(UserError) as info:
         _default_with(assignment)
     assert needle in str(info.value)
+
+
+def test_a_recipe_finds_its_files_beside_it_from_any_folder(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    recipe_file = tmp_path / "proj" / "r.yaml"
+    recipe_file.write_text("data:\n  eval_data: data/eval.jsonl\n", encoding="utf-8")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    recipe = recipes.load_recipe(str(recipe_file))
+    assert recipe.data["eval_data"] == str(tmp_path / "proj" / "data" / "eval.jsonl")

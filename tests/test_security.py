@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FTLAUNCH, TINY_TRAIN
+from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, run_ftlaunch
 from ftlaunch import rundir
 
 SECRETS = {"HF_TOKEN": "hf_SeCrEtToKeN0123456789abcdef",
@@ -23,13 +23,19 @@ SECRETS = {"HF_TOKEN": "hf_SeCrEtToKeN0123456789abcdef",
 LAUNCHER_SOURCE = Path(__file__).resolve().parents[1] / "launcher"
 
 
+# Shell syntax in the run directory's name: launched for real, it must stay a literal path.
+HOSTILE_NAME = "run $(touch PWNED); `touch PWNED2` 'q"
+
+
 @pytest.fixture(scope="module")
 def secret_run(tmp_path_factory):
     """A real tiny training (with a held-out eval split, so evaluation runs too) under a
-    umask of 027, with secrets in its environment."""
-    run_dir = tmp_path_factory.mktemp("secret") / "run"
+    umask of 027, with secrets in its environment, into a directory named like a shell
+    command."""
+    root = tmp_path_factory.mktemp("secret")
+    run_dir = root / HOSTILE_NAME
     proc = subprocess.run([FTLAUNCH, *TINY_TRAIN, "--eval-split", "0.1", "--output-dir",
-                           str(run_dir)], capture_output=True, text=True, timeout=600,
+                           str(run_dir)], capture_output=True, text=True, timeout=600, cwd=root,
                           env={**os.environ, **SECRETS}, preexec_fn=lambda: os.umask(0o027))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, run_dir
@@ -58,43 +64,41 @@ def test_run_files_follow_the_umask(secret_run):
 
 
 def test_a_credential_given_as_a_setting_is_refused(tmp_path):
-    proc = subprocess.run([FTLAUNCH, "--model", "tiny", "--dry-run", "--output-dir",
-                           str(tmp_path / "run"), "--set", f"hub_token={SECRETS['HF_TOKEN']}"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "HF_TOKEN=..." in proc.stderr
-    assert SECRETS["HF_TOKEN"] not in proc.stderr + proc.stdout
+    proc = run_ftlaunch("--model", "tiny", "--dry-run", "--output-dir", str(tmp_path / "run"),
+                        "--set", f"hub_token={SECRETS['HF_TOKEN']}")
+    assert_user_error(proc, "HF_TOKEN=...", forbidden=(SECRETS["HF_TOKEN"],))
     assert not (tmp_path / "run").exists()
 
 
 def test_no_shell_anywhere_in_the_launcher():
-    """No subprocess with shell=True, no os.system/os.popen: every command is an argv list."""
+    """No subprocess with shell=True, no shell-running helper: every command is an argv list."""
     for source in LAUNCHER_SOURCE.glob("*.py"):
         tree = ast.parse(source.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
-                assert name not in ("os.system", "os.popen"), f"{source.name}: {name}"
+                assert name not in ("os.system", "os.popen", "subprocess.getoutput",
+                                    "subprocess.getstatusoutput",
+                                    "asyncio.create_subprocess_shell"), f"{source.name}: {name}"
                 for keyword in node.keywords:
                     assert not (keyword.arg == "shell" and ast.unparse(keyword.value) != "False"), \
                         f"{source.name}:{node.lineno} runs a shell"
 
 
-def test_shell_characters_in_paths_stay_literal(tmp_path):
-    hostile = tmp_path / "run $(touch PWNED); `touch PWNED2` 'q"
-    proc = subprocess.run([FTLAUNCH, "--model", "tiny", "--gpus", "1", "--dry-run",
-                           "--output-dir", str(hostile)], capture_output=True, text=True,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    printed = proc.stdout.split("Launch command (dry run, nothing trained):\n")[1].splitlines()[0]
-    argv = shlex.split(printed)
-    assert argv[argv.index("--run-dir") + 1] == str(hostile)
-    assert (hostile / "accelerate.yaml").is_file()
-    assert not list(tmp_path.rglob("PWNED*"))
+def test_shell_characters_in_paths_stay_literal(secret_run):
+    """The real run into a directory named like a shell command trained there, and nothing
+    it launched ran the command; the printed launch line quotes it back."""
+    proc, run_dir = secret_run
+    assert run_dir.name == HOSTILE_NAME and rundir.is_finished(run_dir)
+    assert not list(run_dir.parent.rglob("PWNED*"))
+    printed = next(line for line in proc.stdout.splitlines() if line.startswith("Launching"))
+    argv = shlex.split(printed.split(": ", 1)[1])
+    assert argv[argv.index("--run-dir") + 1] == str(run_dir)
 
 
 def test_remote_code_is_off_unless_asked(tmp_path):
-    """A hub-style model folder: run.yaml records trust_remote_code false by default and
-    true only with --trust-remote-code; the workers read that (train._load_model)."""
+    """A hub-style model folder: run.yaml, which is all the workers read, records
+    trust_remote_code false by default and true only with --trust-remote-code."""
     import json
 
     folder = tmp_path / "my-model"
@@ -104,9 +108,8 @@ def test_remote_code_is_off_unless_asked(tmp_path):
     (folder / "config.json").write_text(json.dumps(hf_config("tiny")), encoding="utf-8")
     for extra, expected in (([], False), (["--trust-remote-code"], True)):
         out = tmp_path / f"run-{expected}"
-        proc = subprocess.run([FTLAUNCH, "--model", str(folder), "--random-init", "--dry-run",
-                               "--output-dir", str(out), *extra], capture_output=True, text=True,
-                              cwd=tmp_path)
+        proc = run_ftlaunch("--model", str(folder), "--random-init", "--dry-run",
+                            "--output-dir", str(out), *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert rundir.read_run_file(out)["model"]["trust_remote_code"] is expected
 
@@ -115,8 +118,7 @@ def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
     from ftlaunch import train
 
     run_dir = tiny_run[1]
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "unset below")
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     record = rundir.read_run_file(run_dir)
     assert train._training_config(run_dir, record, False).report_to in ([], ["none"], "none")
     record["recipe"]["training"]["report_to"] = ["tensorboard"]
@@ -124,18 +126,10 @@ def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(run_dir / "tensorboard")
 
 
-def test_a_recipe_finds_its_files_beside_it_from_any_folder(tmp_path):
-    from ftlaunch import recipes
+def test_every_tracker_of_transformers_and_only_those():
+    """--report-to's table is transformers' own list of integrations."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    (tmp_path / "proj" / "data").mkdir(parents=True)
-    recipe_file = tmp_path / "proj" / "r.yaml"
-    recipe_file.write_text("data:\n  eval_data: data/eval.jsonl\n", encoding="utf-8")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    cwd = os.getcwd()
-    try:
-        os.chdir(elsewhere)
-        recipe = recipes.load_recipe(str(recipe_file))
-    finally:
-        os.chdir(cwd)
-    assert recipe.data["eval_data"] == str(tmp_path / "proj" / "data" / "eval.jsonl")
+    from ftlaunch import preflight
+
+    assert set(preflight.REPORTERS) == set(INTEGRATION_TO_CALLBACK)

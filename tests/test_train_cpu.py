@@ -122,3 +122,8 @@ def test_a_failing_training_fails_the_launcher(tmp_path):
                         "--set", "optim=adamw_apex_fused", "--output-dir", str(tmp_path / "run"))
     assert proc.returncode != 0
     assert not (tmp_path / "run" / "adapter").exists()
+    # The failure is named at the end, from the rank's own record of it.
+    error = json.loads((tmp_path / "run" / "ranks" / "error-0.json").read_text())
+    assert error["rank"] == 0 and error["log"] == str(tmp_path / "run" / "train.log")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"First error: rank 0 failed with {error['type']}")
