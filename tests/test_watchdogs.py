@@ -88,7 +88,7 @@ _ENDLESS = "100000"
 def _stall(tmp_path: Path, gpus: int, frozen_rank: int) -> tuple[str, Path, list[str]]:
     run_dir = tmp_path / "run"
     args = ["--model", "tiny", "--gpus", str(gpus), "--global-batch-size", "4", "--seq-len",
-            "64", "--set", "logging_steps=10", "--set", "save_steps=3", "--stall-timeout", "8s",
+            "64", "--set", "logging_steps=1", "--set", "save_steps=3", "--stall-timeout", "8s",
             "--output-dir", str(run_dir)]
     launcher = subprocess.Popen([FTLAUNCH, *args, "--max-steps", _ENDLESS],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
