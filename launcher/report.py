@@ -84,14 +84,25 @@ def memory_bars(plan: Plan) -> list[str]:
     return [*rows, f"  ({legend}, . free" + (", ! budget" if mem.total > budget else "") + ")"]
 
 
-def run_text(plan: Plan, model, size, data_note: str = "") -> list[str]:
-    """The run's size and, on known GPUs, its time estimate (ftlaunch.estimate)."""
+def run_text(plan: Plan, model, size, data_note: str = "", measured=None,
+             done_steps: int = 0) -> list[str]:
+    """The run's size and its time: from a measured rate of this plan (ftlaunch.throughput)
+    where one was kept, else, on known GPUs, the FLOPs estimate (ftlaunch.estimate)."""
     steps = f"{size.steps} steps" if size.steps else "steps: set by the epochs"
     lines = [f"run        {steps} x {estimate.count(size.tokens_per_step)} tokens"
              + (f" = {estimate.count(size.tokens)} tokens" if size.tokens else "") + data_note]
-    seconds = estimate.gpu_seconds(model, plan, size.tokens) if size.tokens else None
+    left = ""
+    tokens = size.tokens
+    if size.steps and 0 < done_steps < size.steps:
+        tokens = (size.steps - done_steps) * size.tokens_per_step
+        left = f" for the {size.steps - done_steps} steps left"
+    if tokens and measured is not None:
+        seconds = tokens / measured.tokens_per_s
+        lines.append(f"time       ~{estimate.duration(seconds)}{left} ({measured.source()})")
+        return lines
+    seconds = estimate.gpu_seconds(model, plan, tokens) if tokens else None
     if seconds is not None:
-        lines.append(f"time       ~{estimate.duration(seconds)} (estimate: FLOPs at "
+        lines.append(f"time       ~{estimate.duration(seconds)}{left} (estimate: FLOPs at "
                      f"{estimate.MFU[plan.method]:.0%} of the GPU's 16-bit peak; the progress line "
                      "shows the measured rate)")
     else:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
-                      nodes, preflight, preview, rank_logs, render, rundir)
+                      nodes, preflight, preview, rank_logs, render, rundir, throughput)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
@@ -110,24 +110,30 @@ def train(job: Job, argv: list[str], echo) -> int:
     else:
         record, resume_from = start_files(None)
     _log(run_dir, notes, echo)
-    echo(_launch_table(job, record["data"].get("cache") or {}))
+    echo(_launch_table(job, run_dir, record["data"].get("cache") or {}, resume_from))
     return _launch(job, run_dir, run_dir / "train.log", record, resume_from, port, rendezvous,
                    echo)
 
 
-def _launch_table(job: Job, cache: dict) -> str:
+def _launch_table(job: Job, run_dir: Path, cache: dict, resume_from: Path | None) -> str:
     """What is about to run, once the data is counted: strategy, memory per device, the
-    run's steps and tokens, and a time estimate where one can be made."""
+    run's steps and tokens, and its time from a measured rate of this plan or an estimate."""
     from ftlaunch import estimate, report
 
     plan, training = job.plan, job.recipe.training
     size = estimate.run_size(plan, training.get("max_steps"), training.get("num_train_epochs"),
                              cache.get("train_tokens"), cache.get("train_examples"),
-                             bool(job.recipe.data.get("packing", True)))
+                             _packing(job))
     data_note = (f" (data: {estimate.count(cache['train_tokens'])} tokens in "
                  f"{cache['train_examples']} examples)" if cache.get("train_tokens") else "")
+    measured = throughput.lookup(plan, _packing(job), run_dir)
+    done = (checkpoints.step_of(resume_from) or 0) if resume_from is not None else 0
     return "\n".join(["", *report.summary_lines(plan), "memory per device", *report.memory_bars(plan),
-                      *report.run_text(plan, job.model, size, data_note), ""])
+                      *report.run_text(plan, job.model, size, data_note, measured, done), ""])
+
+
+def _packing(job: Job) -> bool:
+    return bool(job.recipe.data.get("packing", True))
 
 
 _FSDP_NEEDS_SHARED = (
@@ -161,6 +167,8 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
              if job.options.stall_timeout_s else None)
     started = time.time()  # error records and heartbeats of earlier launches do not count
     code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
+    if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
+        throughput.record(plan, _packing(job), run_dir, run_dir / "metrics.jsonl", started)
     if stall is not None:
         return _stalled(run_dir, stall, log_path, echo)
     return _outcome(run_dir, code, received, echo, log_path, started)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import re
-
 import shlex
+import statistics
 import time
 from pathlib import Path
 
@@ -31,7 +31,10 @@ def test_the_plan_table_comes_before_the_launch(tiny_run):
                      % report.BAR_WIDTH, table, re.M), table
     # TINY_TRAIN: 12 steps of a global batch of 4 packed rows of 128 tokens.
     assert "run        12 steps x 512 tokens = 6.1k tokens (data: " in table
-    assert "time       measured once training runs" in table  # no GPU: no estimate promised
+    # No GPU: no estimate promised, unless an earlier tiny run of this session with the
+    # same plan left its measured rate (test_a_second_run_is_timed_by_the_first).
+    assert re.search(r"^time       (measured once training runs|~.+ \(measured [\d,]+ tok/s over "
+                     r"\d+ logged steps of an earlier run with the same plan, )", table, re.M), table
 
 
 def test_the_progress_line_on_rank_0(tiny_run):
@@ -159,3 +162,104 @@ def test_the_first_error_of_the_ranks(tmp_path, monkeypatch):
     assert rank_logs.errors(tmp_path)[1]["log"] == str(tmp_path / "train.log")  # rank 0's
     # A later launch does not count these: they were written before it started.
     assert rank_logs.first_error_text(tmp_path, tmp_path / "train.log", time.time() + 1) is None
+
+
+# --- the time estimate from measured rates (ftlaunch.throughput) -----------------------------
+
+def _metrics(path: Path, rows: list[tuple[float, float | None]]) -> Path:
+    """metrics.jsonl with one logged step per (time, tokens_per_s) and an eval row between."""
+    lines = []
+    for step, (when, rate) in enumerate(rows, start=1):
+        row = {"step": step, "time": when, "loss": 2.0}
+        if rate is not None:
+            row["tokens_per_s"] = rate
+        lines.append(json.dumps(row))
+    lines.insert(2, json.dumps({"step": 2, "time": rows[1][0], "eval_loss": 1.0}))
+    path.write_text("\n".join(lines) + "\n{\"step\": 9, \"tim", encoding="utf-8")  # a torn line
+    return path
+
+
+def _tiny_plan(seq_len: int = 128):
+    return plan(parse_spec("cpu"), models.resolve("tiny"), TrainSpec(seq_len=seq_len, global_batch_size=4))
+
+
+def test_a_launch_rate_is_the_median_after_its_first_log(tmp_path):
+    from ftlaunch import throughput
+
+    metrics = _metrics(tmp_path / "metrics.jsonl",
+                       [(100.0, 50.0), (110.0, 900.0), (120.0, 1000.0), (130.0, 1100.0),
+                        (140.0, None), (150.0, 5000.0)])
+    # The first log (start-up) is left out: median of 900, 1000, 1100, 5000.
+    assert throughput.rate_of_launch(metrics, since=0) == (1050.0, 4)
+    # An earlier launch's rows do not count; two logs are enough, and both count.
+    assert throughput.rate_of_launch(metrics, since=125.0) == (3050.0, 2)
+    assert throughput.rate_of_launch(metrics, since=145.0) is None  # one log is start-up
+    assert throughput.rate_of_launch(tmp_path / "missing.jsonl", since=0) is None
+
+
+def test_measured_rates_are_kept_per_plan_and_the_run_own_first(tmp_path, monkeypatch):
+    from ftlaunch import throughput
+
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    p = _tiny_plan()
+    assert throughput.lookup(p, True, tmp_path / "a") is None  # nothing measured yet
+    fast = _metrics(tmp_path / "fast.jsonl", [(10.0, 1.0), (20.0, 2000.0), (30.0, 2000.0)])
+    slow = _metrics(tmp_path / "slow.jsonl", [(10.0, 1.0), (20.0, 500.0), (30.0, 500.0)])
+    kept = throughput.record(p, True, tmp_path / "a", slow, since=0)
+    assert (kept.tokens_per_s, kept.logs) == (500.0, 2)
+    throughput.record(p, True, tmp_path / "b", fast, since=0)
+    # A torn or foreign line in the table is skipped.
+    with open(throughput.history_path(), "a", encoding="utf-8") as f:
+        f.write('{"key": 1}\n{"tokens_per_s\n')
+    own = throughput.lookup(p, True, tmp_path / "a")
+    assert own.same_run and own.tokens_per_s == 500.0, "the run's own rate before a newer other one"
+    other = throughput.lookup(p, True, tmp_path / "c")
+    assert not other.same_run and other.run_dir == str(tmp_path / "b"), "the newest other run"
+    assert throughput.lookup(p, False, tmp_path / "a") is None, "packing is part of the plan"
+    assert throughput.lookup(_tiny_plan(seq_len=64), True, tmp_path / "a") is None
+
+
+def test_the_time_line_from_a_measured_rate():
+    from ftlaunch.throughput import Measured
+
+    p = _tiny_plan()
+    size = estimate.run_size(p, max_steps=100, epochs=None)  # 100 steps x 512 tokens
+    own = Measured(256.0, 5, "/runs/x", "2026-12-04", same_run=True)
+    lines = report.run_text(p, models.resolve("tiny"), size, measured=own, done_steps=40)
+    # 60 steps x 512 tokens / 256 tok/s = 120 s
+    assert lines[-1] == ("time       ~2 min 00 s for the 60 steps left (measured 256 tok/s over 5 "
+                         "logged steps of this run's previous launch (2026-12-04))")
+    other = Measured(1024.0, 3, "/runs/y", "2026-12-01", same_run=False)
+    assert report.run_text(p, models.resolve("tiny"), size, measured=other)[-1] == (
+        "time       ~50 s (measured 1,024 tok/s over 3 logged steps of an earlier run with the "
+        "same plan, /runs/y (2026-12-01))")
+
+
+def test_a_second_run_is_timed_by_the_first(tmp_path):
+    """Two real tiny trainings with the same plan in a cache of their own: the first has no
+    figure to go by; it keeps its measured rate, and the second's table is timed by it."""
+    from ftlaunch import throughput
+
+    env = {"FTLAUNCH_CACHE": str(tmp_path / "cache")}
+    args = ["--model", "tiny", "--gpus", "1", "--global-batch-size", "2", "--seq-len", "64",
+            "--set", "logging_steps=1", "--set", "save_steps=50"]
+    first = run_ftlaunch(*args, "--max-steps", "5", "--output-dir", str(tmp_path / "first"), env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "time       measured once training runs" in first.stdout
+    [entry] = [json.loads(line) for line in
+               (tmp_path / "cache" / throughput.FILE).read_text().splitlines()]
+    rates = [row["tokens_per_s"] for row in map(json.loads, (tmp_path / "first" / "metrics.jsonl")
+                                                .read_text().splitlines()) if "tokens_per_s" in row]
+    assert len(rates) == 5 and entry["logs"] == 4
+    # The first log is the start-up's: the median of the other four.
+    assert entry["tokens_per_s"] == pytest.approx(statistics.median(rates[1:]), abs=0.1)
+    assert entry["run_dir"] == str(tmp_path / "first")
+
+    second = run_ftlaunch(*args, "--max-steps", "8", "--output-dir", str(tmp_path / "second"),
+                          env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    line = next(l for l in second.stdout.splitlines() if l.startswith("time "))
+    seconds = 8 * 2 * 64 / entry["tokens_per_s"]  # 8 steps of 2 packed rows of 64 tokens
+    assert line == (f"time       ~{estimate.duration(seconds)} (measured "
+                    f"{entry['tokens_per_s']:,.0f} tok/s over 4 logged steps of an earlier run "
+                    f"with the same plan, {tmp_path / 'first'} ({entry['date']}))")

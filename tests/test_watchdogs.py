@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,6 +135,9 @@ def test_a_frozen_worker_is_reported_killed_and_the_run_resumes(tmp_path):
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming {run_dir} from {newest.path.name}" in again.stdout
+    # The stalled launch logged every step until the freeze: its rate times the rest.
+    assert re.search(r"^time       ~.+ for the 3 steps left \(measured [\d,]+ tok/s over \d+ "
+                     r"logged steps of this run's previous launch ", again.stdout, re.M), again.stdout
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     report0 = json.loads((run_dir / rundir.RANKS_DIR / "rank-0.json").read_text())
     assert report0["global_step"] == end
