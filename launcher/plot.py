@@ -9,13 +9,12 @@ on the training machines.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import zlib
 from pathlib import Path
 
-from ftlaunch.rundir import atomic_write
+from ftlaunch.rundir import atomic_write, metrics_rows
 
 WIDTH, HEIGHT = 640, 360
 LEFT, RIGHT, TOP, BOTTOM = 60, 16, 14, 34  # margins around the plot area
@@ -41,16 +40,8 @@ def read_points(metrics_jsonl: Path) -> tuple[list[tuple[float, float]], list[tu
     (a run killed mid-write can leave half a line), and a step logged twice keeps its last value."""
     train: dict[float, float] = {}
     evals: dict[float, float] = {}
-    try:
-        lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return [], []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict) or not _is_number(row.get("step")):
+    for row in metrics_rows(metrics_jsonl):
+        if not _is_number(row.get("step")):
             continue
         for key, points in (("loss", train), ("eval_loss", evals)):
             if _is_number(row.get(key)):

@@ -87,6 +87,11 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def packing(data: dict) -> bool:
+    """Whether a recipe's data section packs examples (on unless it says otherwise)."""
+    return bool(data.get("packing", True))
+
+
 def recipe_paths() -> dict[str, Path]:
     return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml")) if p.stem != "models"}
 

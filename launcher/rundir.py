@@ -221,3 +221,21 @@ def read_stop_record(run_dir: Path) -> dict | None:
 
 def clear_stop_record(run_dir: Path) -> None:
     (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    """The readable rows of a metrics.jsonl: a run killed mid-write can leave half a line,
+    and a missing or unreadable file has none."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

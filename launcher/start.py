@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
-                      nodes, preflight, preview, rank_logs, render, rundir, throughput)
+                      nodes, preflight, preview, rank_logs, recipes, render, rundir, throughput)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
@@ -121,19 +121,15 @@ def _launch_table(job: Job, run_dir: Path, cache: dict, resume_from: Path | None
     from ftlaunch import estimate, report
 
     plan, training = job.plan, job.recipe.training
+    packing = recipes.packing(job.recipe.data)
     size = estimate.run_size(plan, training.get("max_steps"), training.get("num_train_epochs"),
-                             cache.get("train_tokens"), cache.get("train_examples"),
-                             _packing(job))
+                             cache.get("train_tokens"), cache.get("train_examples"), packing)
     data_note = (f" (data: {estimate.count(cache['train_tokens'])} tokens in "
                  f"{cache['train_examples']} examples)" if cache.get("train_tokens") else "")
-    measured = throughput.lookup(plan, _packing(job), run_dir)
+    measured = throughput.lookup(plan, packing, run_dir)
     done = (checkpoints.step_of(resume_from) or 0) if resume_from is not None else 0
     return "\n".join(["", *report.summary_lines(plan), "memory per device", *report.memory_bars(plan),
                       *report.run_text(plan, job.model, size, data_note, measured, done), ""])
-
-
-def _packing(job: Job) -> bool:
-    return bool(job.recipe.data.get("packing", True))
 
 
 _FSDP_NEEDS_SHARED = (
@@ -168,7 +164,7 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
     started = time.time()  # error records and heartbeats of earlier launches do not count
     code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
     if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
-        throughput.record(plan, _packing(job), run_dir, run_dir / "metrics.jsonl", started)
+        throughput.record(plan, recipes.packing(job.recipe.data), run_dir, run_dir / "metrics.jsonl", started)
     if stall is not None:
         return _stalled(run_dir, stall, log_path, echo)
     return _outcome(run_dir, code, received, echo, log_path, started)

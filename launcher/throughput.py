@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ftlaunch.builtin_models import cache_dir
 from ftlaunch.planner import Plan
+from ftlaunch.rundir import metrics_rows
 
 FILE = "throughput.jsonl"
 # Logged steps a launch needs before its rate is kept: one alone is mostly start-up.
@@ -62,19 +63,9 @@ def history_path() -> Path:
 def rate_of_launch(metrics_jsonl: Path, since: float) -> tuple[float, int] | None:
     """(median tokens/s, logs) over the rows metrics.jsonl got from `since` on, or None
     with fewer than MIN_LOGS of them."""
-    try:
-        lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    rates = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a half line of a killed run
-        value = row.get("tokens_per_s") if isinstance(row, dict) else None
-        if isinstance(value, (int, float)) and value > 0 and row.get("time", 0) >= since:
-            rates.append(float(value))
+    rates = [float(row["tokens_per_s"]) for row in metrics_rows(metrics_jsonl)
+             if isinstance(row.get("tokens_per_s"), (int, float)) and row["tokens_per_s"] > 0
+             and row.get("time", 0) >= since]
     if len(rates) < MIN_LOGS:
         return None
     if len(rates) > MIN_LOGS:
@@ -82,11 +73,11 @@ def rate_of_launch(metrics_jsonl: Path, since: float) -> tuple[float, int] | Non
     return statistics.median(rates), len(rates)
 
 
-def record(plan: Plan, packing: bool, run_dir: Path, metrics_jsonl: Path, since: float) -> Measured | None:
+def record(plan: Plan, packing: bool, run_dir: Path, metrics_jsonl: Path, since: float) -> None:
     """Keep the rate of the launch that started at `since`, if it logged enough steps."""
     found = rate_of_launch(metrics_jsonl, since)
     if found is None:
-        return None
+        return
     rate, logs = found
     date = _dt.date.fromtimestamp(since).isoformat()
     entry = {"key": key(plan, packing), "tokens_per_s": round(rate, 1), "logs": logs,
@@ -98,8 +89,7 @@ def record(plan: Plan, packing: bool, run_dir: Path, metrics_jsonl: Path, since:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
     except OSError:
-        return None  # a read-only home costs the next estimate, not this run
-    return Measured(entry["tokens_per_s"], logs, str(run_dir), date, same_run=True)
+        pass  # a read-only home costs the next estimate, not this run
 
 
 def lookup(plan: Plan, packing: bool, run_dir: Path) -> Measured | None:

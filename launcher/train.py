@@ -25,7 +25,7 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 
 from transformers import TrainerCallback
 
-from ftlaunch import checkpoints, config_fields, preview, rank_logs, report, rundir
+from ftlaunch import checkpoints, config_fields, preview, rank_logs, recipes, report, rundir
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
@@ -262,7 +262,7 @@ def _training_config(run_dir, record, has_eval):
         completion_only_loss=False,
         # Best-fit packing, padding-free: examples share a row without attending to each
         # other (position_ids restart per example), and no compute goes to padding.
-        packing=bool(data.get("packing", True)),
+        packing=recipes.packing(data),
         ddp_backend=_ddp_backend(plan),
         # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
         **{"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,

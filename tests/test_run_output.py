@@ -205,7 +205,8 @@ def test_measured_rates_are_kept_per_plan_and_the_run_own_first(tmp_path, monkey
     assert throughput.lookup(p, True, tmp_path / "a") is None  # nothing measured yet
     fast = _metrics(tmp_path / "fast.jsonl", [(10.0, 1.0), (20.0, 2000.0), (30.0, 2000.0)])
     slow = _metrics(tmp_path / "slow.jsonl", [(10.0, 1.0), (20.0, 500.0), (30.0, 500.0)])
-    kept = throughput.record(p, True, tmp_path / "a", slow, since=0)
+    throughput.record(p, True, tmp_path / "a", slow, since=0)
+    kept = throughput.lookup(p, True, tmp_path / "a")
     assert (kept.tokens_per_s, kept.logs) == (500.0, 2)
     throughput.record(p, True, tmp_path / "b", fast, since=0)
     # A torn or foreign line in the table is skipped.
