@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftlaunch import filemodes
 from ftlaunch.hashing import file_sha256
 
 MARKER = "ftlaunch-checkpoint.json"
@@ -109,6 +110,7 @@ def verify(path: Path) -> tuple[str | None, dict]:
 
 def finalize(staging: Path, root: Path, manifest: dict) -> Path:
     """Mark a fully written staging directory complete and move it into `root`."""
+    filemodes.follow_umask(staging)  # before the checksums: the files are final from here
     files = {}
     for file in sorted(p for p in staging.rglob("*") if p.is_file()):
         name = file.relative_to(staging).as_posix()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from ftlaunch import __version__
+from ftlaunch import __version__, interrupts
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 from ftlaunch.planner import ENGINES
 from ftlaunch.recipes import METHODS
@@ -179,8 +179,8 @@ def train(**kwargs):
     \b
     Exit codes: 0 done; 1 training failed; 2 user error (a NaN/inf loss too: it stops
     with the last good weights checkpointed); 3 stalled (no progress for --stall-timeout;
-    re-run to resume); 75 stopped by a signal
-    after writing a complete checkpoint (re-run to resume); 128+N stopped by
+    re-run to resume); 74 the disk filled up (free space, then re-run to resume); 75
+    stopped by a signal after writing a complete checkpoint (re-run to resume); 128+N stopped by
     signal N before a checkpoint was completed (a re-run resumes from the last one).
     """
     return _train(kwargs, sys.argv[1:])
@@ -208,8 +208,8 @@ def _train(kwargs: dict, argv: list[str]) -> int:
     kwargs["report_to"] = tuple(t.strip() for t in report_to.split(",") if t.strip()) \
         if report_to else None
     job = job_mod.resolve(_to_options(kwargs))
-    click.echo(_plan_summary(job.plan))
-    return start.train(job, argv, click.echo)
+    interrupts.echo(_plan_summary(job.plan))
+    return start.train(job, argv, interrupts.echo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -236,7 +236,7 @@ def resume(run_dir, changes):
     recorded_cwd = record.get("cwd")
     if recorded_cwd and Path(recorded_cwd).is_dir():
         os.chdir(recorded_cwd)  # relative --data paths mean what they meant then
-    click.echo(f"ftlaunch resume: ftlaunch {' '.join(argv)}")
+    interrupts.echo(f"ftlaunch resume: ftlaunch {' '.join(argv)}")
     with train.make_context("ftlaunch train", list(argv)) as ctx:
         return _train(dict(ctx.params), argv)
 
@@ -425,11 +425,16 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(name, "1")
 
     silence_library_noise()
+    interrupts.install()
     try:
         code = cli.main(args=argv, prog_name="ftlaunch", standalone_mode=False)
     except UserError as exc:
-        click.echo(f"ftlaunch: error: {exc}", err=True)
+        interrupts.echo(f"ftlaunch: error: {exc}", err=True)
         code = USER_ERROR_EXIT
+    except interrupts.Interrupted as exc:
+        interrupts.stop_children()
+        interrupts.echo(f"ftlaunch: {exc.describe()}", err=True)
+        code = exc.exit_code
     except click.exceptions.Abort:
         click.echo("ftlaunch: aborted", err=True)
         code = 130
@@ -444,5 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = USER_ERROR_EXIT
+    except Exception as exc:
+        stop = interrupts.cause(exc)
+        if stop is None:
+            raise
+        interrupts.stop_children()
+        interrupts.echo(f"ftlaunch: {stop.describe()}", err=True)
+        code = stop.exit_code
     exit_quickly(code if isinstance(code, int) else 0)
 

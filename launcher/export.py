@@ -10,7 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from ftlaunch import rundir
+from ftlaunch import filemodes, rundir
 from ftlaunch.builtin_models import build_random_model
 from ftlaunch.errors import UserError
 from ftlaunch.hashing import update_with_file
@@ -304,6 +304,7 @@ def _save_atomically(out: Path, model, tokenizer, merge_record: dict) -> None:
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_RECORD).write_text(json.dumps(merge_record, indent=2) + "\n",
                                         encoding="utf-8")
+        filemodes.follow_umask(tmp)  # safetensors wrote the weights 0600
         if out.exists():
             out.rename(old)
         try:

@@ -95,6 +95,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     )
     plan = planner.plan(machine, model, spec)
     _check_engine(options, plan)
+    planner.check_global_batch(plan, asked=options.global_batch_size is not None)
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
                plan=plan, output_dir=output_dir, cluster=cluster)

@@ -11,8 +11,10 @@ output is streamed live and also kept in train.log.
 Exit codes of `ftlaunch train`: 0 done (adapter/ written); 1 training failed;
 2 user error; STALLED_EXIT (3) no progress for --stall-timeout, the job was killed
 (re-run to resume from the last complete checkpoint); PREEMPTED_EXIT (75) stopped on a signal after a complete
-checkpoint, re-run to resume; 128+N stopped by signal N before a checkpoint
-could be completed (a re-run resumes from the last complete one).
+checkpoint, re-run to resume; DISK_FULL_EXIT (74, ftlaunch.diskfull) the disk filled up
+mid-run: free space there, then re-run to resume from the last complete checkpoint;
+128+N stopped by signal N before a checkpoint could be completed (a re-run resumes from
+the last complete one).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ftlaunch import interrupts, rank_deaths
 from ftlaunch.errors import UserError
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try again
@@ -159,9 +162,10 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
 
 
 def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 120.0,
-        watch=None) -> tuple[int, int | None, object]:
+        watch=None) -> tuple[int, int | None, object, list[dict]]:
     """Run the workers, stream their output; return (exit code, signal received or None,
-    the heartbeat.Stall that ended the job or None).
+    the heartbeat.Stall that ended the job or None, the workers that ended with a failure
+    or unknown exit code on their own: rank_deaths.Watch.ended).
 
     The first SIGTERM/SIGINT goes to the workers themselves (not to torchrun's agent,
     which would SIGKILL them 30 s later): they finish the step, checkpoint and exit. A
@@ -210,8 +214,11 @@ def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 1
             if _is_worker(proc):
                 _kill(proc, signal.SIGUSR1)  # faulthandler: every thread's stack
 
+    watched: dict[int, object] = {}  # `known`'s twin: a signal handler may be using `known`
+    ranks = rank_deaths.Watch(lambda: [p for p in _job_processes(process, watched) if _is_worker(p)])
     try:
-        stall = _follow(log_path, offset, process, watch, ask_for_stacks)
+        stall = _follow(log_path, offset, process, watch, ask_for_stacks, ranks)
+        ranks.stop()
         if stall is not None:
             kill_all()
         code = process.wait()
@@ -219,40 +226,55 @@ def run(argv: list[str], env: dict[str, str], log_path: Path, grace_s: float = 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         grace.cancel()
+        ranks.stop()
         # Nothing outlives the launcher: not the workers of a launcher that is itself
         # failing, not a worker left behind by its agent.
         kill_all()
         process.wait()
+    ended = ranks.ended(process.pid, code)  # a direct launch's worker is our own child
     if code < 0:
         code = 128 - code
-    return code, (received[0] if received else None), stall
+    return code, (received[0] if received else None), stall, ended
 
 
 STACK_DUMP_WAIT_S = 3.0  # for the workers' stacks to reach the log before the kill
 _WATCH_EVERY_S = 2.0
+_LOOK_EVERY_S = 0.2  # at the workers: when a killed rank is first seen gone
 
 
 def _follow(log_path: Path, offset: int, process: subprocess.Popen, watch=None,
-            on_stall=None):
+            on_stall=None, ranks=None):
     """Stream what the workers append to train.log until the launch process exits; return
     the stall `watch` found, if any. After a stall, `on_stall()` is called and the log
-    is streamed STACK_DUMP_WAIT_S longer (the stacks it asked for), then it returns."""
+    is streamed STACK_DUMP_WAIT_S longer (the stacks it asked for), then it returns.
+    `ranks` (a rank_deaths.Watch) is shown the workers a few times a second, and filters
+    the agent's failure report out of what is streamed."""
     import time
 
     next_watch = time.monotonic() + _WATCH_EVERY_S
+    next_look = 0.0
     stall, until = None, None
     with open(log_path, "rb") as log:
         log.seek(offset)
         while True:
             finished = process.poll() is not None
-            chunk = log.read()
+            ending = finished or (until is not None and time.monotonic() >= until)
+            if ranks is not None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + _LOOK_EVERY_S
+                ranks.see()
+            raw = log.read()
+            chunk = raw if ranks is None else ranks.report.feed(raw, final=ending and not raw)
             if chunk:
                 try:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
-                except (BrokenPipeError, ValueError):
-                    pass  # nobody reads our output any more; train.log still has it
-            elif finished or (until is not None and time.monotonic() >= until):
+                except BrokenPipeError:  # nobody reads our output any more; train.log has it
+                    interrupts.discard_output()
+                except ValueError:
+                    pass
+            elif raw:
+                pass  # all of it held back or filtered: read on
+            elif ending:
                 return stall
             else:
                 time.sleep(0.05)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ftlaunch import memory
+from ftlaunch.errors import UserError
 from ftlaunch.hardware import Hardware, format_gib
 from ftlaunch.models import ModelSpec, lora_parameter_count
 
@@ -70,6 +71,18 @@ class Plan:
     memory: memory.Breakdown
     budget_bytes: int
     reasons: tuple[str, ...] = field(default=())
+    # The recipe's global batch when it did not divide over the processes and this plan's
+    # is the nearest multiple below it (None: as asked). Not in to_json: the batch itself is.
+    batch_adjusted_from: int | None = None
+
+    @property
+    def batch_note(self) -> str | None:
+        if self.batch_adjusted_from is None:
+            return None
+        n = self.num_processes
+        return (f"the recipe's global batch {self.batch_adjusted_from} does not divide over {n} "
+                f"processes: using {self.global_batch_size} (--global-batch-size with a multiple "
+                f"of {n} chooses another)")
 
     @property
     def num_machines(self) -> int:
@@ -136,7 +149,7 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
             if last.fits:
                 reasons.append(_why(candidate, hardware, world))
                 reasons.extend(_rejections(failed, last, budget))
-                reasons.extend(_batch_notes(spec, last))
+                reasons.extend([last.batch_note] if last.batch_note else [])
                 return replace(last, reasons=tuple(reasons))
         failed[candidate] = last
     assert last is not None
@@ -259,6 +272,8 @@ def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
         precision=precision,
         memory=mem,
         budget_bytes=budget,
+        batch_adjusted_from=(spec.global_batch_size
+                             if micro * accumulation * world != spec.global_batch_size else None),
     )
 
 
@@ -278,11 +293,25 @@ def _why(c: Candidate, hardware: Hardware, world: int) -> str:
     return f"{world} GPUs, no replica fits on one: sharding with {_label(c)}"
 
 
-def _batch_notes(spec: TrainSpec, p: Plan) -> list[str]:
-    if p.global_batch_size != spec.global_batch_size:
-        return [f"global batch {spec.global_batch_size} is not divisible over {p.num_processes} "
-                f"processes; using {p.global_batch_size}"]
-    return []
+def batch_choices(global_batch: int, world: int) -> list[int]:
+    """The global batches nearest to `global_batch` that divide over `world` processes."""
+    below = global_batch // world * world
+    return [b for b in (below, below + world) if b >= world]
+
+
+def check_global_batch(plan: Plan, asked: bool) -> None:
+    """Refuse a global batch the user asked for (--global-batch-size) that does not divide
+    over the plan's processes. Rounding it would silently change what they chose: samples
+    per update, steps per epoch, the learning-rate schedule. A recipe's value was written
+    for no particular machine (16 on 3 or 32 GPUs is nobody's mistake), so the plan adjusts
+    it and says so (Plan.batch_note) in `ftlaunch plan` and in the table before training."""
+    if not asked or plan.batch_adjusted_from is None:
+        return
+    wanted, world = plan.batch_adjusted_from, plan.num_processes
+    choices = " or ".join(f"--global-batch-size {b}" for b in batch_choices(wanted, world))
+    raise UserError(f"--global-batch-size {wanted} does not divide over the {world} processes of "
+                    f"this plan (every process takes the same share of each step). Use {choices}, "
+                    f"or a process count (--gpus) that divides {wanted}.")
 
 
 def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> list[str]:

@@ -11,6 +11,7 @@ model loading on eight GPUs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +59,58 @@ PLAN_OWNED = {
     "packing": "--packing / --no-packing (data.packing)",
     "ddp_backend": "the engine (nccl on GPUs, gloo on CPU)",
 }
+
+# ftlaunch's Trainer settings under a recipe's own: the worker's SFTConfig starts from
+# these, and so does validate's check of the settings with TRL itself.
+TRAINER_DEFAULTS = {"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,
+                    "save_strategy": "steps", "dataloader_num_workers": 0,
+                    # A NaN loss is logged as NaN, not as the average of the steps before it.
+                    "logging_nan_inf_filter": False}
+
+
+def eval_defaults(training: dict) -> dict:
+    """With an evaluation set: evaluate at the checkpoints' steps, unless told otherwise."""
+    return {"eval_strategy": "steps", "eval_steps": training.get("save_steps", 50)}
+
+
+# The numeric settings people change most, with the values that can train: checked here
+# in microseconds, because TRL and peft accept most of these out of range (lora.r=0, a
+# negative or NaN learning rate, dropout 1.5) and the worker would fail after loading the
+# model. Any other key given with --set or by a recipe file also goes through the
+# libraries' own constructors (_check_with_libraries: a ~6 s import, only then).
+_POSITIVE = (lambda v: v > 0, "a number greater than 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number of 0 or more")
+_FRACTION = (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+_COUNT = (lambda v: v >= 1, "a whole number of at least 1")
+RANGES = {
+    "training": {
+        "learning_rate": _POSITIVE,
+        "weight_decay": _NON_NEGATIVE,
+        "max_grad_norm": _NON_NEGATIVE,  # 0 turns clipping off
+        "warmup_steps": _NON_NEGATIVE,  # below 1: a ratio of the total steps
+        "warmup_ratio": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+        "adam_beta1": _FRACTION,
+        "adam_beta2": _FRACTION,
+        "adam_epsilon": _POSITIVE,
+        "label_smoothing_factor": _FRACTION,
+        "num_train_epochs": _POSITIVE,
+        "max_steps": (lambda v: v == -1 or v >= 1, "-1 (run the epochs) or at least 1"),
+        "logging_steps": _POSITIVE,
+        "save_steps": _POSITIVE,
+        "eval_steps": _POSITIVE,
+        "save_total_limit": _COUNT,
+        "seed": _NON_NEGATIVE,
+        "ddp_timeout": _POSITIVE,
+    },
+    "lora": {
+        "r": _COUNT,
+        "lora_alpha": _POSITIVE,
+        "lora_dropout": _FRACTION,
+    },
+}
+# Keys whose type check (and, for report_to, preflight.check_reporters) says all there is.
+_CHECKED_HERE = {"training": {"report_to", *RANGES["training"]},
+                 "lora": {"target_modules", "bias", *RANGES["lora"]}}
 
 # Credentials are read from the environment by the libraries that need them: a value
 # given here would be written into run.yaml, the checkpoints' training_args.bin and the
@@ -200,6 +253,19 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
         if key in PLAN_OWNED:
             raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
     lora = _coerce_section(recipe.lora, "lora", "lora.", where)
+    # Bundled recipes are checked by the test suite; what --set or a recipe file adds
+    # beyond the ranges goes to the libraries themselves.
+    custom = (source or recipe.name) not in recipe_paths()
+    unchecked = {name: [k for k in values if k not in _CHECKED_HERE[name]
+                        and (custom or (prefix + k) in set_keys)]
+                 for name, values, prefix in (("training", training, ""), ("lora", lora, "lora."))}
+    if unchecked["training"] or unchecked["lora"]:
+        shown = ", ".join([*(f"{k}={training[k]!r}" for k in unchecked["training"]),
+                           *(f"lora.{k}={lora[k]!r}" for k in unchecked["lora"])])
+        evaluates = bool(recipe.data.get("eval_split") or recipe.data.get("eval_data"))
+        _check_with_libraries(training if unchecked["training"] else {},
+                              lora if unchecked["lora"] else {}, evaluates,
+                              f"{'--set ' if not custom else f'Recipe {source}: '}{shown}")
     data = {}
     for key, value in recipe.data.items():
         if key not in DATA_KEYS:
@@ -233,4 +299,49 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
         except (TypeError, ValueError):
             raise UserError(f"{shown}={value!r}: expected "
                             f"{config_fields.type_name(types_by_name[key])}.") from None
+        _check_range(section, key, out[key], f"{shown}={value}")
     return out
+
+
+def _check_range(section: str, key: str, value, shown: str) -> None:
+    if value is None or isinstance(value, (bool, str, list, dict)):
+        return  # None where the field allows it; a type of its own was checked above
+    allowed = RANGES[section].get(key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{shown}: not a finite number; {key} must be "
+                        f"{allowed[1] if allowed else 'a finite number'}.")
+    if allowed and not allowed[0](value):
+        raise UserError(f"{shown}: out of range; {key} must be {allowed[1]}.")
+
+
+def _check_with_libraries(training: dict, lora: dict, evaluates: bool, shown: str) -> None:
+    """SFTConfig's and LoraConfig's own validation (scheduler names, strategies, option
+    combinations), for settings the ranges above do not cover. Nothing is written: the
+    output_dir given is only a name."""
+    import tempfile
+    import warnings
+
+    from ftlaunch.quiet import silence_library_noise
+
+    silence_library_noise()
+    checks = []
+    if training:
+        from trl import SFTConfig
+
+        settings = {**TRAINER_DEFAULTS, **(eval_defaults(training) if evaluates else {}),
+                    **training, "report_to": "none"}  # trackers: preflight.check_reporters
+        checks.append(("TRL's SFTConfig", lambda: SFTConfig(
+            output_dir=str(Path(tempfile.gettempdir()) / "ftlaunch-validate"), use_cpu=True,
+            **settings)))
+    if lora:
+        from peft import LoraConfig
+
+        checks.append(("peft's LoraConfig", lambda: LoraConfig(task_type="CAUSAL_LM", **lora)))
+    for owner, construct in checks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                construct()
+            except (TypeError, ValueError) as exc:
+                message = " ".join(str(exc).split()).rstrip(".")
+                raise UserError(f"{shown}: {owner} refuses these settings: {message}.") from None

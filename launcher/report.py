@@ -17,7 +17,7 @@ def summary_lines(plan: Plan) -> list[str]:
         strategy += f" (ZeRO-{plan.zero_stage})"
     if plan.offload:
         strategy += " with CPU offload"
-    return [
+    lines = [
         f"model      {plan.model_id}: {plan.parameters:,} parameters, "
         f"{plan.trainable_parameters:,} trainable (LoRA)",
         f"hardware   {hw.describe()}" + ("" if hw.source == "detected" else f"  [described: {hw.source}]"),
@@ -27,6 +27,9 @@ def summary_lines(plan: Plan) -> list[str]:
         f"accumulation {plan.gradient_accumulation_steps} x {plan.num_processes} process(es); "
         f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
     ]
+    if plan.batch_note:  # never silent: the launch table shows this, not only `ftlaunch plan`
+        lines.append(f"           note: {plan.batch_note}")
+    return lines
 
 
 def plan_text(plan: Plan) -> str:
@@ -47,7 +50,7 @@ def plan_text(plan: Plan) -> str:
         "",
         "fits" if plan.fits else "DOES NOT FIT",
     ]
-    lines += [f"  - {reason}" for reason in plan.reasons]
+    lines += [f"  - {reason}" for reason in plan.reasons if reason != plan.batch_note]
     return "\n".join(lines)
 
 

@@ -10,9 +10,13 @@
     ranks/            one line per worker process (rank, world size, what it trained)
     data-cache/       the data tokenized by the launcher (ftlaunch.data_cache)
     train.log         the workers' output (train.node-R.log: node R's, on a shared dir)
+    .ftlaunch-lock    the job that owns the directory now (ftlaunch.runlock)
+    .ftlaunch-run     made with the directory, so one stopped before run.yaml is known
 
 Nothing here ever deletes a run: a directory that is not ours is refused, a
-changed command is refused, and --fresh moves the old run aside.
+changed command is refused once a checkpoint or the adapter holds the old settings
+(ftlaunch.resume_changes says which training settings may change), and --fresh moves
+the old run aside.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ RUN_FILE = "run.yaml"
 # Node 0 of a multi-node job marks its run directory with this + a launch id while the
 # nodes meet (ftlaunch.nodes): it is how other nodes find out they share the directory.
 LAUNCH_MARK = ".ftlaunch-launch-"
+# Made with the run directory, before anything else is written there: a directory that
+# has it but no run.yaml is ftlaunch's, stopped before its first launch (never_started).
+CREATED_MARK = ".ftlaunch-run"
 # Written by rank 0 after a stop on a signal, once the stop's checkpoint is complete:
 # how the launcher tells "preempted, resumable" from "done" and from "failed".
 STOP_FILE = "stopped.json"
@@ -43,6 +50,7 @@ RANKS_DIR = "ranks"
 # and the global batch a checkpoint was trained with. Not the LoRA shape or
 # --random-init: the checkpoint's weights would not load.
 RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_len",
+                     "data_format", "system_prompt", "packing", "assistant_only_loss",
                      "global_batch")
 
 
@@ -53,6 +61,8 @@ class RunState:
     torn: tuple[tuple[Path, str], ...] = ()  # checkpoint directories that do not count, and why
     allowed_changes: tuple[str, ...] = ()  # identity differences resume.allow_changed let through
     moved_aside_to: Path | None = None
+    # Identity differences accepted because no checkpoint was made with the old settings.
+    restarted_with: tuple[str, ...] = ()
 
     @property
     def checkpoint(self) -> checkpoints.Checkpoint | None:
@@ -87,25 +97,37 @@ def check_writable(output_dir: Path) -> None:
 
 def prepare(output_dir: Path, identity: dict, fresh: bool,
             allow_changed: tuple[str, ...] = ()) -> RunState:
-    """Decide between a new run, a resume and an already finished run.
+    """Decide between a new run, a resume and an already finished run. A changed identity
+    is refused once a complete checkpoint or the adapter holds the old one; before that,
+    nothing trained survives, so the run starts over (restarted_with names the changes).
 
     Only --fresh changes anything on disk here (it moves the old run aside); torn
     checkpoints are found but set aside by set_aside_torn, once the caller has
     accepted the resume."""
     check_writable(output_dir)
     moved = None
-    if output_dir.exists() and any(not p.name.startswith(LAUNCH_MARK)
-                                   for p in output_dir.iterdir()):
+    if output_dir.exists() and any(not _hidden_own(p.name) for p in output_dir.iterdir()):
         if not (output_dir / RUN_FILE).is_file():
-            raise UserError(
-                f"--output-dir {output_dir} exists and is not an ftlaunch run (it has no "
-                f"{RUN_FILE}). ftlaunch will not write into it; choose an empty or new directory."
-            )
+            if not never_started(output_dir):
+                raise UserError(
+                    f"--output-dir {output_dir} exists and is not an ftlaunch run (it has no "
+                    f"{RUN_FILE}). ftlaunch will not write into it; choose an empty or new "
+                    "directory.")
+            # A start interrupted before run.yaml (while tokenizing, say): nothing trained,
+            # so it is a new run, and its data cache is reused if the data is the same.
+            return RunState("new")
         if fresh:
             moved = _move_aside(output_dir)
         else:
             previous = read_run_file(output_dir).get("identity", {})
             differences = describe_differences(previous, identity)
+            finished = is_finished(output_dir)
+            found = None if finished else checkpoints.scan(output_dir / "checkpoints")
+            if differences and found is not None and found.newest is None:
+                # Nothing trained survives with the old settings (no complete checkpoint,
+                # no adapter): nothing to mix, so the new settings simply start the run over.
+                return RunState("new", torn=tuple(found.torn),
+                                restarted_with=tuple(differences.values()))
             refused = [key for key in differences if key not in allow_changed]
             if refused:
                 allowable = [k for k in refused if k in RESUME_CHANGEABLE]
@@ -121,13 +143,32 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
                        "weights would not load)" if fixed else "") + "."
                 )
             allowed = tuple(differences[k] for k in differences if k in allow_changed)
-            if is_finished(output_dir):
+            if finished:
                 return RunState("finished")
-            found = checkpoints.scan(output_dir / "checkpoints")
             return RunState("resume" if found.newest else "new", complete=tuple(found.complete),
                             torn=tuple(found.torn), allowed_changes=allowed)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CREATED_MARK).touch()
     return RunState("new", moved_aside_to=moved)
+
+
+def _hidden_own(name: str) -> bool:
+    """ftlaunch's hidden files (its lock, launch marks, the created mark): an output
+    directory holding only these is as good as empty."""
+    return name.startswith(".ftlaunch-")
+
+
+def never_started(output_dir: Path) -> bool:
+    """A directory ftlaunch made for a run that was stopped before its run.yaml was
+    written. Before the created mark existed, such a directory held only the data cache."""
+    if (output_dir / RUN_FILE).exists():
+        return False
+    if (output_dir / CREATED_MARK).is_file():
+        return True
+    from ftlaunch import data_cache
+
+    names = {p.name for p in output_dir.iterdir() if not _hidden_own(p.name)}
+    return names == {data_cache.DIRECTORY}
 
 
 def set_aside_torn(output_dir: Path, state: RunState, move: bool = True) -> list[str]:
@@ -159,7 +200,8 @@ def set_aside_newer(output_dir: Path, state: RunState, step: int | None) -> list
 
 
 def describe_differences(previous: dict, current: dict) -> dict[str, str]:
-    keys = sorted(set(previous) | set(current))
+    # A key the previous run did not record was not compared by the ftlaunch that made it.
+    keys = sorted(set(previous) | set(current)) if not previous else sorted(previous)
     return {k: f"{k}: was {previous.get(k)!r}, now {current.get(k)!r}"
             for k in keys if previous.get(k) != current.get(k)}
 

@@ -14,8 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
-from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, launch, models,
-                      nodes, preflight, preview, rank_logs, recipes, render, rundir, throughput)
+from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, interrupts, launch,
+                      models, nodes, preflight, preview, rank_logs, recipes, render,
+                      resume_changes, rundir, runlock, throughput)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
@@ -25,6 +26,9 @@ from ftlaunch.resources import demo_data_path
 
 def train(job: Job, argv: list[str], echo) -> int:
     plan, options = job.plan, job.options
+    interrupts.phase("before training started: nothing was trained, and the run directory "
+                     "is as a re-run expects. Re-run the same command to start it (a data "
+                     "cache that was complete is reused).")
     if not plan.fits:
         raise UserError("The plan does not fit: " + "; ".join(plan.reasons) +
                         ". `ftlaunch plan` with the same flags shows every memory term.")
@@ -47,18 +51,36 @@ def train(job: Job, argv: list[str], echo) -> int:
         launch.check_port_free(cluster.master_port, nodes.bind_host(cluster.master_addr))
 
     identity = _identity(job, dataset, eval_dataset)
-    dry = options.dry_run
     _check_ram(job, echo)
+    rundir.check_writable(job.output_dir)  # before the lock makes the directory
+    lock, taken_over = runlock.acquire(job.output_dir, argv)
+    try:
+        if taken_over:
+            echo(f"Note: {taken_over}.")
+        return _start_owned(job, argv, echo, lock, (dataset, eval_dataset), model, identity)
+    finally:
+        lock.release()
+
+
+def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: tuple,
+                 model: dict, identity: dict) -> int:
+    """train(), once this launch holds the run directory's lock."""
+    plan, options, cluster = job.plan, job.options, job.cluster
+    dataset, eval_dataset = data
+    dry = options.dry_run
     state = _prepare_checked(job, job.output_dir, (dataset, eval_dataset), model, identity,
                              options.fresh and not dry)
     run_dir = job.output_dir.resolve()
     if state.moved_aside_to:
+        lock.follow(state.moved_aside_to)
         echo(f"--fresh: the previous run was moved to {state.moved_aside_to}.")
     if state.kind == "finished":
         echo(f"{run_dir} already finished; its adapter is in {run_dir / 'adapter'}. "
              "Nothing to do (pass --fresh to train again from scratch).")
         return 0
     notes = [f"changed on purpose (resume.allow_changed): {text}" for text in state.allowed_changes]
+    notes += [f"no checkpoint to resume from, so this starts over with the new settings: {text}"
+              for text in state.restarted_with]
     if state.checkpoint is not None:
         notes += resume_notes(state.checkpoint, plan, job.recipe, options.allow_changed)
 
@@ -162,12 +184,14 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
     watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
              if job.options.stall_timeout_s else None)
     started = time.time()  # error records and heartbeats of earlier launches do not count
-    code, received, stall = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
+    code, received, stall, ended = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
+    interrupts.phase(f"after the workers ended: `ftlaunch resume {run_dir}` continues from "
+                     "the last complete checkpoint.")
     if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
         throughput.record(plan, recipes.packing(job.recipe.data), run_dir, run_dir / "metrics.jsonl", started)
     if stall is not None:
         return _stalled(run_dir, stall, log_path, echo)
-    return _outcome(run_dir, code, received, echo, log_path, started)
+    return _outcome(run_dir, code, received, echo, log_path, started, ended)
 
 
 def _resume_point(run_dir: Path) -> str:
@@ -275,7 +299,17 @@ def _meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict
 def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     """Node R > 0 of a multi-node job: preflight, meet node 0, then start this node's
     workers. With node 0's run directory shared, nothing is written here but this
-    node's log; with a directory of its own, this node keeps a full copy."""
+    node's log, under node 0's lock; with a directory of its own, this node keeps a
+    full copy, under a lock of its own."""
+    local: dict = {}
+    try:
+        return _join_and_train(job, argv, echo, local)
+    finally:
+        if "lock" in local:
+            local["lock"].release()
+
+
+def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
     cluster, options = job.cluster, job.options
     run_dir = job.output_dir.expanduser().resolve()
     # A failed preflight here is told to node 0 (so every node stops with exit 2) rather
@@ -295,7 +329,6 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     port = cluster.master_port
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr, main_process_port=port)
-    local: dict = {}
 
     def make_hello(launch_id: str) -> dict:
         if node_error:
@@ -307,6 +340,9 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
                 raise UserError(data_error)
             identity = _identity(job, dataset, eval_dataset)
             local["identity"] = identity
+            if "lock" not in local:
+                rundir.check_writable(run_dir)
+                local["lock"] = runlock.acquire(run_dir, argv)[0]
             if options.fresh:  # moved aside once the nodes agree, not before
                 rundir.check_writable(run_dir)
                 _check_disk(job, run_dir, (dataset, eval_dataset), model, None)
@@ -336,6 +372,8 @@ def _train_joining_node(job: Job, argv: list[str], echo) -> int:
     if options.fresh:
         state = rundir.prepare(run_dir, local["identity"], fresh=True,
                                allow_changed=options.allow_changed)
+        if state.moved_aside_to:
+            local["lock"].follow(state.moved_aside_to)
     else:
         state = local["state"]
     cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, state.moved_aside_to)
@@ -386,8 +424,9 @@ def _log(run_dir: Path, notes: list[str], echo) -> None:
 
 
 def _outcome(run_dir: Path, code: int, received: int | None, echo,
-             log_path: Path | None = None, started: float = 0.0) -> int:
-    """The launcher's exit code: done, preempted with a checkpoint, stopped, failed."""
+             log_path: Path | None = None, started: float = 0.0, ended=()) -> int:
+    """The launcher's exit code: done, preempted with a checkpoint, stopped, failed (`ended`:
+    the workers that ended by themselves, launch.run's)."""
     if rundir.is_finished(run_dir) and code == 0:
         echo(final_summary(run_dir))
         return 0
@@ -405,12 +444,9 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo,
         echo(f"Stopped by signal {received} before a checkpoint could be completed (exit code "
              f"{code}); re-run the same command to resume from {since}.")
     else:
-        code = code or 1  # the workers claimed success but left no adapter
-        log_path = log_path or run_dir / "train.log"
-        first = rank_logs.first_error_text(run_dir, log_path, started)
-        echo((first + " " if first else "")
-             + f"Training failed with exit code {code} (see {log_path}); after fixing "
-             f"the cause, re-run the same command to resume from {since}.")
+        text, code = rank_logs.failure_summary(run_dir, log_path or run_dir / "train.log",
+                                               started, ended, code, since)
+        echo(text)
     return code
 
 
@@ -425,10 +461,13 @@ def _non_finite_message(run_dir: Path, stop: dict) -> str:
         state = "no checkpoint was completed before it"
     return (f"The training loss became NaN or infinite at step {step} ({stop.get('found_in') or 'loss'} "
             f"not finite), so the run was stopped: {state}. Usual causes are a learning rate "
-            "too high for this model, fp16 overflow, or broken examples in the data. Start over "
-            "with a lower rate (the same command with --fresh --set learning_rate=...), or, if "
-            f"one bad batch was the cause, re-run the same command to resume; {run_dir / 'train.log'} "
-            "has the losses before it.")
+            "too high for this model, fp16 overflow, or broken examples in the data. Go on "
+            + ("from there with a lower rate (the same command with --set learning_rate=...: "
+               "it becomes the schedule's peak from that step), or start over with one "
+               if checkpoint else "with a lower rate ")
+            + "(the same command with --fresh --set learning_rate=...), or, if one bad batch "
+            f"was the cause, re-run the same command to resume; {run_dir / 'train.log'} has "
+            "the losses before it.")
 
 
 def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
@@ -469,6 +508,13 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
             f"{was.get('gradient_accumulation_steps')}); resuming on {plan.num_processes} (micro-batch "
             f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
             f"batch {plan.global_batch_size}, {was.get('samples_seen')} samples seen so far")
+    # The training settings of the launch before this one: run.yaml is rewritten only
+    # once every check here has passed.
+    run_dir = checkpoint.path.parent.parent
+    recorded = ((rundir.read_run_file(run_dir).get("recipe") or {})
+                if (run_dir / rundir.RUN_FILE).is_file() else {})
+    if recorded.get("training"):
+        notes += resume_changes.notes(recorded["training"], recipe.training, checkpoint.step)
     return notes
 
 
@@ -523,11 +569,13 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     if options.get("eval_data"):
         eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
                                     options.get("system_prompt"), flag="--eval-data")
-    _check_eval_split(options, dataset, eval_dataset)
+    _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size)
     return dataset, eval_dataset
 
 
-def _check_eval_split(data_options: dict, dataset, eval_dataset) -> None:
+def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: int) -> None:
+    import math
+
     split = data_options.get("eval_split") or 0
     if not 0 <= split < 1:
         raise UserError(f"--eval-split {split} must be a fraction between 0 and 1 (e.g. 0.05).")
@@ -536,6 +584,15 @@ def _check_eval_split(data_options: dict, dataset, eval_dataset) -> None:
     if split and round(len(dataset) * split) < 1:
         raise UserError(f"--eval-split {split} of {len(dataset)} examples holds out none; use a "
                         "larger fraction or --eval-data FILE.")
+    # Held out as datasets' train_test_split does (ceil); fewer examples left than one
+    # global batch would make every step the same partial batch, or none at all.
+    left = len(dataset) - math.ceil(split * len(dataset))
+    if split and left < global_batch:
+        most = (len(dataset) - global_batch) / len(dataset)
+        raise UserError(f"--eval-split {split} of {len(dataset)} examples leaves {left} for "
+                        f"training, fewer than one global batch ({global_batch}). "
+                        + (f"Hold out less (at most {most:.3g}), or give" if most > 0 else "Give")
+                        + " the evaluation examples in a file with --eval-data FILE.")
 
 
 # Enough examples for length statistics that hold for the whole set, in seconds.
@@ -571,6 +628,12 @@ def _identity(job: Job, dataset: data_io.Dataset, eval_dataset=None) -> dict:
         "eval_data": eval_dataset.fingerprint if eval_dataset is not None else None,
         "eval_split": job.recipe.data.get("eval_split") or 0,
         "seq_len": job.plan.seq_len,
+        # What turns the rows into the tokens trained (the chat template follows from the
+        # model and the loss mask): a change would train other text than the checkpoint's.
+        "data_format": dataset.format,
+        "system_prompt": job.recipe.data.get("system_prompt"),
+        "packing": recipes.packing(job.recipe.data),
+        "assistant_only_loss": preview.assistant_only(dataset.kind, job.recipe.data),
     }
 
 

@@ -15,8 +15,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,10 +25,11 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 
 from transformers import TrainerCallback
 
-from ftlaunch import checkpoints, config_fields, preview, rank_logs, recipes, report, rundir
+from ftlaunch import (checkpoints, config_fields, filemodes, preview, rank_logs, recipes,
+                      report, resume_changes, rundir)
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
-from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
+from ftlaunch.errors import UserError, exit_quickly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,18 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", type=Path, default=None)
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
-    rank_logs.redirect_if_not_first(run_dir)
+    rank_logs.prepare(run_dir)
     silence_library_noise()
     try:
         run(run_dir, args.resume_from)
     except BaseException as exc:
-        if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            launcher_log = os.environ.get("FTLAUNCH_LOG")
-            rank_logs.record_error(run_dir, exc, Path(launcher_log) if launcher_log else None)
-        if not isinstance(exc, UserError):
+        code = rank_logs.fail(run_dir, exc)  # recorded; a full disk or a peer's fault told in one line
+        if code is None:
             raise
-        print(f"ftlaunch: {exc}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        return code
     return 0
 
 
@@ -88,6 +86,7 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     trainer.add_callback(guard)  # before _Checkpointing: its agreement sees the guard's finding
     trainer.add_callback(checkpointing)
     trainer.add_callback(heartbeat)
+    trainer.add_callback(_ResumedSettings())
     return Session(trainer, recorder, tokenizer, checkpointing, heartbeat)
 
 
@@ -236,8 +235,7 @@ def _training_config(run_dir, record, has_eval):
     training.setdefault("optim", "adamw_torch" if not plan["hardware"]["gpus_per_node"]
                         else "paged_adamw_32bit")
     if has_eval:
-        training.setdefault("eval_strategy", "steps")
-        training.setdefault("eval_steps", training.get("save_steps", 50))
+        training = {**recipes.eval_defaults(training), **training}
         training.setdefault("per_device_eval_batch_size", plan["per_device_batch_size"])
     # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
     prefix = ("activation" if "activation_checkpointing" in config_fields.fields("training")
@@ -265,10 +263,7 @@ def _training_config(run_dir, record, has_eval):
         packing=recipes.packing(data),
         ddp_backend=_ddp_backend(plan),
         # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
-        **{"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,
-           "save_strategy": "steps", "dataloader_num_workers": 0,
-           # A NaN loss is logged as NaN, not as the average of the steps before it.
-           "logging_nan_inf_filter": False,
+        **{**recipes.TRAINER_DEFAULTS,
            "ddp_find_unused_parameters": False if plan["num_processes"] > 1 else None,
            **training},
     )
@@ -513,9 +508,8 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     if not main:
         return
     tokenizer.save_pretrained(staging)
+    filemodes.follow_umask(staging)  # safetensors wrote the weights 0600
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     staging.rename(target)
 
@@ -551,6 +545,19 @@ def _record_stop(run_dir: Path, stop: "_StopRequest", step: int,
     rundir.write_stop_record(run_dir, record)
     where = f"{newest.path.name} is complete" if newest else "no checkpoint was completed"
     print(f"ftlaunch: stopped ({stop.reason}) at step {step}; {where}", flush=True)
+
+
+class _ResumedSettings(TrainerCallback):
+    """On resume, the settings the checkpoint's state would override (see
+    ftlaunch.resume_changes.take_effect). on_train_begin runs after the Trainer has loaded
+    the checkpoint's optimizer, scheduler and trainer state, so the new values win."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0:
+            return  # a new run: nothing was restored
+        note = resume_changes.take_effect(args, state, optimizer, lr_scheduler)
+        if note and state.is_world_process_zero:
+            print(f"ftlaunch: {note}", flush=True)
 
 
 class _NonFiniteGuard(TrainerCallback):

@@ -255,6 +255,10 @@ CASES = [
     Case("global-batch-size-zero", lambda t, r: _tiny(r, "--global-batch-size", "0"),
          ("--global-batch-size", "at least 1")),
     Case("seq-len-zero", lambda t, r: _tiny(r, "--seq-len", "0"), ("--seq-len", "at least 1")),
+    Case("global-batch-size-indivisible",
+         lambda t, r: _tiny(r, "--gpus", "2", "--global-batch-size", "3"),
+         ("--global-batch-size 3", "2 processes", "--global-batch-size 2 or --global-batch-size 4"),
+         skip=lambda: None if cores() >= 2 else "--gpus 2 on a CPU-only box needs two cores"),
     # 7: longer than the model's context (tiny: max_position_embeddings 1024)
     Case("seq-len-beyond-context", lambda t, r: _tiny(r, "--seq-len", "100000"),
          ("--seq-len 100000", "1024")),
@@ -265,6 +269,20 @@ CASES = [
          ("learning_rate", "abc", "expected float")),
     Case("set-wrong-type-lora-int", lambda t, r: _tiny(r, "--set", "lora.r=abc"),
          ("lora.r", "abc", "expected int")),
+    # values of the right type but out of range: refused by the launcher, not by a worker
+    # after model loading (the libraries accept most of them)
+    Case("set-lora-rank-zero", lambda t, r: _tiny(r, "--set", "lora.r=0"),
+         ("lora.r=0", "at least 1")),
+    Case("set-learning-rate-negative", lambda t, r: _tiny(r, "--set", "learning_rate=-1e-4"),
+         ("learning_rate=-1e-4", "greater than 0")),
+    Case("set-learning-rate-nan", lambda t, r: _tiny(r, "--set", "learning_rate=nan"),
+         ("learning_rate=nan", "finite", "greater than 0")),
+    Case("set-lora-dropout-above-one", lambda t, r: _tiny(r, "--set", "lora.lora_dropout=1.5"),
+         ("lora.lora_dropout=1.5", "from 0 up to (not including) 1")),
+    Case("set-scheduler-unknown", lambda t, r: _tiny(r, "--set", "lr_scheduler_type=cosyne"),
+         ("lr_scheduler_type='cosyne'", "SFTConfig", "cosine")),  # TRL's own check
+    Case("recipe-lora-rank-zero", _recipe("rank0.yaml", "method: lora\nlora:\n  r: 0\n"),
+         ("{tmp}/rank0.yaml", "r=0", "at least 1")),
     Case("set-malformed", lambda t, r: _tiny(r, "--set", "foo"), ("foo", "KEY=VALUE")),
     Case("set-plan-owned-key", lambda t, r: _tiny(r, "--set", "max_length=5"),
          ("max_length", "--seq-len")),
@@ -298,6 +316,8 @@ CASES = [
     # 10: evaluation data
     Case("eval-split-above-one", lambda t, r: _tiny(r, "--eval-split", "1.5"),
          ("--eval-split 1.5", "between 0 and 1")),
+    Case("eval-split-leaves-nothing-to-train", lambda t, r: _tiny(r, "--eval-split", "0.999"),
+         ("--eval-split 0.999", "leaves 0 for training", "one global batch", "--eval-data")),
     Case("eval-split-and-eval-data", _eval_split_and_eval_data,
          ("--eval-split", "--eval-data", "not both")),
     Case("eval-data-missing-file", lambda t, r: _tiny(r, "--eval-data", str(t / "nope.jsonl")),

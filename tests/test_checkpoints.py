@@ -146,13 +146,26 @@ def test_identity_changes_are_refused_by_name_unless_allowed(tmp_path):
     run_dir.mkdir()
     identity = {"model": "tiny", "seq_len": 64, "data": "sha256:a"}
     rundir.write_run_file(run_dir, {"identity": identity})
+    _complete(run_dir / "checkpoints", 6)
     changed = {**identity, "seq_len": 96, "data": "sha256:b"}
     with pytest.raises(UserError) as refused:
         rundir.prepare(run_dir, changed, fresh=False)
     assert "data: was 'sha256:a', now 'sha256:b'" in str(refused.value)
     assert "resume.allow_changed=data,seq_len" in str(refused.value)
     state = rundir.prepare(run_dir, changed, fresh=False, allow_changed=("data", "seq_len"))
-    assert state.kind == "new" and len(state.allowed_changes) == 2
+    assert state.kind == "resume" and len(state.allowed_changes) == 2
+
+
+def test_without_a_checkpoint_any_change_starts_the_run_over(tmp_path):
+    """Nothing trained with the old settings survives: the LoRA shape may change too."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rundir.write_run_file(run_dir, {"identity": {"lora": {"r": 16}, "seq_len": 64}})
+    _staged(run_dir / "checkpoints", 6)  # torn: it does not count
+    state = rundir.prepare(run_dir, {"lora": {"r": 8}, "seq_len": 64}, fresh=False)
+    assert state.kind == "new" and state.checkpoint is None
+    assert state.restarted_with == ("lora: was {'r': 16}, now {'r': 8}",)
+    assert [path.name for path, _ in state.torn] == ["checkpoint-6"]
 
 
 def test_allow_changed_is_parsed_out_of_the_recipe_overrides():
@@ -166,6 +179,7 @@ def test_a_changed_lora_shape_cannot_be_allowed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     rundir.write_run_file(run_dir, {"identity": {"lora": {"r": 16}, "seq_len": 64}})
+    _complete(run_dir / "checkpoints", 6)
     with pytest.raises(UserError) as refused:
         rundir.prepare(run_dir, {"lora": {"r": 8}, "seq_len": 96}, fresh=False)
     message = str(refused.value)

@@ -151,6 +151,32 @@ def test_batch_arithmetic_holds_for_awkward_batches(global_batch, spec):
         assert any("global batch" in r for r in p.reasons), p.reasons
 
 
+@pytest.mark.parametrize("asked, spec, expected", [
+    (3, "cpu", None), (3, "2xA100-80GB", [2, 4]), (1, "2xA100-80GB", [2]),
+    (16, "3xA100-80GB", [15, 18]), (16, "2x16xA100-80GB", [32])])
+def test_an_indivisible_global_batch_is_refused_when_asked_and_noted_when_a_default(
+        asked, spec, expected):
+    """--global-batch-size N is trained as asked or refused with the nearest multiples of the
+    process count; a recipe's N is rounded to the multiple below (at least one per process)
+    and the plan's summary (the table before training, too) says so."""
+    from ftlaunch import report
+    from ftlaunch.errors import UserError
+
+    p = _plan(spec, "tiny", global_batch_size=asked)
+    if expected is None:
+        assert p.batch_adjusted_from is None and p.batch_note is None
+        planner.check_global_batch(p, asked=True)
+        return
+    assert planner.batch_choices(asked, p.num_processes) == expected
+    assert p.global_batch_size == expected[0] and p.batch_adjusted_from == asked
+    planner.check_global_batch(p, asked=False)
+    assert any(f"global batch {asked} does not divide over {p.num_processes} processes: using "
+               f"{p.global_batch_size}" in line for line in report.summary_lines(p))
+    with pytest.raises(UserError) as refused:
+        planner.check_global_batch(p, asked=True)
+    assert " or ".join(f"--global-batch-size {b}" for b in expected) in str(refused.value)
+
+
 def test_impossible_plan_does_not_fit_and_says_why():
     p = _plan("1xRTX4090-24GB", "llama-3.1-70b", method="lora")
     assert p.fits is False

@@ -63,6 +63,53 @@ def test_run_files_follow_the_umask(secret_run):
     assert stat.S_IMODE((run_dir / "checkpoints").stat().st_mode) == 0o750
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_weights_follow_the_umask(tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask: the adapter, every checkpoint and a merged
+    model get what the umask implies (readable by teammates and serving users under 022),
+    and checkpoints still verify (their modes are set before they are checksummed)."""
+    from ftlaunch import checkpoints
+
+    run_dir = tmp_path / "run"
+    umask_of = {"preexec_fn": lambda: os.umask(umask), "capture_output": True, "text": True,
+                "timeout": 600}
+    proc = subprocess.run([FTLAUNCH, "--model", "tiny", "--gpus", "1", "--max-steps", "2",
+                           "--global-batch-size", "2", "--seq-len", "64", "--set",
+                           "save_steps=1", "--output-dir", str(run_dir)], **umask_of)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged = subprocess.run([FTLAUNCH, "merge", str(run_dir)], **umask_of)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    saved = [run_dir / "adapter", *(run_dir / "checkpoints").glob("checkpoint-*"),
+             run_dir / "merged"]
+    files = [p for folder in saved for p in folder.rglob("*") if p.is_file()]
+    assert {folder.name for folder in saved} >= {"adapter", "checkpoint-1", "merged"}
+    assert sum(p.suffix == ".safetensors" for p in files) >= 3, files
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != mode}
+    assert not wrong, f"not {oct(mode)} under umask {oct(umask)}: {wrong}"
+    assert checkpoints.verify(run_dir / "checkpoints" / "checkpoint-1")[0] is None
+
+
+def test_modes_follow_the_umask_exactly(tmp_path):
+    """What safetensors made private, and what another library made too open, both end as
+    the umask implies; an executable stays executable (DeepSpeed's zero_to_fp32.py)."""
+    from ftlaunch import filemodes
+
+    (tmp_path / "sub").mkdir()
+    made = {"w.safetensors": 0o600, "open.json": 0o666, "sub/zero_to_fp32.py": 0o700}
+    for name, mode in made.items():
+        (tmp_path / name).write_text("x")
+        os.chmod(tmp_path / name, mode)
+    previous = os.umask(0o027)
+    try:
+        assert filemodes.current_umask() == 0o027
+        filemodes.follow_umask(tmp_path)
+    finally:
+        os.umask(previous)
+    assert {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in made} == {
+        "w.safetensors": 0o640, "open.json": 0o640, "sub/zero_to_fp32.py": 0o750}
+
+
 def test_a_credential_given_as_a_setting_is_refused(tmp_path):
     proc = run_ftlaunch("--model", "tiny", "--dry-run", "--output-dir", str(tmp_path / "run"),
                         "--set", f"hub_token={SECRETS['HF_TOKEN']}")

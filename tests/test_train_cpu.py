@@ -116,10 +116,16 @@ def test_fresh_moves_the_old_run_aside(tiny_run, tmp_path):
     assert json.loads((run_dir / "ranks" / "rank-0.json").read_text())["global_step"] == 2
 
 
-def test_a_failing_training_fails_the_launcher(tmp_path):
-    # Valid for SFTConfig, but the optimizer does not exist at train time.
-    proc = run_ftlaunch("--model", "tiny", "--gpus", "1", "--max-steps", "2",
-                        "--set", "optim=adamw_apex_fused", "--output-dir", str(tmp_path / "run"))
+def test_a_failing_training_fails_the_launcher(tmp_path, tiny_run):
+    # A model folder whose config and tokenizer read fine, but whose weights are cut in
+    # half: only the worker, loading them, finds out.
+    _, finished = tiny_run
+    record = yaml.safe_load((finished / "run.yaml").read_text())
+    model = shutil.copytree(record["model"]["load_from"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_ftlaunch("--model", str(model), "--gpus", "1", "--max-steps", "2",
+                        "--output-dir", str(tmp_path / "run"))
     assert proc.returncode != 0
     assert not (tmp_path / "run" / "adapter").exists()
     # The failure is named at the end, from the rank's own record of it.
