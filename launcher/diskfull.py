@@ -89,7 +89,7 @@ def _size(path: Path) -> int:
 
 def message(record: dict, run_dir: Path, resume_point: str, newest_checkpoint: Path | None) -> str:
     """The launcher's paragraph for a rank's disk-full record."""
-    from ftlaunch.preflight import _human as size
+    from ftlaunch.preflight import human_size as size
 
     free = _free(run_dir)
     free = free if free is not None else record.get("free_bytes")

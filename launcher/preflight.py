@@ -181,9 +181,9 @@ def disk_needed(plan: Plan, model: ModelSpec, keep: int | None, extra_bytes: int
     parts = []
     if count is None:
         count = 1
-        parts.append(f"at least 1 checkpoint of {_human(one)} (save_total_limit: null keeps "
+        parts.append(f"at least 1 checkpoint of {human_size(one)} (save_total_limit: null keeps "
                      "every checkpoint, and how many there will be is not known ahead: each "
-                     f"one needs {_human(one)} more)")
+                     f"one needs {human_size(one)} more)")
     else:
         if keep is None:
             why = "save_total_limit: null keeps every one"
@@ -193,15 +193,15 @@ def disk_needed(plan: Plan, model: ModelSpec, keep: int | None, extra_bytes: int
             why = f"save_total_limit {keep}, plus the one being written before the oldest goes"
             if existing:
                 why += f"; {existing} already there"
-        parts.append(f"{count} new checkpoint{'s' if count != 1 else ''} of {_human(one)} "
+        parts.append(f"{count} new checkpoint{'s' if count != 1 else ''} of {human_size(one)} "
                      f"({why})")
     adapter = _adapter_file_bytes(plan, model) + tokenizer + 8 * KIB  # + config, model card
-    parts.append(f"the final adapter, {_human(adapter)}")
+    parts.append(f"the final adapter, {human_size(adapter)}")
     if extra_bytes:
-        parts.append(f"{_human(extra_bytes)} more (data cache)")
+        parts.append(f"{human_size(extra_bytes)} more (data cache)")
     subtotal = count * one + adapter + extra_bytes
     margin = int(subtotal * _DISK_MARGIN_FRACTION) + _DISK_MARGIN_BYTES
-    parts.append(f"{_human(margin)} margin for logs and estimation error")
+    parts.append(f"{human_size(margin)} margin for logs and estimation error")
     return subtotal + margin, " + ".join(parts)
 
 
@@ -211,8 +211,8 @@ def check_disk(path: Path, needed: int, breakdown: str) -> None:
     if free >= needed:
         return
     raise UserError(
-        f"Not enough free disk for this run: {path} needs about {_human(needed)} ({breakdown}), "
-        f"but its filesystem ({probe}) has {_human(free)} free. Keep fewer checkpoints (--set "
+        f"Not enough free disk for this run: {path} needs about {human_size(needed)} ({breakdown}), "
+        f"but its filesystem ({probe}) has {human_size(free)} free. Keep fewer checkpoints (--set "
         "save_total_limit=1 keeps one, plus the next while it is written), save less often "
         "(--set save_steps=N), put the run on a larger filesystem with another --output-dir, "
         "or free space there.")
@@ -251,38 +251,38 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
     parts = []
     if plan.on_cpu:
         worker = plan.memory.total + _CPU_WORKER_EXTRA
-        parts.append(f"{per_node} CPU worker{'s' if per_node > 1 else ''} x {_human(worker)} "
+        parts.append(f"{per_node} CPU worker{'s' if per_node > 1 else ''} x {human_size(worker)} "
                      "(weights, optimizer, activations, libraries)")
         total = per_node * worker
     else:
         total = per_node * _GPU_WORKER_BYTES
         parts.append(f"{per_node} GPU worker process{'es' if per_node > 1 else ''} x "
-                     f"{_human(_GPU_WORKER_BYTES)}")
+                     f"{human_size(_GPU_WORKER_BYTES)}")
         # The base as it will be trained (NF4 for QLoRA), whole.
         base = weights_bytes(model, plan.method, on_gpu=True, shards=1, offload=False)
         if plan.engine == "fsdp" or (plan.engine == "deepspeed" and plan.zero_stage == 3):
             loaded = base
             total += loaded
-            parts.append(f"one process loads the base ({_human(loaded)})")
+            parts.append(f"one process loads the base ({human_size(loaded)})")
         elif plan.method == "qlora":
             staging = 2 * max(model.embedding_parameters(),
                               sum(i * o for i, o in model.linear_shapes().values()))
             total += per_node * staging
-            parts.append(f"{per_node} x {_human(staging)} passing through while quantising")
+            parts.append(f"{per_node} x {human_size(staging)} passing through while quantising")
         else:
             dense = 2 * model.parameters
             total += per_node * dense
             parts.append(f"{per_node} whole 16-bit cop{'ies' if per_node > 1 else 'y'} of the "
-                         f"base while loading ({_human(dense)} each)")
+                         f"base while loading ({human_size(dense)} each)")
         if plan.offload:
             # 16-bit weight, fp32 master, gradient, two moments
             states = 18 * plan.trainable_parameters
             offloaded = (base + states) * per_node // plan.num_processes
             total += offloaded
             parts.append(f"this node's offloaded share of the base and the adapter's states "
-                         f"({_human(offloaded)})")
+                         f"({human_size(offloaded)})")
     total += _LAUNCHER_BYTES
-    parts.append(f"the launch processes ({_human(_LAUNCHER_BYTES)})")
+    parts.append(f"the launch processes ({human_size(_LAUNCHER_BYTES)})")
     return total, " + ".join(parts)
 
 
@@ -303,7 +303,7 @@ def check_ram(needed: int, breakdown: str = "", *, available: int | None = None,
                   "onto each GPU), or --engine fsdp (one process per node loads the base)")
     raise UserError(
         f"Not enough free memory (RAM) on this machine for this run: it needs about "
-        f"{_human(needed)}{detail}, and {_human(available)} is available now. Stop other "
+        f"{human_size(needed)}{detail}, and {human_size(available)} is available now. Stop other "
         f"programs using memory, {advice}, or run on a machine with more RAM.")
 
 
@@ -355,7 +355,7 @@ def gpu_driver() -> str | None:
     return lines[0].strip() if lines else None
 
 
-def _human(n: int | float) -> str:
+def human_size(n: int | float) -> str:
     for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"

@@ -65,10 +65,15 @@ def notes(before: dict, after: dict, step: int) -> list[str]:
     checkpoint's; a UserError naming every refused one and the way out."""
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     refused = {k: REFUSED[k] for k in changed if k in REFUSED}
-    if "lr_scheduler_type" in changed and {before.get("lr_scheduler_type"),
-                                           after.get("lr_scheduler_type")} & set(_STATEFUL_SCHEDULERS):
+    schedulers = {before.get("lr_scheduler_type"), after.get("lr_scheduler_type")}
+    if "lr_scheduler_type" in changed and schedulers & set(_STATEFUL_SCHEDULERS):
         refused["lr_scheduler_type"] = ("a reduce_lr_on_plateau or greedy scheduler's state is "
                                         "its own; it does not carry over to another kind")
+    if "learning_rate" in changed and schedulers & set(_STATEFUL_SCHEDULERS):
+        # Such a scheduler keeps its own rates (no base_lrs to scale): take_effect could
+        # not apply the new peak, and announcing it would be a lie.
+        refused["learning_rate"] = ("a reduce_lr_on_plateau or greedy scheduler keeps its "
+                                    "own rates in its state")
     if refused:
         keep = " ".join(f"--set {k}={before[k]}" if before.get(k) is not None
                         else f"(no {k} setting)" for k in refused)
@@ -86,7 +91,7 @@ def notes(before: dict, after: dict, step: int) -> list[str]:
                        + AS_FOLLOWS[key].format(step=step, new=f"{new:g}"))
         elif key in AS_FOLLOWS:
             out.append(f"{key} changed from {old!r} to {new!r}: "
-                       + AS_FOLLOWS[key].format(step=step))
+                       + AS_FOLLOWS[key].format(step=step, new=new))
         else:
             out.append(f"{key} changed from {old!r} to {new!r}: used from step {step} on")
     return out

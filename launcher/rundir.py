@@ -106,7 +106,7 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
     accepted the resume."""
     check_writable(output_dir)
     moved = None
-    if output_dir.exists() and any(not _hidden_own(p.name) for p in output_dir.iterdir()):
+    if output_dir.exists() and any(not hidden_own(p.name) for p in output_dir.iterdir()):
         if not (output_dir / RUN_FILE).is_file():
             if not never_started(output_dir):
                 raise UserError(
@@ -152,7 +152,7 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
     return RunState("new", moved_aside_to=moved)
 
 
-def _hidden_own(name: str) -> bool:
+def hidden_own(name: str) -> bool:
     """ftlaunch's hidden files (its lock, launch marks, the created mark): an output
     directory holding only these is as good as empty."""
     return name.startswith(".ftlaunch-")
@@ -167,7 +167,7 @@ def never_started(output_dir: Path) -> bool:
         return True
     from ftlaunch import data_cache
 
-    names = {p.name for p in output_dir.iterdir() if not _hidden_own(p.name)}
+    names = {p.name for p in output_dir.iterdir() if not hidden_own(p.name)}
     return names == {data_cache.DIRECTORY}
 
 

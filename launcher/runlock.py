@@ -11,8 +11,10 @@ lock is taken the way that is atomic on those filesystems too: the holder record
 written to a file of its own name, then hard-linked to the lock's name (link fails
 if the name exists, on NFS as on local disk). The holder touches the lock every
 REFRESH_S seconds; a lock is stale when its holder is gone:
-  - same machine (host name and boot id): the holder's pid is not alive, or is
-    another process now (its start time differs);
+  - same machine (host name, boot id and pid namespace): the holder's pid is not
+    alive, or is another process now (its start time differs), and no worker of the
+    run is still running (a launcher killed with SIGKILL leaves its workers up to
+    --grace to write their checkpoint);
   - another machine: not touched for STALE_S, by the filesystem's own clock (the
     age is read against a file made just now, so clock skew between machines
     does not count).
@@ -27,12 +29,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ftlaunch import rundir
 from ftlaunch.errors import UserError
 
 LOCK = ".ftlaunch-lock"
@@ -46,6 +50,7 @@ STALE_S = 300.0
 class Holder:
     host: str
     boot_id: str
+    pid_ns: str  # containers on one host share its name and boot id, not their pids
     pid: int
     started: float  # the process's start time: a reused pid is another process
     launch: str
@@ -64,10 +69,17 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _me(command: list[str]) -> Holder:
     import psutil
 
-    return Holder(host=socket.gethostname(), boot_id=_boot_id(), pid=os.getpid(),
+    return Holder(host=socket.gethostname(), boot_id=_boot_id(), pid_ns=_pid_ns(), pid=os.getpid(),
                   started=psutil.Process().create_time(), launch=uuid.uuid4().hex[:12],
                   since=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   command=" ".join(command)[:300])
@@ -76,12 +88,11 @@ def _me(command: list[str]) -> Holder:
 class RunLock:
     """Held from acquire() to release(); refreshes itself from a daemon thread."""
 
-    def __init__(self, run_dir: Path, holder: Holder, created: list[Path],
-                 before: tuple[frozenset, int, int] | None):
+    def __init__(self, run_dir: Path, holder: Holder, created: list[Path], before):
         self.run_dir = run_dir
         self.holder = holder
         self._created = created  # directories this lock made, deepest first
-        self._before = before  # its names, atime and mtime before the lock, if it existed
+        self._before = before  # _snapshot() of the directory before the lock, if it existed
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._refresh, daemon=True,
                                         name="ftlaunch-run-lock")
@@ -100,8 +111,17 @@ class RunLock:
             try:
                 if self._mine():
                     os.utime(self.path)
+                    continue
             except OSError:
-                pass  # a filesystem hiccup; the next refresh tries again
+                continue  # a filesystem hiccup; the next refresh tries again
+            if not self._done.is_set():
+                # Refreshes stalled past STALE_S (a hung NFS server) and another launch took
+                # the directory: say so where the user looks, once.
+                taker = _read(self.path)
+                print(f"ftlaunch: warning: the lock of {self.run_dir} was taken over by "
+                      f"{taker.describe() if taker else 'another launch'}; two jobs may now "
+                      "write there. Stop one of them.", file=sys.stderr, flush=True)
+                return
 
     def follow(self, moved_to: Path) -> None:
         """--fresh renamed the run directory (lock and all) to `moved_to` and made a new
@@ -117,52 +137,50 @@ class RunLock:
             raise UserError(_busy_message(self.run_dir, _read(self.run_dir / LOCK)))
 
     def release(self) -> None:
-        """Give the directory up; directories the lock made for a run that then
-        wrote nothing there (a refused start) are removed again."""
+        """Give the directory up. A launch that wrote nothing there (refused, or nothing
+        to do) leaves it as it found it."""
         self._done.set()
         try:
             if self._mine():
-                self.path.unlink()
+                if _listing(self.run_dir) == frozenset():  # the created mark says nothing
+                    (self.run_dir / rundir.CREATED_MARK).unlink(missing_ok=True)
+                self.path.unlink()  # only now: another launch may take it at once
         except OSError:
             pass
         _leave_as_found(self.run_dir, self._created, self._before)
 
 
 def _leave_as_found(run_dir: Path, created: list[Path], before) -> None:
-    """A launch that changed nothing (refused, or nothing to do) leaves no trace: not the
-    directories the lock made, not the directory mtime that the lock file moved."""
-    _remove_unused(created)
-    if before is not None and _listing(run_dir) == before[0]:
+    """Directories the lock made are removed if empty (only this launch's files ever are:
+    another launch's lock in them keeps them), and the directory mtime that the lock file
+    moved is put back unless the run changed (its names or its run.yaml)."""
+    for directory in created:
         try:
-            os.utime(run_dir, ns=before[1:])
+            directory.rmdir()
+        except OSError:
+            break
+    if before is not None and _snapshot(run_dir) == before[:2]:
+        try:
+            os.utime(run_dir, ns=before[2])
         except OSError:
             pass
 
 
 def _listing(run_dir: Path) -> frozenset | None:
     try:
-        return frozenset(p.name for p in run_dir.iterdir() if not _ftlaunch_own(p.name))
+        return frozenset(p.name for p in run_dir.iterdir() if not rundir.hidden_own(p.name))
     except OSError:
         return None
 
 
-def _remove_unused(created: list[Path]) -> None:
-    """Remove the directories (deepest first) that hold nothing but ftlaunch's hidden
-    files: a start that was refused leaves nothing behind."""
-    for directory in created:
-        try:
-            if any(not _ftlaunch_own(p.name) for p in directory.iterdir()):
-                return
-            for p in directory.iterdir():
-                p.unlink()
-            directory.rmdir()
-        except OSError:
-            return
-
-
-def _ftlaunch_own(name: str) -> bool:
-    """The files ftlaunch keeps hidden in a run directory (lock, launch marks, probes)."""
-    return name.startswith(".ftlaunch-")
+def _snapshot(run_dir: Path) -> tuple:
+    """What a launch that trained or wrote its run files changes: the names in the
+    directory, or run.yaml (rewritten by every start)."""
+    try:
+        run_file = (run_dir / rundir.RUN_FILE).stat().st_mtime_ns
+    except OSError:
+        run_file = None
+    return _listing(run_dir), run_file
 
 
 def acquire(run_dir: Path, command: list[str]) -> tuple[RunLock, str | None]:
@@ -170,7 +188,7 @@ def acquire(run_dir: Path, command: list[str]) -> tuple[RunLock, str | None]:
     stale lock was taken over. UserError naming the holder when another job has it."""
     run_dir = Path(run_dir)
     stat = run_dir.stat() if run_dir.is_dir() else None
-    before = (_listing(run_dir), stat.st_atime_ns, stat.st_mtime_ns) if stat else None
+    before = (*_snapshot(run_dir), (stat.st_atime_ns, stat.st_mtime_ns)) if stat else None
     created = _make_dirs(run_dir)
     me = _me(command)
     note = None
@@ -181,7 +199,7 @@ def acquire(run_dir: Path, command: list[str]) -> tuple[RunLock, str | None]:
             holder, age = _read(run_dir / LOCK), _age(run_dir)
             if holder is None and age is None:
                 continue  # released between our link and our read: try again
-            why = _stale_reason(holder, age)
+            why = _stale_reason(run_dir, holder, age)
             if why is None:
                 raise UserError(_busy_message(run_dir, holder))
             if _take_over(run_dir, holder):
@@ -244,9 +262,10 @@ def _age(run_dir: Path) -> float | None:
         probe.unlink(missing_ok=True)
 
 
-def _stale_reason(holder: Holder | None, age: float | None) -> str | None:
+def _stale_reason(run_dir: Path, holder: Holder | None, age: float | None) -> str | None:
     """Why the lock's holder is gone, or None while it may be alive."""
-    if holder is not None and holder.host == socket.gethostname() and holder.boot_id == _boot_id():
+    if holder is not None and (holder.host, holder.boot_id, holder.pid_ns) == (
+            socket.gethostname(), _boot_id(), _pid_ns()):
         import psutil
 
         try:
@@ -254,10 +273,27 @@ def _stale_reason(holder: Holder | None, age: float | None) -> str | None:
                 return None
         except psutil.Error:
             pass
+        if _workers_running(run_dir):
+            return None
         return f"its process {holder.pid} is no longer running"
     if age is not None and age > STALE_S:
         return f"it was last refreshed {age:.0f} s ago"
     return None
+
+
+def _workers_running(run_dir: Path) -> bool:
+    """A worker of this run still alive on this machine (ftlaunch.train --run-dir RUN_DIR):
+    its launcher is gone, but it may still be writing its last checkpoint."""
+    import psutil
+
+    target = str(run_dir.resolve())
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info.get("cmdline") or []
+        if "ftlaunch.train" in args and "--run-dir" in args:
+            at = args.index("--run-dir") + 1
+            if at < len(args) and args[at] == target:
+                return True
+    return False
 
 
 def _take_over(run_dir: Path, judged: Holder | None) -> bool:

@@ -58,6 +58,10 @@ def train(job: Job, argv: list[str], echo) -> int:
         if taken_over:
             echo(f"Note: {taken_over}.")
         return _start_owned(job, argv, echo, lock, (dataset, eval_dataset), model, identity)
+    except BaseException as exc:
+        if interrupts.cause(exc) is not None:
+            interrupts.stop_children()  # nothing of this launch writes once the lock is gone
+        raise
     finally:
         lock.release()
 
@@ -342,7 +346,14 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
             local["identity"] = identity
             if "lock" not in local:
                 rundir.check_writable(run_dir)
-                local["lock"] = runlock.acquire(run_dir, argv)[0]
+                try:
+                    local["lock"] = runlock.acquire(run_dir, argv)[0]
+                except UserError:
+                    # On NFS node 0's launch mark can show up late (cached lookups): its
+                    # lock is then this launch's, not another job's.
+                    if nodes.sees_launch(run_dir, launch_id):
+                        return _own_hello(job, run_dir, True, None, None)
+                    raise
             if options.fresh:  # moved aside once the nodes agree, not before
                 rundir.check_writable(run_dir)
                 _check_disk(job, run_dir, (dataset, eval_dataset), model, None)
@@ -357,6 +368,9 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
                               identity["data"])
         except UserError as exc:
             return _own_hello(job, run_dir, False, [], None, error=str(exc))
+        except OSError as exc:  # the run directory cannot be locked or read: tell node 0
+            return _own_hello(job, run_dir, False, [], None,
+                              error=f"{run_dir} on node {cluster.node_rank}: {exc}")
 
     verdict = nodes.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
     if not verdict.ok:

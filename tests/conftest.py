@@ -215,3 +215,20 @@ def tree(root: Path) -> dict[str, tuple]:
             out[rel] = (stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
                         stat.st_mtime_ns)
     return out
+
+
+def wait_for(predicate, launcher: subprocess.Popen, timeout: float, what: str, poll: float = 0.2):
+    """predicate()'s first true value, while `launcher` runs; fails when it ends first
+    (with its output, if piped) or the time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if launcher.poll() is not None:
+            raise AssertionError(f"ftlaunch ended (exit {launcher.returncode}) before "
+                                 f"{what}:\n{launcher.communicate()[0]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -17,7 +17,7 @@ import pytest
 
 import psutil
 
-from conftest import FTLAUNCH, cores, in_tmpfs
+from conftest import FTLAUNCH, cores, in_tmpfs, wait_for
 from ftlaunch import heartbeat
 
 DISK_FULL = 74
@@ -101,19 +101,6 @@ def test_the_disk_full_exit_code_is_documented():
     assert f"DISK_FULL_EXIT ({DISK_FULL}" in launch.__doc__
 
 
-def _wait_for(predicate, launcher: subprocess.Popen, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if launcher.poll() is not None:
-            raise AssertionError(f"ftlaunch ended (exit {launcher.returncode}) before "
-                                 f"{what}:\n{launcher.communicate()[0]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(cores() < 2, reason="two CPU workers need two cores")
 def test_a_rank_killed_by_a_signal_is_named_first(tmp_path):
@@ -132,7 +119,7 @@ def test_a_rank_killed_by_a_signal_is_named_first(tmp_path):
             seen = heartbeat.read(run_dir)
             return seen if len(seen) == 2 and all(b["step"] >= 2 for b in seen) else None
 
-        beats = _wait_for(both_past_step_2, launcher, 300, "both ranks at step 2")
+        beats = wait_for(both_past_step_2, launcher, 300, "both ranks at step 2")
         killed = next(b for b in beats if b["rank"] == 1)
         os.kill(killed["pid"], signal.SIGKILL)
         out, _ = launcher.communicate(timeout=300)

@@ -128,3 +128,13 @@ def test_the_table_says_each_change_or_refuses_it():
     assert "--set optim=adamw_torch --set weight_decay=0.0" in message and "--fresh" in message
     with pytest.raises(UserError, match="reduce_lr_on_plateau"):
         resume_changes.notes(before, {**before, "lr_scheduler_type": "reduce_lr_on_plateau"}, 40)
+
+
+def test_a_rate_set_only_now_is_said_and_a_stateful_schedule_refuses_a_new_rate():
+    # A recipe file without learning_rate, resumed with --set learning_rate=...
+    assert resume_changes.notes({}, {"learning_rate": 1e-4}, step=10) == [
+        "learning_rate changed from None to 0.0001: the schedule continues from step 10 with "
+        "peak 0.0001"]
+    plateau = {"learning_rate": 1e-3, "lr_scheduler_type": "reduce_lr_on_plateau"}
+    with pytest.raises(UserError, match="keeps its own rates"):
+        resume_changes.notes(plateau, {**plateau, "learning_rate": 1e-4}, step=10)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FTLAUNCH, assert_user_error, run_ftlaunch, tree
+from conftest import FTLAUNCH, assert_user_error, run_ftlaunch, tree, wait_for
 
 LOCK = ".ftlaunch-lock"
 TINY = ("--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
@@ -34,16 +34,6 @@ def _start(*args: str, log: Path, cwd: Path | None = None) -> subprocess.Popen:
                                 cwd=cwd, start_new_session=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        assert proc.poll() is None, f"the launcher ended early with {proc.returncode}"
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def _steps(run_dir: Path) -> list[int]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [row["step"] for row in rows if "loss" in row]
@@ -53,7 +43,7 @@ def test_a_second_launch_and_fresh_are_refused_while_a_job_trains(tmp_path):
     run_dir = tmp_path / "run"
     first = _start(*TINY, "--max-steps", "40", "--output-dir", str(run_dir), log=tmp_path / "a.log")
     try:
-        _wait_for(lambda: (run_dir / "metrics.jsonl").exists(), first)
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), first, 240, "the first step")
         for extra in ((), ("--fresh",)):
             second = run_ftlaunch(*TINY, "--max-steps", "40", "--output-dir", str(run_dir), *extra)
             message = assert_user_error(second, "is in use by another ftlaunch job",
@@ -94,8 +84,9 @@ def _boot_id() -> str:
 
 def _write_lock(run_dir: Path, host: str, pid: int, started: float, age_s: float = 0) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    holder = {"host": host, "boot_id": _boot_id() if host == socket.gethostname() else "other",
-              "pid": pid, "started": started, "launch": "feedfacecafe",
+    here = host == socket.gethostname()
+    holder = {"host": host, "boot_id": _boot_id() if here else "other",
+              "pid_ns": os.readlink("/proc/self/ns/pid") if here else "other", "pid": pid, "started": started, "launch": "feedfacecafe",
               "since": "2026-01-01 00:00:00 UTC", "command": "--model tiny"}
     lock = run_dir / LOCK
     lock.write_text(json.dumps(holder))
@@ -118,6 +109,24 @@ def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, holder):
     assert "took over the lock" in proc.stdout and why in proc.stdout, proc.stdout
     assert (run_dir / "run.yaml").is_file()
     assert not (run_dir / LOCK).exists()
+
+
+def test_a_lock_whose_launcher_died_waits_for_the_run_s_workers(tmp_path):
+    """A launcher killed with SIGKILL leaves its workers up to --grace to checkpoint: the
+    lock is not taken over while one of them (ftlaunch.train --run-dir RUN_DIR) runs."""
+    run_dir = tmp_path / "run"
+    _write_lock(run_dir, socket.gethostname(), *_dead_pid())
+    worker = subprocess.Popen(["python3", "-c", "import time; time.sleep(120)", "-m",
+                               "ftlaunch.train", "--run-dir", str(run_dir.resolve())])
+    try:
+        refused = run_ftlaunch(*TINY, "--max-steps", "2", "--output-dir", str(run_dir),
+                               "--dry-run")
+        assert_user_error(refused, "is in use by another ftlaunch job")
+    finally:
+        worker.kill()
+        worker.wait()
+    taken = run_ftlaunch(*TINY, "--max-steps", "2", "--output-dir", str(run_dir), "--dry-run")
+    assert taken.returncode == 0 and "took over the lock" in taken.stdout, taken.stderr
 
 
 def test_a_live_lock_of_another_machine_is_respected(tmp_path):
@@ -166,8 +175,9 @@ def test_a_signal_while_tokenizing_stops_every_child_and_the_same_command_starts
     log = tmp_path / "launcher.log"
     proc = _start(*argv, log=log)
     launcher = psutil.Process(proc.pid)
-    _wait_for(lambda: (run_dir / "data-cache" / ".building").is_dir()
-              and len(launcher.children(recursive=True)) >= 2, proc)
+    wait_for(lambda: (run_dir / "data-cache" / ".building").is_dir()
+             and len(launcher.children(recursive=True)) >= 2, proc, 240, "tokenizing",
+             poll=0.05)
     children = launcher.children(recursive=True)
     # Ctrl-C reaches the terminal's whole process group; a scheduler signals the launcher.
     if signum == signal.SIGINT:

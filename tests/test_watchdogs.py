@@ -16,7 +16,7 @@ import pytest
 
 import psutil
 
-from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, cores
+from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, cores, wait_for
 from ftlaunch import checkpoints, heartbeat, rundir
 
 STALLED = 3
@@ -56,19 +56,6 @@ def test_a_nan_loss_stops_with_the_last_good_weights_and_exit_2(tmp_path):
     assert any(row.get("loss") != row.get("loss") for row in rows), "the NaN is logged as NaN"
 
 
-def _wait_for(predicate, launcher: subprocess.Popen, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if launcher.poll() is not None:
-            raise AssertionError(f"ftlaunch ended (exit {launcher.returncode}) before "
-                                 f"{what}:\n{launcher.communicate()[0]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -95,7 +82,7 @@ def _stall(tmp_path: Path, gpus: int, frozen_rank: int) -> tuple[str, Path, list
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     beats: list[dict] = []
     try:
-        beats = _wait_for(lambda: _heartbeats(run_dir, gpus), launcher, 300,
+        beats = wait_for(lambda: _heartbeats(run_dir, gpus), launcher, 300,
                           "every rank's heartbeat")
         frozen = next(b for b in beats if b["rank"] == frozen_rank)
         os.kill(frozen["pid"], signal.SIGSTOP)  # frozen: no step, no thread, no answer
