@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from ftlaunch.errors import UserError
 
 
@@ -55,6 +57,23 @@ def load_tokenizer(model_record: dict, assistant_only: bool):
     except OSError as exc:
         raise UserError(f"Cannot load the tokenizer of {model_record['tokenizer']}: {exc}") from None
     return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
+
+
+def template_digest(model_record: dict, kind: str, data_options: dict) -> str | None:
+    """A digest of the chat template that renders conversational data (the training one
+    chat_templates chose): what a resume compares, since another template trains other
+    tokens. None for other data, and before a built-in model's tokenizer is built (a
+    dry run)."""
+    import hashlib
+    import json
+
+    path = Path(model_record["tokenizer"])
+    if kind != "conversational" or (path.is_absolute() and not path.exists()):
+        return None
+    tokenizer, _ = load_tokenizer(model_record, assistant_only(kind, data_options))
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None):

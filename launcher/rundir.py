@@ -50,7 +50,8 @@ RANKS_DIR = "ranks"
 # and the global batch a checkpoint was trained with. Not the LoRA shape or
 # --random-init: the checkpoint's weights would not load.
 RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_len",
-                     "data_format", "system_prompt", "packing", "assistant_only_loss",
+                     "data_format", "chat_template", "system_prompt", "packing",
+                     "assistant_only_loss",
                      "global_batch")
 
 

@@ -136,6 +136,16 @@ class RunLock:
         if not _try_link(self.run_dir, self.holder):
             raise UserError(_busy_message(self.run_dir, _read(self.run_dir / LOCK)))
 
+    def put_back(self, moved: Path) -> None:
+        """Undo --fresh's move when the start is refused: the previous run goes back to
+        its place (the new directory holds nothing but this lock and the created mark),
+        still under this lock."""
+        _try_link(moved, self.holder)
+        (self.run_dir / rundir.CREATED_MARK).unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.run_dir.rmdir()
+        moved.rename(self.run_dir)
+
     def release(self) -> None:
         """Give the directory up. A launch that wrote nothing there (refused, or nothing
         to do) leaves it as it found it."""

@@ -50,7 +50,7 @@ def train(job: Job, argv: list[str], echo) -> int:
     if cluster.master_port is not None and cluster.node_rank == 0:
         launch.check_port_free(cluster.master_port, nodes.bind_host(cluster.master_addr))
 
-    identity = _identity(job, dataset, eval_dataset)
+    identity = _identity(job, dataset, eval_dataset, model)
     _check_ram(job, echo)
     rundir.check_writable(job.output_dir)  # before the lock makes the directory
     lock, taken_over = runlock.acquire(job.output_dir, argv)
@@ -113,7 +113,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
     def start_files(verdict: nodes.Verdict | None) -> tuple[dict, Path | None]:
         """The run files every worker reads, written once the nodes (if several) agreed.
         The data first: its refusal must find the checkpoints where they were."""
-        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo,
+        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, lock,
                             state.moved_aside_to)
         checkpoint = state.checkpoint
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
@@ -342,7 +342,7 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
         try:
             if data_error:
                 raise UserError(data_error)
-            identity = _identity(job, dataset, eval_dataset)
+            identity = _identity(job, dataset, eval_dataset, model)
             local["identity"] = identity
             if "lock" not in local:
                 rundir.check_writable(run_dir)
@@ -390,7 +390,8 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
             local["lock"].follow(state.moved_aside_to)
     else:
         state = local["state"]
-    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, state.moved_aside_to)
+    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, local["lock"],
+                        state.moved_aside_to)
     checkpoint, notes = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
     notes += rundir.set_aside_torn(run_dir, state)
     if checkpoint is not None:
@@ -630,7 +631,7 @@ def _token_preflight(job: Job, dataset, record: dict) -> list[str]:
     return preview.check(stats, source)
 
 
-def _identity(job: Job, dataset: data_io.Dataset, eval_dataset=None) -> dict:
+def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: dict) -> dict:
     """What must not change between a run and its resume."""
     lora = job.recipe.lora
     return {
@@ -642,9 +643,10 @@ def _identity(job: Job, dataset: data_io.Dataset, eval_dataset=None) -> dict:
         "eval_data": eval_dataset.fingerprint if eval_dataset is not None else None,
         "eval_split": job.recipe.data.get("eval_split") or 0,
         "seq_len": job.plan.seq_len,
-        # What turns the rows into the tokens trained (the chat template follows from the
-        # model and the loss mask): a change would train other text than the checkpoint's.
+        # What turns the rows into the tokens trained: a change would train other text
+        # than the checkpoint's.
         "data_format": dataset.format,
+        "chat_template": preview.template_digest(model, dataset.kind, job.recipe.data),
         "system_prompt": job.recipe.data.get("system_prompt"),
         "packing": recipes.packing(job.recipe.data),
         "assistant_only_loss": preview.assistant_only(dataset.kind, job.recipe.data),
@@ -693,11 +695,11 @@ def _hf_config(spec) -> dict:
 
 
 def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo,
-                moved_aside: Path | None = None) -> dict:
+                lock: runlock.RunLock, moved_aside: Path | None = None) -> dict:
     """Tokenize the data once, here, into the run directory (ftlaunch.data_cache): the
     workers load it and no rank tokenizes. Length notes come from the whole set. A refusal
-    leaves things as they were: a new run's directory is removed, and the run --fresh
-    moved aside (`moved_aside`) goes back."""
+    leaves things as they were: a new run's directory goes (the lock's release removes
+    what it made), and the run --fresh moved aside (`moved_aside`) goes back."""
     from ftlaunch import data_cache
 
     cache_dir = run_dir / data_cache.DIRECTORY
@@ -711,10 +713,8 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
     except UserError:
         if fresh_run:  # a run that never started leaves no half-made directory behind
             shutil.rmtree(cache_dir, ignore_errors=True)
-            if run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
-            if moved_aside is not None and not run_dir.exists():
-                moved_aside.rename(run_dir)
+            if moved_aside is not None:
+                lock.put_back(moved_aside)
                 echo(f"--fresh: the previous run is back in {run_dir}.")
         raise
     if not meta.get("reused"):

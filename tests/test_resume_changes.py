@@ -138,3 +138,19 @@ def test_a_rate_set_only_now_is_said_and_a_stateful_schedule_refuses_a_new_rate(
     plateau = {"learning_rate": 1e-3, "lr_scheduler_type": "reduce_lr_on_plateau"}
     with pytest.raises(UserError, match="keeps its own rates"):
         resume_changes.notes(plateau, {**plateau, "learning_rate": 1e-4}, step=10)
+
+
+def test_a_changed_chat_template_is_refused_like_the_data(tiny_run, tmp_path):
+    """The same model folder with an edited template trains other tokens."""
+    _, finished = tiny_run
+    record = yaml.safe_load((finished / "run.yaml").read_text())
+    model = shutil.copytree(record["model"]["load_from"], tmp_path / "model")
+    argv = ("--model", str(model), "--gpus", "1", "--max-steps", "2", "--global-batch-size", "4",
+            "--seq-len", "64", "--output-dir", str(tmp_path / "run"))
+    assert run_ftlaunch(*argv).returncode == 0
+    template = model / "chat_template.jinja"
+    template.write_text("{#- edited -#}\n" + template.read_text())
+    before = tree(tmp_path / "run")
+    assert_user_error(run_ftlaunch(*argv), "chat_template: was 'sha256:",
+                      "resume.allow_changed=chat_template")
+    assert tree(tmp_path / "run") == before
