@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import click
 
@@ -62,6 +63,16 @@ def install() -> None:
     for signum in _SIGNALS:
         signal.signal(signum, _handle)
     os.register_at_fork(after_in_child=_child_defaults)
+    default_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        # A stop that landed in a finalizer or an at-fork callback (logging's, when the
+        # tokenizer's pool forks) is ignored there: check() raises it again where it
+        # counts, and its "Exception ignored" traceback would bury the one-line message.
+        if not isinstance(info.exc_value, Interrupted):
+            default_hook(info)
+
+    sys.unraisablehook = unraisable
 
 
 def _child_defaults() -> None:
@@ -84,6 +95,14 @@ def _handle(signum, _frame) -> None:
         os._exit(128 + signum)
     _state["received"] = signum
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise a stop that was lost: a signal that lands while Python runs a finalizer (a
+    pool connection's __del__, say) raises there, and Python ignores exceptions of
+    finalizers. Called before anything that cannot be taken back (starting workers)."""
+    if _state["received"] is not None:
+        raise Interrupted(_state["received"])
 
 
 def stop_children(timeout_s: float = 5.0) -> None:

@@ -115,6 +115,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
         The data first: its refusal must find the checkpoints where they were."""
         cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, lock,
                             state.moved_aside_to)
+        interrupts.check()  # a stop during tokenizing, before anything else changes
         checkpoint = state.checkpoint
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
             checkpoint, more = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
@@ -184,6 +185,7 @@ def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: 
         echo("Launching: " + launch.printable(argv_launch))
     ranks = [job.cluster.node_rank * plan.processes_per_node + i
              for i in range(plan.processes_per_node)]
+    interrupts.check()  # the last moment a stop means "nothing was trained"
     (run_dir / heartbeat.STALL_FILE).unlink(missing_ok=True)
     watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
              if job.options.stall_timeout_s else None)

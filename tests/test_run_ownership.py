@@ -162,7 +162,8 @@ def _big_data(path: Path, rows: int = 60000) -> Path:
 
 @pytest.fixture(scope="module")
 def big_data(tmp_path_factory) -> Path:
-    """Enough rows that tokenizing them takes seconds, in a pool of processes."""
+    """Enough rows that tokenizing them takes seconds (~15 here), in a pool of processes:
+    the signal must land while it runs."""
     return _big_data(tmp_path_factory.mktemp("big") / "big.jsonl")
 
 
@@ -194,6 +195,8 @@ def test_a_signal_while_tokenizing_stops_every_child_and_the_same_command_starts
     assert stop_lines and name in stop_lines[0] and "Re-run the same command" in stop_lines[0]
     assert not (run_dir / "run.yaml").exists() and not (run_dir / LOCK).exists()
 
+    if signum == signal.SIGINT:
+        return  # the directory is the same after either signal: one restart is enough
     # The same command starts the run (here: --fresh, which must work just as well).
     again = run_ftlaunch(*argv, "--fresh")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
