@@ -450,11 +450,23 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         code = USER_ERROR_EXIT
     except Exception as exc:
-        stop = interrupts.cause(exc)
-        if stop is None:
-            raise
+        code = _known_failure(exc)
+    exit_quickly(code if isinstance(code, int) else 0)
+
+
+def _known_failure(exc: Exception) -> int:
+    """A stop on a signal that a library's clean-up re-raised as its own error, or a full
+    disk met by the launcher itself: one paragraph each. Anything else is a bug, and
+    keeps its traceback."""
+    from ftlaunch import diskfull
+
+    stop = interrupts.cause(exc)
+    if stop is not None:
         interrupts.stop_children()
         interrupts.echo(f"ftlaunch: {stop.describe()}", err=True)
-        code = stop.exit_code
-    exit_quickly(code if isinstance(code, int) else 0)
+        return stop.exit_code
+    if not isinstance(exc, diskfull.LauncherDiskFull):
+        raise exc
+    interrupts.echo(f"ftlaunch: error: {exc}", err=True)
+    return diskfull.DISK_FULL_EXIT
 

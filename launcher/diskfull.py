@@ -105,3 +105,25 @@ def message(record: dict, run_dir: Path, resume_point: str, newest_checkpoint: P
             f"intact. Free space on {record.get('filesystem')} (or move the run directory to a "
             f"larger disk), then re-run the same command to resume from {resume_point}. "
             f"Exit code {DISK_FULL_EXIT}.")
+
+
+class LauncherDiskFull(Exception):
+    """A full disk met by the launcher itself, with detect()'s account of it."""
+
+    def __init__(self, found: dict):
+        super().__init__(launcher_message(found))
+        self.found = found
+
+
+def launcher_message(found: dict) -> str:
+    """The paragraph for a full disk met by the launcher itself (tokenizing the data,
+    writing the run files), before any worker started."""
+    from ftlaunch.preflight import human_size as size
+
+    free = found.get("free_bytes")
+    return (f"The disk is full: ftlaunch could not write {found.get('path') or 'the run files'} "
+            f"(filesystem {found.get('filesystem')}"
+            + (f", {size(free)} free now" if free is not None else "") + ") while preparing the "
+            "run; nothing was trained, and the run directory is as a re-run expects. Free space "
+            f"on {found.get('filesystem')} (or choose an --output-dir on a larger disk), then "
+            f"re-run the same command. Exit code {DISK_FULL_EXIT}.")

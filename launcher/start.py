@@ -14,8 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ftlaunch import (__version__, builtin_models, checkpoints, heartbeat, interrupts, launch,
-                      models, nodes, preflight, preview, rank_logs, recipes, render,
+from ftlaunch import (__version__, builtin_models, checkpoints, diskfull, heartbeat, interrupts,
+                      launch, models, nodes, preflight, preview, rank_logs, recipes, render,
                       resume_changes, rundir, runlock, throughput)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
@@ -61,6 +61,11 @@ def train(job: Job, argv: list[str], echo) -> int:
     except BaseException as exc:
         if interrupts.cause(exc) is not None:
             interrupts.stop_children()  # nothing of this launch writes once the lock is gone
+        elif isinstance(exc, Exception) and not isinstance(exc, UserError):
+            full = diskfull.detect(exc, job.output_dir)
+            if full is not None:  # tokenizing or writing the run files, before any worker
+                interrupts.stop_children()
+                raise diskfull.LauncherDiskFull(full) from None
         raise
     finally:
         lock.release()

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FTLAUNCH, assert_user_error, run_ftlaunch, tree, wait_for
+from conftest import FTLAUNCH, assert_user_error, in_tmpfs, run_ftlaunch, tree, wait_for
 
 LOCK = ".ftlaunch-lock"
 TINY = ("--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
@@ -230,3 +230,39 @@ def test_a_closed_stdout_changes_neither_the_run_nor_its_exit_code(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert _steps(run_dir) == list(range(1, 7))
+
+
+_FILL_WHILE_TOKENIZING = r'''
+M=$1; F=$2; O=$3; shift 3
+"$F" "$@" --output-dir "$M/run" > "$O/out.txt" 2>&1 &
+pid=$!
+i=0
+while [ ! -d "$M/run/data-cache/.building" ] && kill -0 $pid 2>/dev/null; do
+  i=$((i+1)); [ $i -gt 3000 ] && break
+  sleep 0.05
+done
+dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null
+wait $pid; echo $? > "$O/code"
+ls -A "$M/run" > "$O/left.txt"
+'''
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_tokenizing_is_told_as_full(tmpfs_allowed, tmp_path, big_data):
+    """The launcher's own writes (the data cache) meet a full disk: one paragraph naming the
+    filesystem, exit 74, no traceback, no run.yaml, no lock left."""
+    mount, out = tmp_path / "disk", tmp_path / "out"
+    mount.mkdir()
+    out.mkdir()
+    argv = ["sh", "-c", _FILL_WHILE_TOKENIZING, "sh", str(mount), FTLAUNCH, str(out), *TINY,
+            "--max-steps", "1", "--data", str(big_data)]
+    proc = subprocess.run(in_tmpfs(mount, "256m", argv), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 97, "the tmpfs could not be mounted"
+    output = (out / "out.txt").read_text()
+    assert (out / "code").read_text().strip() == "74", output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "The disk is full: ftlaunch could not write" in output
+    assert f"filesystem {mount}" in output and "nothing was trained" in output
+    left = (out / "left.txt").read_text().split()
+    assert "run.yaml" not in left and LOCK not in left, left
