@@ -59,7 +59,7 @@ def cause(exc: BaseException) -> Interrupted | None:
 
 def install() -> None:
     """In the launcher's main thread, before anything slow starts."""
-    _state["pid"] = os.getpid()
+    _state.update(pid=os.getpid(), received=None, phase=None)
     for signum in _SIGNALS:
         signal.signal(signum, _handle)
     os.register_at_fork(after_in_child=_child_defaults)

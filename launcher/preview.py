@@ -59,16 +59,21 @@ def load_tokenizer(model_record: dict, assistant_only: bool):
     return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
 
 
+NO_TEMPLATE = "none"  # data that no chat template renders
+
+
 def template_digest(model_record: dict, kind: str, data_options: dict) -> str | None:
     """A digest of the chat template that renders conversational data (the training one
     chat_templates chose): what a resume compares, since another template trains other
-    tokens. None for other data, and before a built-in model's tokenizer is built (a
-    dry run)."""
+    tokens. NO_TEMPLATE for other data; None when it cannot be known yet (a dry run
+    before a built-in model's tokenizer is built)."""
     import hashlib
     import json
 
     path = Path(model_record["tokenizer"])
-    if kind != "conversational" or (path.is_absolute() and not path.exists()):
+    if kind != "conversational":
+        return NO_TEMPLATE
+    if path.is_absolute() and not path.exists():
         return None
     tokenizer, _ = load_tokenizer(model_record, assistant_only(kind, data_options))
     template = tokenizer.chat_template

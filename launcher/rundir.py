@@ -201,8 +201,11 @@ def set_aside_newer(output_dir: Path, state: RunState, step: int | None) -> list
 
 
 def describe_differences(previous: dict, current: dict) -> dict[str, str]:
-    # A key the previous run did not record was not compared by the ftlaunch that made it.
-    keys = sorted(set(previous) | set(current)) if not previous else sorted(previous)
+    # A key the previous run did not record was not compared by the ftlaunch that made it;
+    # one the current identity lacks is not known now (a dry run before the tokenizer is
+    # built cannot tell the chat template): neither is a difference.
+    keys = sorted(set(previous) | set(current)) if not previous else sorted(
+        set(previous) & set(current))
     return {k: f"{k}: was {previous.get(k)!r}, now {current.get(k)!r}"
             for k in keys if previous.get(k) != current.get(k)}
 

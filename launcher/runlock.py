@@ -26,6 +26,7 @@ No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -136,15 +137,31 @@ class RunLock:
         if not _try_link(self.run_dir, self.holder):
             raise UserError(_busy_message(self.run_dir, _read(self.run_dir / LOCK)))
 
-    def put_back(self, moved: Path) -> None:
+    def put_back(self, moved: Path) -> bool:
         """Undo --fresh's move when the start is refused: the previous run goes back to
-        its place (the new directory holds nothing but this lock and the created mark),
-        still under this lock."""
-        _try_link(moved, self.holder)
-        (self.run_dir / rundir.CREATED_MARK).unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)
-        self.run_dir.rmdir()
-        moved.rename(self.run_dir)
+        its place, still under this lock, and the new directory (whatever a failed start
+        left in it) goes. False when that cannot be done: the previous run stays where
+        --fresh put it."""
+        import shutil
+
+        scratch = self.run_dir.with_name(f".{self.run_dir.name}.ftlaunch-refused-"
+                                         f"{self.holder.launch}")
+        try:
+            if not _try_link(moved, self.holder):
+                return False
+            os.rename(self.run_dir, scratch)  # the new directory, its lock and mark
+            try:
+                os.rename(moved, self.run_dir)
+            except OSError:  # something took the place in the moment between
+                if _read(moved / LOCK) == self.holder:
+                    (moved / LOCK).unlink()
+                with contextlib.suppress(OSError):
+                    os.rename(scratch, self.run_dir)
+                return False
+        except OSError:
+            return False
+        shutil.rmtree(scratch, ignore_errors=True)
+        return True
 
     def release(self) -> None:
         """Give the directory up. A launch that wrote nothing there (refused, or nothing

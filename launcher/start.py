@@ -61,11 +61,6 @@ def train(job: Job, argv: list[str], echo) -> int:
     except BaseException as exc:
         if interrupts.cause(exc) is not None:
             interrupts.stop_children()  # nothing of this launch writes once the lock is gone
-        elif isinstance(exc, Exception) and not isinstance(exc, UserError):
-            full = diskfull.detect(exc, job.output_dir)
-            if full is not None:  # tokenizing or writing the run files, before any worker
-                interrupts.stop_children()
-                raise diskfull.LauncherDiskFull(full) from None
         raise
     finally:
         lock.release()
@@ -118,8 +113,9 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
     def start_files(verdict: nodes.Verdict | None) -> tuple[dict, Path | None]:
         """The run files every worker reads, written once the nodes (if several) agreed.
         The data first: its refusal must find the checkpoints where they were."""
-        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, lock,
-                            state.moved_aside_to)
+        with diskfull.told_as_full(run_dir):
+            cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, lock,
+                                state.moved_aside_to)
         interrupts.check()  # a stop during tokenizing, before anything else changes
         checkpoint = state.checkpoint
         if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
@@ -127,8 +123,9 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
             if checkpoint is not state.checkpoint:
                 notes.extend(more)
         notes.extend(rundir.set_aside_torn(run_dir, state))
-        record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
-                                  rendezvous, model, _nodes_record(job, verdict), cache)
+        with diskfull.told_as_full(run_dir):
+            record = _write_run_files(job, run_dir, dataset, eval_dataset, identity, argv,
+                                      rendezvous, model, _nodes_record(job, verdict), cache)
         rundir.clear_stop_record(run_dir)
         if checkpoint is not None:
             notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
@@ -397,14 +394,16 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
             local["lock"].follow(state.moved_aside_to)
     else:
         state = local["state"]
-    cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, local["lock"],
-                        state.moved_aside_to)
+    with diskfull.told_as_full(run_dir):
+        cache = _data_cache(job, run_dir, model, dataset, eval_dataset, echo, local["lock"],
+                            state.moved_aside_to)
     checkpoint, notes = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
     notes += rundir.set_aside_torn(run_dir, state)
     if checkpoint is not None:
         notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
-    record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
-                              rendezvous, model, _nodes_record(job, verdict), cache)
+    with diskfull.told_as_full(run_dir):
+        record = _write_run_files(job, run_dir, dataset, eval_dataset, local["identity"], argv,
+                                  rendezvous, model, _nodes_record(job, verdict), cache)
     rundir.clear_stop_record(run_dir)
     _log(run_dir, notes, echo)
     return _launch(job, run_dir, run_dir / "train.log", record,
@@ -641,7 +640,7 @@ def _token_preflight(job: Job, dataset, record: dict) -> list[str]:
 def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: dict) -> dict:
     """What must not change between a run and its resume."""
     lora = job.recipe.lora
-    return {
+    identity = {
         "model": job.model.source,
         "random_init": job.options.random_init,
         "method": job.plan.method,
@@ -653,11 +652,14 @@ def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: dict) -> 
         # What turns the rows into the tokens trained: a change would train other text
         # than the checkpoint's.
         "data_format": dataset.format,
-        "chat_template": preview.template_digest(model, dataset.kind, job.recipe.data),
         "system_prompt": job.recipe.data.get("system_prompt"),
         "packing": recipes.packing(job.recipe.data),
         "assistant_only_loss": preview.assistant_only(dataset.kind, job.recipe.data),
     }
+    template = preview.template_digest(model, dataset.kind, job.recipe.data)
+    if template is not None:  # unknown before the tokenizer is built: left out, not None
+        identity["chat_template"] = template
+    return identity
 
 
 def _is_local(model_record: dict) -> bool:
@@ -721,8 +723,8 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
         if fresh_run:  # a run that never started leaves no half-made directory behind
             shutil.rmtree(cache_dir, ignore_errors=True)
             if moved_aside is not None:
-                lock.put_back(moved_aside)
-                echo(f"--fresh: the previous run is back in {run_dir}.")
+                echo(f"--fresh: the previous run is back in {run_dir}." if lock.put_back(moved_aside)
+                     else f"--fresh: the previous run could not be put back; it is in {moved_aside}.")
         raise
     if not meta.get("reused"):
         tokens = sum(split["tokens"] for split in meta["splits"].values())
