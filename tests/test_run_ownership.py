@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_a_lock_whose_launcher_died_waits_for_the_run_s_workers(tmp_path):
     lock is not taken over while one of them (ftlaunch.train --run-dir RUN_DIR) runs."""
     run_dir = tmp_path / "run"
     _write_lock(run_dir, socket.gethostname(), *_dead_pid())
-    worker = subprocess.Popen(["python3", "-c", "import time; time.sleep(120)", "-m",
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
                                "ftlaunch.train", "--run-dir", str(run_dir.resolve())])
     try:
         refused = run_ftlaunch(*TINY, "--max-steps", "2", "--output-dir", str(run_dir),
