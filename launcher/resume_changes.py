@@ -6,7 +6,7 @@ RNG states and the place in the data. So a setting changed since the checkpoint 
 used, be silently overridden by that state, or make the checkpoint mean something else.
 Here each one either takes effect from the resumed step (the worker makes sure of it where
 the Trainer alone would not: train._ResumedSettings) or is refused with exit 2 before
-anything is written, so that run.yaml records only what is used. start.resume_notes
+anything is written, so that run.yaml records only what is used. resume_notes
 compares run.yaml's recipe with the new one; docs/RESUME.md shows the same table.
 
 What the data becomes (model, LoRA shape, data, sequence length, system prompt, packing,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+from ftlaunch import checkpoints, rundir
 from ftlaunch.errors import UserError
 
 _OPTIMIZER_STATE = ("the checkpoint's optimizer state brings back the old value with it, "
@@ -121,3 +122,51 @@ def take_effect(args, state, optimizer, lr_scheduler) -> str | None:
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return (f"schedule peak set to {new:g} at step {state.global_step} (the checkpoint's "
             f"was {old:g})")
+
+
+def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
+    """Whether a checkpoint can continue under this plan, and what differs.
+
+    The global batch (micro-batch x accumulation x processes) must stay what it was so
+    that a step, the learning-rate schedule and the samples seen mean the same; the
+    process count may change for checkpoints whose optimizer state is not sharded."""
+    was = checkpoint.manifest
+    name = checkpoint.path.name
+    fmt = checkpoints.FORMATS.get(plan.engine, plan.engine)
+    if was.get("format") != fmt:
+        raise UserError(
+            f"{name} was written by a {was.get('engine')} run; this plan trains with "
+            f"{plan.engine}, which cannot load it. Resume with the original --engine / --gpus, "
+            "or pass --fresh to start over.")
+    max_steps = int(recipe.training.get("max_steps") or -1)
+    if 0 < max_steps <= checkpoint.step:
+        raise UserError(f"{name} is at step {checkpoint.step}, not before --max-steps {max_steps}: "
+                        "there is nothing left to train. Raise --max-steps, or pass --fresh.")
+    said = []
+    if was.get("global_batch_size") != plan.global_batch_size and "global_batch" not in allow_changed:
+        raise UserError(
+            f"{name} was trained with a global batch of {was.get('global_batch_size')} "
+            f"({was.get('world_size')} processes x micro-batch {was.get('per_device_batch_size')} x "
+            f"accumulation {was.get('gradient_accumulation_steps')}); this plan's is "
+            f"{plan.global_batch_size}. Use --global-batch-size {was.get('global_batch_size')} "
+            "(and a process count it divides over), or --set resume.allow_changed=global_batch.")
+    if was.get("world_size") != plan.num_processes:
+        if fmt != "trainer":
+            raise UserError(
+                f"{name} holds {plan.engine} optimizer shards for {was.get('world_size')} "
+                f"processes; resuming it on {plan.num_processes} is not supported. Resume with "
+                f"{was.get('world_size')} processes, or pass --fresh.")
+        said.append(
+            f"{name} was written by {was.get('world_size')} processes (micro-batch "
+            f"{was.get('per_device_batch_size')} x accumulation "
+            f"{was.get('gradient_accumulation_steps')}); resuming on {plan.num_processes} (micro-batch "
+            f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
+            f"batch {plan.global_batch_size}, {was.get('samples_seen')} samples seen so far")
+    # The training settings of the launch before this one: run.yaml is rewritten only
+    # once every check here has passed.
+    run_dir = checkpoint.path.parent.parent
+    recorded = ((rundir.read_run_file(run_dir).get("recipe") or {})
+                if (run_dir / rundir.RUN_FILE).is_file() else {})
+    if recorded.get("training"):
+        said += notes(recorded["training"], recipe.training, checkpoint.step)
+    return said

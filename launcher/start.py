@@ -86,7 +86,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
     notes += [f"no checkpoint to resume from, so this starts over with the new settings: {text}"
               for text in state.restarted_with]
     if state.checkpoint is not None:
-        notes += resume_notes(state.checkpoint, plan, job.recipe, options.allow_changed)
+        notes += resume_changes.resume_notes(state.checkpoint, plan, job.recipe, options.allow_changed)
 
     port = cluster.master_port or (launch.free_port() if plan.num_processes > 1 else None)
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
@@ -416,7 +416,7 @@ def _agreed_checkpoint(job: Job, run_dir: Path, state, step: int | None):
     notes = rundir.set_aside_newer(run_dir, state, step)
     checkpoint = next((c for c in state.complete if c.step == step), None)
     if checkpoint is not None:
-        notes += resume_notes(checkpoint, job.plan, job.recipe, job.options.allow_changed)
+        notes += resume_changes.resume_notes(checkpoint, job.plan, job.recipe, job.options.allow_changed)
     return checkpoint, notes
 
 
@@ -489,54 +489,6 @@ def _non_finite_message(run_dir: Path, stop: dict) -> str:
             + "(the same command with --fresh --set learning_rate=...), or, if one bad batch "
             f"was the cause, re-run the same command to resume; {run_dir / 'train.log'} has "
             "the losses before it.")
-
-
-def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
-    """Whether a checkpoint can continue under this plan, and what differs.
-
-    The global batch (micro-batch x accumulation x processes) must stay what it was so
-    that a step, the learning-rate schedule and the samples seen mean the same; the
-    process count may change for checkpoints whose optimizer state is not sharded."""
-    was = checkpoint.manifest
-    name = checkpoint.path.name
-    fmt = checkpoints.FORMATS.get(plan.engine, plan.engine)
-    if was.get("format") != fmt:
-        raise UserError(
-            f"{name} was written by a {was.get('engine')} run; this plan trains with "
-            f"{plan.engine}, which cannot load it. Resume with the original --engine / --gpus, "
-            "or pass --fresh to start over.")
-    max_steps = int(recipe.training.get("max_steps") or -1)
-    if 0 < max_steps <= checkpoint.step:
-        raise UserError(f"{name} is at step {checkpoint.step}, not before --max-steps {max_steps}: "
-                        "there is nothing left to train. Raise --max-steps, or pass --fresh.")
-    notes = []
-    if was.get("global_batch_size") != plan.global_batch_size and "global_batch" not in allow_changed:
-        raise UserError(
-            f"{name} was trained with a global batch of {was.get('global_batch_size')} "
-            f"({was.get('world_size')} processes x micro-batch {was.get('per_device_batch_size')} x "
-            f"accumulation {was.get('gradient_accumulation_steps')}); this plan's is "
-            f"{plan.global_batch_size}. Use --global-batch-size {was.get('global_batch_size')} "
-            "(and a process count it divides over), or --set resume.allow_changed=global_batch.")
-    if was.get("world_size") != plan.num_processes:
-        if fmt != "trainer":
-            raise UserError(
-                f"{name} holds {plan.engine} optimizer shards for {was.get('world_size')} "
-                f"processes; resuming it on {plan.num_processes} is not supported. Resume with "
-                f"{was.get('world_size')} processes, or pass --fresh.")
-        notes.append(
-            f"{name} was written by {was.get('world_size')} processes (micro-batch "
-            f"{was.get('per_device_batch_size')} x accumulation "
-            f"{was.get('gradient_accumulation_steps')}); resuming on {plan.num_processes} (micro-batch "
-            f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
-            f"batch {plan.global_batch_size}, {was.get('samples_seen')} samples seen so far")
-    # The training settings of the launch before this one: run.yaml is rewritten only
-    # once every check here has passed.
-    run_dir = checkpoint.path.parent.parent
-    recorded = ((rundir.read_run_file(run_dir).get("recipe") or {})
-                if (run_dir / rundir.RUN_FILE).is_file() else {})
-    if recorded.get("training"):
-        notes += resume_changes.notes(recorded["training"], recipe.training, checkpoint.step)
-    return notes
 
 
 def final_summary(run_dir: Path) -> str:

@@ -217,6 +217,14 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
+def fill_disk_when(condition: str, poll_s: float) -> str:
+    """Shell lines for a script run with in_tmpfs: wait (at most 3000 polls) while the
+    job $pid runs until `condition` (a shell test) holds, then fill the filesystem at $M."""
+    return (f'i=0\nwhile ! {condition} && kill -0 $pid 2>/dev/null; do\n'
+            f'  i=$((i+1)); [ $i -gt 3000 ] && break\n  sleep {poll_s}\ndone\n'
+            'dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null\n')
+
+
 def wait_for(predicate, launcher: subprocess.Popen, timeout: float, what: str, poll: float = 0.2):
     """predicate()'s first true value, while `launcher` runs; fails when it ends first
     (with its output, if piped) or the time runs out."""

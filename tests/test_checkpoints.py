@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import checkpoints, hardware, job as job_mod, models, planner, recipes, rundir, start
+from ftlaunch import (checkpoints, hardware, job as job_mod, models, planner, recipes,
+                      resume_changes, rundir)
 from ftlaunch.errors import UserError
 
 
@@ -108,17 +109,17 @@ def _recipe(max_steps: int = 12):
 
 
 def test_resume_on_another_process_count_says_what_changed(tmp_path):
-    notes = start.resume_notes(_checkpoint(tmp_path), _plan(1), _recipe(), ())
+    notes = resume_changes.resume_notes(_checkpoint(tmp_path), _plan(1), _recipe(), ())
     assert notes == ["checkpoint-6 was written by 2 processes (micro-batch 2 x accumulation 1); "
                      "resuming on 1 (micro-batch 4 x accumulation 1), global batch 4, 24 samples "
                      "seen so far"]
-    assert start.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(), ()) == []
+    assert resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(), ()) == []
 
 
 def test_resume_with_another_global_batch_is_refused_unless_allowed(tmp_path):
     with pytest.raises(UserError, match="global batch of 4 .* this plan's is 8"):
-        start.resume_notes(_checkpoint(tmp_path), _plan(2, global_batch=8), _recipe(), ())
-    assert start.resume_notes(_checkpoint(tmp_path, world_size=2), _plan(2, global_batch=8),
+        resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2, global_batch=8), _recipe(), ())
+    assert resume_changes.resume_notes(_checkpoint(tmp_path, world_size=2), _plan(2, global_batch=8),
                               _recipe(), ("global_batch",)) == []
 
 
@@ -127,18 +128,18 @@ def test_sharded_optimizer_state_cannot_change_process_count(tmp_path):
     shards = _checkpoint(tmp_path, format="deepspeed", engine="deepspeed", world_size=8,
                          global_batch_size=plan.global_batch_size)
     with pytest.raises(UserError, match="optimizer shards for 8 processes"):
-        start.resume_notes(shards, plan, _recipe(), ())
+        resume_changes.resume_notes(shards, plan, _recipe(), ())
 
 
 def test_a_checkpoint_of_another_engine_family_is_refused(tmp_path):
     plan = _plan(4, engine="deepspeed", gpus="1x4xA100-80GB")
     with pytest.raises(UserError, match="written by a cpu run; this plan trains with deepspeed"):
-        start.resume_notes(_checkpoint(tmp_path), plan, _recipe(), ())
+        resume_changes.resume_notes(_checkpoint(tmp_path), plan, _recipe(), ())
 
 
 def test_a_checkpoint_past_max_steps_is_refused(tmp_path):
     with pytest.raises(UserError, match="not before --max-steps 6"):
-        start.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(max_steps=6), ())
+        resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(max_steps=6), ())
 
 
 def test_identity_changes_are_refused_by_name_unless_allowed(tmp_path):

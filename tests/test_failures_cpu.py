@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import psutil
 
-from conftest import FTLAUNCH, cores, in_tmpfs, wait_for
+from conftest import FTLAUNCH, cores, fill_disk_when, in_tmpfs, wait_for
 from ftlaunch import heartbeat
 
 DISK_FULL = 74
@@ -32,12 +31,7 @@ M=$1; F=$2; O=$3; PY=$4; shift 4
 run=$M/run
 "$F" "$@" --max-steps 100000 --output-dir "$run" > "$O/first.txt" 2>&1 &
 pid=$!
-i=0
-while [ ! -f "$run/checkpoints/checkpoint-3/ftlaunch-checkpoint.json" ] && kill -0 $pid 2>/dev/null; do
-  i=$((i+1)); [ $i -gt 3000 ] && break
-  sleep 0.1
-done
-dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null
+''' + fill_disk_when('[ -f "$run/checkpoints/checkpoint-3/ftlaunch-checkpoint.json" ]', 0.1) + r'''
 wait $pid; echo $? > "$O/first.code"
 "$PY" -c "$TORCH_SAVE" "$M" > "$O/torch.json" 2>&1
 newest=$(ls -d "$run"/checkpoints/checkpoint-* | sed 's/.*-//' | sort -n | tail -1)
@@ -49,7 +43,6 @@ echo $? > "$O/second.code"
 
 _TORCH_SAVE = r'''
 import json, sys
-from pathlib import Path
 import torch
 from ftlaunch import diskfull
 try:

@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FTLAUNCH, assert_user_error, in_tmpfs, run_ftlaunch, tree, wait_for
+from conftest import (FTLAUNCH, assert_user_error, fill_disk_when, in_tmpfs, run_ftlaunch,
+                      tree, wait_for)
 
 LOCK = ".ftlaunch-lock"
 TINY = ("--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
@@ -237,12 +238,7 @@ _FILL_WHILE_TOKENIZING = r'''
 M=$1; F=$2; O=$3; shift 3
 "$F" "$@" --output-dir "$M/run" > "$O/out.txt" 2>&1 &
 pid=$!
-i=0
-while [ ! -d "$M/run/data-cache/.building" ] && kill -0 $pid 2>/dev/null; do
-  i=$((i+1)); [ $i -gt 3000 ] && break
-  sleep 0.05
-done
-dd if=/dev/zero of="$M/filler" bs=64k 2>/dev/null
+''' + fill_disk_when('[ -d "$M/run/data-cache/.building" ]', 0.05) + r'''
 wait $pid; echo $? > "$O/code"
 ls -A "$M/run" > "$O/left.txt"
 '''
