@@ -43,6 +43,7 @@ echo $? > "$O/second.code"
 
 _TORCH_SAVE = r'''
 import json, sys
+from pathlib import Path
 import torch
 from ftlaunch import diskfull
 try:
