@@ -223,10 +223,8 @@ def _check_engine(options: Options, plan: planner.Plan) -> None:
         raise UserError(f"--engine {options.engine} spreads training over several processes, but "
                         f"this plan runs one (--gpus {options.gpus} on {plan.hardware.describe()}). "
                         f"Leave --engine out for one device, or give --gpus 2 or more.")
-    if plan.on_cpu:
-        raise UserError(f"--engine {options.engine} needs GPUs; without them ftlaunch's "
-                        f"{plan.num_processes} CPU worker processes train with DDP over gloo. "
-                        "Leave --engine out here.")
+    # Without GPUs the plan's engine "cpu" is DDP over gloo: --engine ddp asked for it.
+    # (--engine fsdp / deepspeed run as themselves on the CPU processes: planner._candidates.)
 
 
 def _fit_context(recipe: recipes.Recipe, model: models.ModelSpec,

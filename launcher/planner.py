@@ -6,7 +6,9 @@ that fits the per-device memory budget:
 
     1 GPU:     LoRA (bf16) -> QLoRA
     n GPUs:    DDP LoRA -> FSDP QLoRA (or DeepSpeed ZeRO-3) -> the same with CPU offload
-    no GPU:    engine "cpu", N worker processes (gloo)
+    no GPU:    engine "cpu", N worker processes (gloo); --engine fsdp / deepspeed
+               run those engines on the N CPU processes instead (to try a plan's
+               path on a laptop, and so tests run the real thing)
 
 For each it lowers the micro-batch, then turns gradient checkpointing on and
 lowers it again (on one GPU, QLoRA without checkpointing is tried before LoRA
@@ -186,6 +188,11 @@ def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candida
     """
     methods = [m for m in ("lora", "qlora") if spec.method in ("auto", m)]
     if not hardware.has_gpus:
+        # Asked for by name, a sharded engine runs on the CPU processes as it would on
+        # GPUs (the automatic choice stays DDP over gloo: sharding saves no RAM worth
+        # the all-gathers there).
+        if spec.engine in ("fsdp", "deepspeed") and world > 1:
+            return [Candidate(methods[0], spec.engine, 3 if spec.engine == "deepspeed" else None)]
         return [Candidate(methods[0], "cpu")]
     if world == 1:
         return [Candidate(m, "single") for m in methods]
@@ -286,6 +293,8 @@ def _why(c: Candidate, hardware: Hardware, world: int) -> str:
     if c.engine == "cpu":
         return (f"no GPU found: training on CPU with {world} worker process"
                 f"{'es (gloo DDP)' if world > 1 else ''}")
+    if not hardware.has_gpus:
+        return f"no GPU found: {_label(c)} on {world} CPU worker processes (gloo), as asked"
     if c.engine == "single":
         return f"one GPU: {_label(c)} is the cheapest strategy that fits"
     if c.engine == "ddp":

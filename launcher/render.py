@@ -74,6 +74,18 @@ def accelerate_config(plan: Plan, rendezvous: Rendezvous,
         config["mixed_precision"] = "no" if plan.precision == "fp32" else plan.precision
     if plan.engine == "fsdp":
         config["fsdp_config"]["fsdp_offload_params"] = bool(plan.offload)
+        if plan.on_cpu:
+            # N CPU processes: accelerate still starts them through torchrun for the FSDP
+            # type, and use_cpu keeps each on the CPU (the worker's ftlaunch.fsdp_cpu makes
+            # accelerate go on with FSDP there). DeepSpeed needs no such key: its CPU
+            # accelerator (DS_ACCELERATOR=cpu, set by the launcher) does the same.
+            config["use_cpu"] = True
+            config.pop("gpu_ids", None)
+            # FSDP's sync_module_states broadcasts rank 0's weights and refuses CPU
+            # tensors, and cpu_ram_efficient_loading (the other ranks load on the meta
+            # device) needs that broadcast. Every rank loads the same saved weights instead.
+            config["fsdp_config"]["fsdp_sync_module_states"] = False
+            config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     return config
 
 

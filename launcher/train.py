@@ -25,8 +25,8 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 
 from transformers import TrainerCallback
 
-from ftlaunch import (checkpoints, config_fields, filemodes, preview, rank_logs, recipes,
-                      report, resume_changes, rundir)
+from ftlaunch import (checkpoints, config_fields, filemodes, fsdp_cpu, preview, rank_logs,
+                      recipes, report, resume_changes, rundir)
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.errors import UserError, exit_quickly
@@ -64,7 +64,10 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     """Everything up to trainer.train(): also how tests inspect the real batches."""
     record = rundir.read_run_file(run_dir)
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
-    on_cpu = plan["engine"] == "cpu"
+    on_cpu = not plan["hardware"]["gpus_per_node"]
+    fsdp_on_cpu = on_cpu and plan["engine"] == "fsdp"
+    if fsdp_on_cpu:
+        _adapt_fsdp_to_cpu(fsdp_cpu.enable)
     kind = record["data"].get("kind", "conversational")
     train_set, eval_set = _load_datasets(run_dir, record["data"])
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
@@ -75,6 +78,8 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     model = _load_model(model_info, plan, recipe, on_cpu)
     trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
                                        eval_set)
+    if fsdp_on_cpu:
+        _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
     stop = stop or _StopRequest()
     # Gradients the guard can act on before the optimizer steps: not DeepSpeed's (its
     # engine steps inside backward), not fp16's (an inf gradient under the GradScaler is
@@ -88,6 +93,13 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     trainer.add_callback(heartbeat)
     trainer.add_callback(_ResumedSettings())
     return Session(trainer, recorder, tokenizer, checkpointing, heartbeat)
+
+
+def _adapt_fsdp_to_cpu(step) -> None:
+    try:
+        step()
+    except fsdp_cpu.Unadaptable as exc:
+        raise UserError(fsdp_cpu.message(exc)) from None
 
 
 def run(run_dir: Path, resume_from: Path | None) -> None:
@@ -222,7 +234,9 @@ def _training_config(run_dir, record, has_eval):
     from trl import SFTConfig
 
     plan, recipe = record["plan"], record["recipe"]
-    on_cpu = plan["engine"] == "cpu"
+    # CPU ranks: DDP and FSDP run as accelerate's CPU type (gloo); DeepSpeed instead runs
+    # its CPU accelerator under its own type, with the backend named (_ddp_backend).
+    use_cpu = not plan["hardware"]["gpus_per_node"] and plan["engine"] != "deepspeed"
     training = dict(recipe["training"])
     training.setdefault("ddp_timeout", record["distributed"]["timeout_s"])
     # Run directories on each node's own disk: every node keeps whole checkpoints.
@@ -249,7 +263,7 @@ def _training_config(run_dir, record, has_eval):
         per_device_train_batch_size=plan["per_device_batch_size"],
         gradient_accumulation_steps=plan["gradient_accumulation_steps"],
         max_length=plan["seq_len"],
-        use_cpu=on_cpu,
+        use_cpu=use_cpu,
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
         # Loss only on what the model should learn to write (the assistant's turns of a
@@ -293,11 +307,27 @@ def _build_trainer(run_dir, config, recipe, model, tokenizer, train_set, eval_se
                          eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
                          callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # _MetricsCallback prints one readable line instead
+    _adapter_in_fp32(trainer.model)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
     recorder = _BatchRecorder(trainer.data_collator)
     trainer.data_collator = recorder
     callback.recorder = recorder
     return trainer, recorder
+
+
+def _adapter_in_fp32(model) -> None:
+    """Trainable (LoRA) weights in fp32, as PEFT makes them, for QLoRA too.
+
+    TRL casts a quantized model's LoRA weights to bf16 whatever the compute dtype. The
+    plan counts them in fp32 (memory.Stack.adapter_bytes: their gradients and AdamW
+    moments too), fp32 moments keep small updates, and under FSDP the wrapper computes
+    in the 4-bit storage dtype: a bf16 adapter beside an fp32 one fails on CPU ("expected
+    m1 and m2 to have the same dtype"). The cost is 2 bytes per adapter weight."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def _peak_memory() -> dict:
@@ -448,7 +478,10 @@ def _base_weights(model) -> str:
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is not None and type(weight).__name__ == "Params4bit":
-            return f"{weight.quant_type}"
+            # FSDP's flat parameters drop the weight's quant_state; bitsandbytes keeps a copy
+            # on the module and puts it back at each forward.
+            state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+            return state.quant_type if state is not None else weight.quant_type
     for param in model.parameters():
         if not param.requires_grad:
             return str(param.dtype).replace("torch.", "")
@@ -497,9 +530,12 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     """
     staging = target.with_name(".adapter.tmp")
     main = trainer.args.should_save  # rank 0, or each node's first with node-local run dirs
-    if trainer.is_fsdp_enabled or _is_zero3(trainer):
-        if trainer.is_fsdp_enabled:
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if trainer.is_fsdp_enabled:
+        state = _fsdp_full_state_dict(trainer.model_wrapped)
+        if main:
+            _save_fsdp_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), state,
+                               staging)
+    elif _is_zero3(trainer):
         trainer.save_model(str(staging))
         if main:
             (staging / "training_args.bin").unlink(missing_ok=True)
@@ -512,6 +548,55 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+def _fsdp_full_state_dict(model) -> dict:
+    """The whole model's state dict on rank 0 (empty elsewhere), gathered one FSDP unit at
+    a time; PEFT's save_pretrained keeps the adapter's part of it. Copied to host memory
+    as it goes on a GPU (accelerate's get_state_dict, which the Trainer's save_model uses,
+    asks for that on every device, and on CPU ranks it frees the very tensors it gathered:
+    "storage of size 0")."""
+    import torch
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=torch.cuda.is_available(), rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        return model.state_dict()
+
+
+def _save_fsdp_adapter(peft_model, state: dict, staging: Path) -> None:
+    """PEFT's save_pretrained with the whole model's (FSDP-gathered) state dict.
+
+    PEFT picks the adapter's entries by the names of its tuner layers, and inside an
+    auto-wrapped FSDP model those names carry `_fsdp_wrapped_module.` at every unit
+    (PEFT removes only a leading one), so nothing would match the state dict's clean
+    keys and the adapter file would be empty. For this one call the model reports its
+    module names as they are without the wrappers.
+    """
+    wrapped = peft_model.named_modules
+
+    def named_modules(*args, **kwargs):
+        for name, module in wrapped(*args, **kwargs):
+            yield _unwrapped_name(name), module
+
+    peft_model.named_modules = named_modules
+    try:
+        peft_model.save_pretrained(staging, state_dict=state)
+    finally:
+        del peft_model.named_modules
+    from safetensors import safe_open
+
+    with safe_open(str(staging / "adapter_model.safetensors"), "pt") as saved:
+        if not list(saved.keys()):
+            raise RuntimeError("the adapter saved from the FSDP model is empty: PEFT matched "
+                               "none of its tensors in the gathered state dict")
+
+
+def _unwrapped_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        name = name.replace(f".{wrapper}", "").replace(f"{wrapper}.", "").replace(wrapper, "")
+    return name
 
 
 def _trim_metrics(path: Path, step: int) -> None:
