@@ -25,8 +25,8 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 
 from transformers import TrainerCallback
 
-from ftlaunch import (checkpoints, config_fields, filemodes, fsdp_cpu, preview, rank_logs,
-                      recipes, report, resume_changes, rundir)
+from ftlaunch import (checkpoints, config_fields, filemodes, fsdp_checkpoint, fsdp_cpu,
+                      preview, rank_logs, recipes, report, resume_changes, rundir)
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.errors import UserError, exit_quickly
@@ -66,6 +66,8 @@ def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
     on_cpu = not plan["hardware"]["gpus_per_node"]
     fsdp_on_cpu = on_cpu and plan["engine"] == "fsdp"
+    if plan["engine"] == "fsdp":
+        fsdp_checkpoint.enable()  # or resume would lose the adapter and AdamW's state
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(fsdp_cpu.enable)
     kind = record["data"].get("kind", "conversational")
@@ -531,10 +533,11 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     staging = target.with_name(".adapter.tmp")
     main = trainer.args.should_save  # rank 0, or each node's first with node-local run dirs
     if trainer.is_fsdp_enabled:
-        state = _fsdp_full_state_dict(trainer.model_wrapped)
-        if main:
-            _save_fsdp_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), state,
-                               staging)
+        # rank0_only gathering: with node-local run directories only node 0 gets the adapter
+        fsdp_checkpoint.save_adapter(trainer.model_wrapped,
+                                     trainer.accelerator.unwrap_model(trainer.model_wrapped),
+                                     staging, write=trainer.is_world_process_zero())
+        main = trainer.is_world_process_zero()
     elif _is_zero3(trainer):
         trainer.save_model(str(staging))
         if main:
@@ -548,55 +551,6 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
-
-
-def _fsdp_full_state_dict(model) -> dict:
-    """The whole model's state dict on rank 0 (empty elsewhere), gathered one FSDP unit at
-    a time; PEFT's save_pretrained keeps the adapter's part of it. Copied to host memory
-    as it goes on a GPU (accelerate's get_state_dict, which the Trainer's save_model uses,
-    asks for that on every device, and on CPU ranks it frees the very tensors it gathered:
-    "storage of size 0")."""
-    import torch
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=torch.cuda.is_available(), rank0_only=True)
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
-        return model.state_dict()
-
-
-def _save_fsdp_adapter(peft_model, state: dict, staging: Path) -> None:
-    """PEFT's save_pretrained with the whole model's (FSDP-gathered) state dict.
-
-    PEFT picks the adapter's entries by the names of its tuner layers, and inside an
-    auto-wrapped FSDP model those names carry `_fsdp_wrapped_module.` at every unit
-    (PEFT removes only a leading one), so nothing would match the state dict's clean
-    keys and the adapter file would be empty. For this one call the model reports its
-    module names as they are without the wrappers.
-    """
-    wrapped = peft_model.named_modules
-
-    def named_modules(*args, **kwargs):
-        for name, module in wrapped(*args, **kwargs):
-            yield _unwrapped_name(name), module
-
-    peft_model.named_modules = named_modules
-    try:
-        peft_model.save_pretrained(staging, state_dict=state)
-    finally:
-        del peft_model.named_modules
-    from safetensors import safe_open
-
-    with safe_open(str(staging / "adapter_model.safetensors"), "pt") as saved:
-        if not list(saved.keys()):
-            raise RuntimeError("the adapter saved from the FSDP model is empty: PEFT matched "
-                               "none of its tensors in the gathered state dict")
-
-
-def _unwrapped_name(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
-        name = name.replace(f".{wrapper}", "").replace(f"{wrapper}.", "").replace(wrapper, "")
-    return name
 
 
 def _trim_metrics(path: Path, step: int) -> None:
