@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
 DEMO_PROMPT ?= What is 47 + 38?
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-gpu venv clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The GPU tier (tests/test_gpu.py): every test is skipped where nvidia-smi finds no GPU,
+# and pytest exits 0. BIN=DIR runs it with another environment's python and installs
+# nothing (on a lent GPU machine bench/gpu_check.sh sets one up and runs it).
+test-gpu: $(if $(filter $(VENV)/bin,$(BIN)),$(STAMP))
+	$(BIN)/python -m pytest -m gpu tests/test_gpu.py $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-gpu: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -10,11 +10,12 @@ none in the training itself:
   every rank loads the same saved weights;
 - AcceleratorState turns the distributed type into FSDP only from GPU-like
   types; CPU ranks are MULTI_CPU, which stays plain DDP (silently: each rank
-  holds the whole model);
+  holds the whole model), and one CPU process is NO, without a process group;
 - it hands FSDP device_id=cpu:N, which FSDP1 rejects ("Inconsistent compute
   device and `device_id`"): a CPU tensor's device is plain `cpu`.
 
-`enable()` wraps AcceleratorState's constructor for the last two. The worker
+`enable()` wraps AcceleratorState's constructor for the last two (and makes a
+gloo group of one for a single process). The worker
 calls it only for a plan whose engine is FSDP on a machine without GPUs, so a
 GPU run never goes through it. If the installed accelerate no longer has the
 shape adapted here, it stops with a message instead of training with DDP
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 
 class Unadaptable(RuntimeError):
@@ -48,11 +50,14 @@ def enable() -> None:
     if missing:
         raise Unadaptable(f"missing {', '.join(missing)}")
 
+    _one_process_group()
+
     @functools.wraps(state_init)
     def init(state, *args, **kwargs):
         state_init(state, *args, **kwargs)
         plugin = kwargs.get("fsdp_plugin")
-        if plugin is not None and state.distributed_type == DistributedType.MULTI_CPU:
+        if plugin is not None and state.distributed_type in (DistributedType.MULTI_CPU,
+                                                              DistributedType.NO):
             state.distributed_type = DistributedType.FSDP
             state.fsdp_plugin = plugin
             state.device = torch.device("cpu")
@@ -61,6 +66,19 @@ def enable() -> None:
 
     init._ftlaunch = True
     AcceleratorState.__init__ = init
+
+
+def _one_process_group() -> None:
+    """One CPU process is not distributed to accelerate (type NO, no process group), but
+    FSDP needs a group: a gloo group of one, from torchrun's environment. (One process
+    runs FSDP when a sharded run goes on with fewer processes: its checkpoints reshard.)"""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        dist.init_process_group("gloo", world_size=1, rank=0)
 
 
 def check(trainer) -> None:

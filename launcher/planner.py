@@ -191,9 +191,14 @@ def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candida
         # Asked for by name, a sharded engine runs on the CPU processes as it would on
         # GPUs (the automatic choice stays DDP over gloo: sharding saves no RAM worth
         # the all-gathers there).
-        if spec.engine in ("fsdp", "deepspeed") and world > 1:
+        if spec.engine in ("fsdp", "deepspeed"):
             return [Candidate(methods[0], spec.engine, 3 if spec.engine == "deepspeed" else None)]
         return [Candidate(methods[0], "cpu")]
+    if world == 1 and spec.engine in ("fsdp", "deepspeed"):
+        # Asked for on one device: nothing to shard, but the engine's checkpoints, so a run
+        # sharded over N processes can go on with one and back (see resume_changes).
+        return [Candidate(m, spec.engine, 3 if spec.engine == "deepspeed" else None)
+                for m in methods]
     if world == 1:
         return [Candidate(m, "single") for m in methods]
     # With --method auto, sharding is for QLoRA: a sharded 16-bit base moves 4x the bytes.
@@ -294,7 +299,11 @@ def _why(c: Candidate, hardware: Hardware, world: int) -> str:
         return (f"no GPU found: training on CPU with {world} worker process"
                 f"{'es (gloo DDP)' if world > 1 else ''}")
     if not hardware.has_gpus:
-        return f"no GPU found: {_label(c)} on {world} CPU worker processes (gloo), as asked"
+        where = f"{world} CPU worker processes (gloo)" if world > 1 else "one CPU process"
+        return f"no GPU found: {_label(c)} on {where}, as asked"
+    if world == 1 and c.engine in ("fsdp", "deepspeed"):
+        return (f"one GPU: {_label(c)} as asked (nothing to shard; its checkpoints carry on "
+                "over another process count)")
     if c.engine == "single":
         return f"one GPU: {_label(c)} is the cheapest strategy that fits"
     if c.engine == "ddp":

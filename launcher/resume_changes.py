@@ -129,7 +129,7 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
 
     The global batch (micro-batch x accumulation x processes) must stay what it was so
     that a step, the learning-rate schedule and the samples seen mean the same; the
-    process count may change for checkpoints whose optimizer state is not sharded."""
+    process count may change, except for DeepSpeed's per-rank ZeRO partitions."""
     was = checkpoint.manifest
     name = checkpoint.path.name
     fmt = checkpoints.FORMATS.get(plan.engine, plan.engine)
@@ -151,11 +151,16 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
             f"{plan.global_batch_size}. Use --global-batch-size {was.get('global_batch_size')} "
             "(and a process count it divides over), or --set resume.allow_changed=global_batch.")
     if was.get("world_size") != plan.num_processes:
-        if fmt != "trainer":
+        # FSDP's checkpoints are torch distributed checkpoints: loading reshards them.
+        # DeepSpeed's ZeRO partitions are per rank (its universal-checkpoint conversion
+        # is not wired in yet).
+        if fmt == "deepspeed":
             raise UserError(
-                f"{name} holds {plan.engine} optimizer shards for {was.get('world_size')} "
-                f"processes; resuming it on {plan.num_processes} is not supported. Resume with "
-                f"{was.get('world_size')} processes, or pass --fresh.")
+                f"{name} holds DeepSpeed ZeRO partitions for {was.get('world_size')} processes "
+                f"(one per rank); ftlaunch cannot yet load them on {plan.num_processes}. Resume "
+                f"with {was.get('world_size')} processes (`ftlaunch resume RUN_DIR --gpus "
+                f"{was.get('world_size')}`; on another machine, any {was.get('world_size')} GPUs), "
+                "or pass --fresh to start over. --engine fsdp checkpoints do reshard.")
         said.append(
             f"{name} was written by {was.get('world_size')} processes (micro-batch "
             f"{was.get('per_device_batch_size')} x accumulation "

@@ -26,7 +26,8 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 from transformers import TrainerCallback
 
 from ftlaunch import (checkpoints, config_fields, filemodes, fsdp_checkpoint, fsdp_cpu,
-                      preview, rank_logs, recipes, report, resume_changes, rundir)
+                      preview, rank_logs, recipes, report, resume_changes, rundir,
+                      shard_report)
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
 from ftlaunch.errors import UserError, exit_quickly
@@ -513,6 +514,7 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
         "data_digest": recorder.digest.hexdigest(),
         "adapter_checksum": _adapter_checksum(trainer),
         "base_weights": _base_weights(trainer.model),
+        "sharding": shard_report.describe(trainer),
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
     }

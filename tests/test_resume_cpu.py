@@ -13,14 +13,19 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import FTLAUNCH, run_ftlaunch
+from conftest import run_ftlaunch
+from jobs import assert_same_adapter, losses
+from jobs import job_processes as _job
+from jobs import logged_steps as _logged_steps
+from jobs import power_loss as _power_loss
+from jobs import start as _start
+from jobs import wait as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -43,57 +48,6 @@ def reference(tmp_path_factory):
     return runs
 
 
-def _start(*args: str, log: Path) -> subprocess.Popen:
-    """The launcher in a process group of its own, as a scheduler starts a job."""
-    with open(log, "ab") as out:
-        return subprocess.Popen([FTLAUNCH, *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _job(launcher: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        return [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _power_loss(launcher: subprocess.Popen, procs: list[psutil.Process] | None = None) -> None:
-    """SIGKILL every process of the job at once: nothing gets to clean up."""
-    procs = procs or _job(launcher)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    launcher.wait(timeout=30)
-    psutil.wait_procs(procs, timeout=30)
-
-
-def _wait(predicate, launcher: subprocess.Popen, timeout: float = 300, poll: float = 0.002):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if launcher.poll() is not None:
-            return False
-        time.sleep(poll)
-    raise AssertionError("timed out waiting for the run")
-
-
-def _logged_steps(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except ValueError:
-            pass
-    return max(steps, default=0)
-
-
 def _incoming(run_dir: Path) -> set[tuple[str, int]]:
     """Checkpoints being written (or left half-written), by name and inode."""
     root = run_dir / "checkpoints" / ".incoming"
@@ -101,26 +55,6 @@ def _incoming(run_dir: Path) -> set[tuple[str, int]]:
         return {(p.name, p.stat().st_ino) for p in root.glob("checkpoint-*")}
     except OSError:
         return set()
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def adapter(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    import torch
-
-    left, right = adapter(a), adapter(b)
-    assert sorted(left) == sorted(right)
-    different = [name for name in left if not torch.equal(left[name], right[name])]
-    assert not different, f"{len(different)} adapter tensors differ, e.g. {different[:3]}"
 
 
 def _alive(procs: list[psutil.Process]) -> list[int]:
