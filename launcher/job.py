@@ -64,6 +64,7 @@ class Job:
     plan: planner.Plan
     output_dir: Path
     cluster: cluster_mod.ClusterContext
+    spec: planner.TrainSpec | None = None  # what the plan was made from
 
 
 def resolve(options: Options, detect_output_dir: bool = True, validate: bool = True) -> Job:
@@ -98,7 +99,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     planner.check_global_batch(plan, asked=options.global_batch_size is not None)
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
-               plan=plan, output_dir=output_dir, cluster=cluster)
+               plan=plan, output_dir=output_dir, cluster=cluster, spec=spec)
 
 
 def _machine(options: Options, cluster: cluster_mod.ClusterContext,

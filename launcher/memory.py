@@ -159,7 +159,11 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     does not upcast them: see train._load_model).
     Sharded engines hold 1/world of it plus the two layers being all-gathered
     (current and prefetched: FSDP's forward/backward prefetch, ZeRO-3's prefetch
-    bucket); with CPU offload only those two layers and the embeddings are there.
+    bucket), plus the embeddings and lm_head whole: FSDP's root unit, which holds
+    them, is not resharded between forward and backward, and ZeRO-3 gathers lm_head
+    for the loss, the peak (measured on 2 CPU ranks, docs/BENCHMARKS.md: for a model
+    with a large vocabulary they are a good part of the base). With CPU offload only
+    those two layers and the embeddings are there.
     """
     dense = 2 if on_gpu else 4
     total = model.parameters
@@ -170,7 +174,8 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     if offload:
         return int(gathered + model.embedding_parameters() * dense)
     if shards > 1:
-        return int(resident / shards + gathered)
+        embeddings = model.embedding_parameters() * dense
+        return int(resident / shards + gathered + embeddings * (1 - 1 / shards))
     return int(resident)
 
 

@@ -311,6 +311,16 @@ def _why(c: Candidate, hardware: Hardware, world: int) -> str:
     return f"{world} GPUs, no replica fits on one: sharding with {_label(c)}"
 
 
+def peak_at_row_length(plan: Plan, model: ModelSpec, spec: TrainSpec, tokens: int) -> int:
+    """The plan's per-device peak if every row held `tokens` tokens: unpacked data is
+    padded to each batch's longest example, not to seq_len, so a plan for full rows is
+    only a bound there (the demo: 53-token examples, seq_len 128)."""
+    return memory.estimate(model, replace(spec, seq_len=tokens), plan.strategy,
+                           plan.per_device_batch_size, plan.num_processes,
+                           on_gpu=plan.hardware.has_gpus,
+                           gradient_checkpointing=plan.gradient_checkpointing).total
+
+
 def batch_choices(global_batch: int, world: int) -> list[int]:
     """The global batches nearest to `global_batch` that divide over `world` processes."""
     below = global_batch // world * world

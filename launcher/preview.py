@@ -47,16 +47,30 @@ def assistant_only(kind: str, data_options: dict) -> bool:
 def load_tokenizer(model_record: dict, assistant_only: bool):
     """The run's tokenizer, with the training chat template when the loss is on assistant
     turns; returns (tokenizer, where the template came from or None)."""
-    from transformers import AutoTokenizer
-
     from ftlaunch import chat_templates
 
+    if _built_here(model_record):
+        # The class ftlaunch built it as, and the one AutoTokenizer resolves it to, without
+        # importing torch and the model's config to find that out (~5 s of every start).
+        from transformers import PreTrainedTokenizerFast as loader
+    else:
+        from transformers import AutoTokenizer as loader
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = loader.from_pretrained(
             model_record["tokenizer"], trust_remote_code=bool(model_record.get("trust_remote_code")))
     except OSError as exc:
         raise UserError(f"Cannot load the tokenizer of {model_record['tokenizer']}: {exc}") from None
     return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
+
+
+def _built_here(model_record: dict) -> bool:
+    """The tokenizer is ftlaunch's own (builtin_models.build_tokenizer): a built-in preset's,
+    its adapter's copy, or the one a --random-init model borrows from `tiny`."""
+    from ftlaunch import builtin_models, models
+
+    if str(model_record.get("source", "")).startswith("builtin:"):
+        return True
+    return Path(model_record["tokenizer"]) == builtin_models.builtin_path(models.resolve("tiny"))
 
 
 NO_TEMPLATE = "none"  # data that no chat template renders

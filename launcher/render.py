@@ -103,13 +103,17 @@ def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool 
                          f"zero_stage {plan.zero_stage!r}")
     training = training or {}
     micro, accumulation = plan.per_device_batch_size, plan.gradient_accumulation_steps
+    # Gradient buckets hold the trainable (LoRA) parameters' gradients only: the whole
+    # adapter in one bucket, never DeepSpeed's default of 5e8 elements, which ZeRO-3
+    # allocates whole per gradient dtype (1-2 GB of GPU memory for an adapter of MBs).
+    bucket = max(1, min(_BUCKET, plan.trainable_parameters))
     zero: dict = {
         "stage": plan.zero_stage,
         "overlap_comm": True,
         "contiguous_gradients": True,
         "reduce_scatter": True,
-        "reduce_bucket_size": _BUCKET,
-        "allgather_bucket_size": _BUCKET,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
     }
     if plan.zero_stage == 3:
         zero.update({

@@ -162,7 +162,7 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
                 f"{was.get('world_size')}`; on another machine, any {was.get('world_size')} GPUs), "
                 "or pass --fresh to start over. --engine fsdp checkpoints do reshard.")
         said.append(
-            f"{name} was written by {was.get('world_size')} processes (micro-batch "
+            f"{name} was written by {_processes(was.get('world_size'))} (micro-batch "
             f"{was.get('per_device_batch_size')} x accumulation "
             f"{was.get('gradient_accumulation_steps')}); resuming on {plan.num_processes} (micro-batch "
             f"{plan.per_device_batch_size} x accumulation {plan.gradient_accumulation_steps}), global "
@@ -175,3 +175,7 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
     if recorded.get("training"):
         said += notes(recorded["training"], recipe.training, checkpoint.step)
     return said
+
+
+def _processes(count) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"

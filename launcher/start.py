@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from ftlaunch import (__version__, builtin_models, checkpoints, diskfull, heartbeat, interrupts,
-                      launch, models, nodes, preflight, preview, rank_logs, recipes, render,
-                      resume_changes, rundir, runlock, throughput)
+                      launch, models, nodes, planner, preflight, preview, rank_logs, recipes,
+                      render, resume_changes, rundir, runlock, throughput)
 from ftlaunch import data as data_io
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
+from ftlaunch.hardware import format_gib
 from ftlaunch.job import Job
 from ftlaunch.resources import demo_data_path
 
@@ -669,8 +670,11 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
         meta = data_cache.build(cache_dir, model, dataset, eval_dataset, job.recipe.data,
                                 job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8),
                                 seed=job.recipe.training.get("seed", 42))
-        for note in preview.check(data_cache.length_stats(meta), f"--data {dataset.path}"):
+        stats = data_cache.length_stats(meta)
+        for note in preview.check(stats, f"--data {dataset.path}"):
             echo(f"Note: {note}.")
+        if padded_note := _padded_rows_note(job, stats.longest):
+            echo(f"Note: {padded_note}.")
     except UserError:
         if fresh_run:  # a run that never started leaves no half-made directory behind
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -684,6 +688,19 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
     train = meta["splits"]["train"]
     return {"fingerprint": meta["fingerprint"], "train_tokens": train["tokens"],
             "train_examples": train["examples"]}
+
+
+def _padded_rows_note(job: Job, longest: int) -> str | None:
+    """Without packing a batch is padded to its longest example: the memory plan, made for
+    full seq_len rows, is then an upper bound; say by how much."""
+    plan = job.plan
+    if recipes.packing(job.recipe.data) or job.spec is None or longest >= plan.seq_len:
+        return None
+    bound = planner.peak_at_row_length(plan, job.model, job.spec, longest)
+    return (f"packing is off, so each batch is padded to its longest example: at most "
+            f"{longest} of --seq-len {plan.seq_len} tokens in this data. The memory plan is "
+            f"for full rows ({format_gib(plan.memory.total, 2)} per device); rows of {longest} "
+            f"tokens need about {format_gib(bound, 2)}")
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,

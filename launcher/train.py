@@ -26,7 +26,7 @@ from ftlaunch.quiet import silence_library_noise  # before transformers: see ftl
 from transformers import TrainerCallback
 
 from ftlaunch import (checkpoints, config_fields, filemodes, fsdp_checkpoint, fsdp_cpu,
-                      preview, rank_logs, recipes, report, resume_changes, rundir,
+                      peak_memory, preview, rank_logs, recipes, report, resume_changes, rundir,
                       shard_report)
 from ftlaunch import heartbeat as heartbeat_mod
 from ftlaunch.nodes import NODE_LOCAL
@@ -333,20 +333,6 @@ def _adapter_in_fp32(model) -> None:
             param.data = param.data.float()
 
 
-def _peak_memory() -> dict:
-    """This process's peak: on a GPU what torch allocated and what its caching allocator
-    reserved (what runs out), on CPU the resident set."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                "peak_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
-    import resource
-
-    return {"peak_memory_gib":  # KiB on Linux
-            round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-
-
 class _MetricsCallback(TrainerCallback):
     """metrics.jsonl on rank 0, one line per logged step (and per evaluation), and a
     readable line on stdout.
@@ -366,6 +352,7 @@ class _MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._since = (time.time(), 0.0)
         self._began = (time.time(), state.global_step)  # a resume starts mid-way
+        peak_memory.reset()  # the peaks logged are training's, not loading's
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -385,7 +372,7 @@ class _MetricsCallback(TrainerCallback):
                 row["trained_tokens_per_s"] = round((tokens - tokens_then) * fraction
                                                     / (now - then), 1)
             self._since = (now, tokens)
-            row.update(_peak_memory())
+            row.update(peak_memory.read())
             line = report.progress_line(state.global_step, state.max_steps, logs["loss"],
                                  logs.get("learning_rate", 0), row.get("tokens_per_s"),
                                  now - self._began[0], state.global_step - self._began[1])
@@ -515,6 +502,7 @@ def _write_rank_report(run_dir, trainer, recorder, result, seconds):
         "adapter_checksum": _adapter_checksum(trainer),
         "base_weights": _base_weights(trainer.model),
         "sharding": shard_report.describe(trainer),
+        "peak_memory": peak_memory.read(),
         "train_loss": result.training_loss,
         "seconds": round(seconds, 2),
     }

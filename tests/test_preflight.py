@@ -244,13 +244,14 @@ def test_offload_keeps_the_base_in_ram():
 
 
 def test_cpu_ram_estimate_covers_the_real_worker(tiny_run):
-    """tiny_run's worker logged its peak resident set (metrics.jsonl, CPU runs)."""
+    """tiny_run's worker logged its process's peak resident set, loading included
+    (metrics.jsonl, CPU runs)."""
     _, run_dir = tiny_run
     plan = _tiny_run_plan(run_dir)
     if not plan.on_cpu:
         pytest.skip("tiny_run trained on a GPU: its peak memory is the GPU's")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    peak_rss = max(r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r) * 2**30
+    peak_rss = max(r["process_peak_memory_gib"] for r in rows if "peak_memory_gib" in r) * 2**30
     needed = _ram(plan)
     assert peak_rss <= needed <= 8 * peak_rss, (peak_rss, needed)
 
