@@ -52,12 +52,15 @@ def clean_names(*models):
                     for name, item in _wrapped(*args, **kwargs):
                         yield unwrapped_name(name), item
 
+                patched.append((model, method, model.__dict__.get(method)))
                 object.__setattr__(model, method, clean)  # this instance only
-                patched.append((model, method))
         yield
     finally:
-        for model, method in patched:
-            object.__delattr__(model, method)
+        for model, method, before in reversed(patched):
+            if before is None:
+                object.__delattr__(model, method)
+            else:
+                object.__setattr__(model, method, before)
 
 
 def _is_fsdp1(model) -> bool:
@@ -97,23 +100,32 @@ def enable() -> None:
 
 
 def materialize_state(optimizer) -> None:
-    """Give every parameter its optimizer state by one step at learning rate 0 on zero
-    gradients (AdamW: p -= 0 * update, p *= 1 - 0 * decay), so a state dict loaded
-    into it finds every entry to fill. A no-op once the optimizer has stepped."""
+    """Give every parameter without optimizer state its state, by one step at learning
+    rate 0 on zero gradients, so a state dict loaded into the optimizer finds every entry
+    to fill. Parameters that have state sit the step out (no gradient: AdamW skips
+    them), and every parameter's values are put back afterwards, whatever the optimizer
+    did with a zero learning rate (an eps of 0 makes AdamW's 0/0 NaN)."""
     import torch
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if all(optimizer.state.get(p) for p in params):
+    fresh = [p for p in params if not optimizer.state.get(p)]
+    if not fresh:
         return
     rates = [group["lr"] for group in optimizer.param_groups]
     grads = [p.grad for p in params]
+    kept = [p.detach().clone() for p in fresh]
     try:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         for p in params:
+            p.grad = None
+        for p in fresh:
             p.grad = torch.zeros_like(p)
         optimizer.step()
     finally:
+        with torch.no_grad():
+            for p, value in zip(fresh, kept):
+                p.copy_(value)
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
         for p, grad in zip(params, grads):

@@ -216,8 +216,15 @@ def _apply_flags(recipe: recipes.Recipe, options: Options) -> recipes.Recipe:
 
 
 def _check_engine(options: Options, plan: planner.Plan) -> None:
-    """--engine names a multi-GPU engine; a plan that cannot use it is a contradiction
-    to say out loud, not to ignore."""
+    """--engine names a distributed engine; a plan that cannot use it is a contradiction
+    to say out loud, not to ignore, and one that can needs the engine installed."""
+    if plan.engine == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("The plan trains with DeepSpeed (--engine deepspeed), which is not "
+                            "installed here. Install it (pip install deepspeed; ftlaunch's "
+                            "Makefile shows how without a CUDA toolkit), or use --engine fsdp.")
     if options.engine == "auto" or plan.engine == options.engine or not plan.fits:
         return
     if plan.num_processes == 1:

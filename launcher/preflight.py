@@ -127,6 +127,8 @@ def checkpoint_bytes(plan: Plan, model: ModelSpec, tokenizer: int | None = None)
         total += 12 * trainable + _DS_SHARD_FILE * world + _DS_SCRIPTS
         if plan.zero_stage == 3:
             total += _PICKLE_PER_TENSOR * tensors * world
+            if plan.method == "qlora":  # every rank's model-state file holds all of it
+                total += world * _quant_state_bytes(model)
         else:
             total += 4 * trainable + _PICKLE_PER_TENSOR * tensors
             if model.tie_word_embeddings:
@@ -138,6 +140,18 @@ def checkpoint_bytes(plan: Plan, model: ModelSpec, tokenizer: int | None = None)
     else:
         total += 8 * trainable + _PICKLE_PER_TENSOR * tensors
     return total
+
+
+def _quant_state_bytes(model: ModelSpec) -> int:
+    """bitsandbytes' quant state of every 4-bit linear layer (ZeRO-3 saves it beside the
+    empty partitioned weights): absmax, a byte per 64-weight block (double quant), the
+    nested absmax (fp32 per 256 blocks), the two quant maps (16 and 256 fp32) and the
+    state's packed record (~170 bytes); five pickled tensors per layer."""
+    shapes = model.linear_shapes().values()
+    weights = model.num_layers * sum(i * o for i, o in shapes)
+    linears = model.num_layers * len(shapes)
+    return (weights // 64 + 4 * weights // (64 * 256)
+            + linears * (4 * (16 + 256) + 170 + 5 * _PICKLE_PER_TENSOR))
 
 
 def checkpoints_at_once(keep: int | None, saves: int | None, existing: int = 0) -> int | None:

@@ -51,7 +51,7 @@ def load_tokenizer(model_record: dict, assistant_only: bool):
 
     if _built_here(model_record):
         # The class ftlaunch built it as, and the one AutoTokenizer resolves it to, without
-        # importing torch and the model's config to find that out (~5 s of every start).
+        # importing torch and the model's config to find that out (seconds of every start).
         from transformers import PreTrainedTokenizerFast as loader
     else:
         from transformers import AutoTokenizer as loader

@@ -24,7 +24,7 @@ DS_CONFIG_FILE = "ds_config.json"
 # DeepSpeed's own defaults, written out: a config without "auto" must say them.
 _BUCKET = 500_000_000
 _PREFETCH_BUCKET = 50_000_000
-_PERSISTENCE_THRESHOLD = 100_000
+_PERSISTENCE_THRESHOLD = 100_000  # without a hidden size; with one, 10 x hidden (below)
 _LIVE_PARAMETERS = 1_000_000_000
 
 
@@ -89,7 +89,8 @@ def accelerate_config(plan: Plan, rendezvous: Rendezvous,
     return config
 
 
-def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool = False) -> dict:
+def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool = False,
+                     hidden_size: int | None = None) -> dict:
     """The ds_config.json of a DeepSpeed plan, every value concrete.
 
     No "auto": DeepSpeedConfig rejects it outside the HF Trainer, and a file that
@@ -118,7 +119,12 @@ def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool 
     if plan.zero_stage == 3:
         zero.update({
             "stage3_prefetch_bucket_size": _PREFETCH_BUCKET,
-            "stage3_param_persistence_threshold": _PERSISTENCE_THRESHOLD,
+            # Parameters below this many elements stay whole on every rank: 10 x hidden
+            # (transformers' "auto" for ZeRO-3) keeps norms and biases whole but partitions
+            # every weight matrix, which DeepSpeed's fixed 1e5 would leave whole on a
+            # small model (all of one with hidden 64).
+            "stage3_param_persistence_threshold": (10 * hidden_size if hidden_size
+                                                   else _PERSISTENCE_THRESHOLD),
             "stage3_max_live_parameters": _LIVE_PARAMETERS,
             "stage3_max_reuse_distance": _LIVE_PARAMETERS,
             "sub_group_size": _LIVE_PARAMETERS,
@@ -158,7 +164,8 @@ def deepspeed_config(plan: Plan, training: dict | None = None, node_local: bool 
 
 
 def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
-                            training: dict | None = None, node_local: bool = False) -> Path:
+                            training: dict | None = None, node_local: bool = False,
+                            hidden_size: int | None = None) -> Path:
     """Write run_dir/accelerate.yaml, and run_dir/ds_config.json for a DeepSpeed plan.
 
     `training` is the recipe's training section (gradient clipping for DeepSpeed).
@@ -166,8 +173,8 @@ def write_accelerate_config(plan: Plan, rendezvous: Rendezvous, run_dir: Path,
     ds_path = None
     if plan.engine == "deepspeed":
         ds_path = (run_dir / DS_CONFIG_FILE).resolve()
-        atomic_write(ds_path, json.dumps(deepspeed_config(plan, training, node_local),
-                                         indent=2) + "\n")
+        atomic_write(ds_path, json.dumps(deepspeed_config(plan, training, node_local,
+                                                          hidden_size), indent=2) + "\n")
     config = accelerate_config(plan, rendezvous, ds_path)
     target = run_dir / "accelerate.yaml"
     header = (f"# Written by ftlaunch from accelerate_configs/{template_name(plan)}.yaml for "

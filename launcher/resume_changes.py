@@ -158,9 +158,10 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
             raise UserError(
                 f"{name} holds DeepSpeed ZeRO partitions for {was.get('world_size')} processes "
                 f"(one per rank); ftlaunch cannot yet load them on {plan.num_processes}. Resume "
-                f"with {was.get('world_size')} processes (`ftlaunch resume RUN_DIR --gpus "
-                f"{was.get('world_size')}`; on another machine, any {was.get('world_size')} GPUs), "
-                "or pass --fresh to start over. --engine fsdp checkpoints do reshard.")
+                f"with {was.get('world_size')} processes (`ftlaunch resume "
+                f"{checkpoint.path.parent.parent} --gpus {was.get('world_size')}`, on this "
+                "machine or another), or pass --fresh to start over. --engine fsdp checkpoints "
+                "do reshard.")
         said.append(
             f"{name} was written by {_processes(was.get('world_size'))} (micro-batch "
             f"{was.get('per_device_batch_size')} x accumulation "

@@ -52,9 +52,15 @@ def _fsdp(model) -> dict:
 
 def _deepspeed(engine) -> dict:
     frozen, trainable_names, dtypes, trainable_numel, partitioned = 0, [], set(), 0, 0
+    persistent = 0
     for name, param in engine.module.named_parameters():
         local = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
-        if local is not None:
+        if getattr(param, "ds_persist", False):
+            # Below stage3_param_persistence_threshold: kept whole on every rank after
+            # the first gather (besides its partition, which is counted too).
+            if not param.requires_grad:
+                persistent += param.ds_numel * param.element_size()
+        elif local is not None:
             partitioned += 1
         tensor = local if local is not None else param
         if param.requires_grad:
@@ -63,8 +69,9 @@ def _deepspeed(engine) -> dict:
             trainable_numel += tensor.numel()
         else:
             frozen += tensor.numel() * tensor.element_size()
+    # partitioned_parameters: those released between uses (not persistent).
     return {"engine": "deepspeed", "partitioned_parameters": partitioned,
-            "frozen_bytes": frozen,
+            "frozen_bytes": frozen + persistent, "persistent_frozen_bytes": persistent,
             "trainable": _trainable(trainable_names, dtypes, trainable_numel)}
 
 

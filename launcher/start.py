@@ -707,7 +707,8 @@ def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, a
                      rendezvous, model: dict, nodes_record: dict, cache: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training,
-                                   node_local=nodes_record["storage"] == nodes.NODE_LOCAL)
+                                   node_local=nodes_record["storage"] == nodes.NODE_LOCAL,
+                                   hidden_size=job.model.hidden_size)
     record = {
         "ftlaunch_version": __version__,
         "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -515,15 +515,17 @@ def _save_adapter(trainer, tokenizer, target: Path) -> None:
     """Every rank calls this; rank 0 writes.
 
     Written beside and renamed: a run counts as finished only when adapter/ is whole.
-    Sharded engines go through the Trainer's save_model, on every rank, because
-    collecting the adapter is collective there: ZeRO-3 gathers the trainable weights
-    (stage3_gather_16bit_weights_on_model_save), FSDP needs a full state dict
-    (checkpoints are SHARDED_STATE_DICT; the adapter file must be whole).
+    Collecting the adapter is collective on sharded engines, so every rank takes part:
+    ZeRO-3 through the Trainer's save_model (stage3_gather_16bit_weights_on_model_save
+    gathers the trainable weights), FSDP through fsdp_checkpoint.save_adapter (a full
+    state dict gathered unit by unit; checkpoints are SHARDED_STATE_DICT, the adapter
+    file must be whole).
     """
     staging = target.with_name(".adapter.tmp")
     main = trainer.args.should_save  # rank 0, or each node's first with node-local run dirs
     if trainer.is_fsdp_enabled:
-        # rank0_only gathering: with node-local run directories only node 0 gets the adapter
+        # Gathered whole on global rank 0 only (ftlaunch refuses FSDP with node-local
+        # run directories, so no other node writes one).
         fsdp_checkpoint.save_adapter(trainer.model_wrapped,
                                      trainer.accelerator.unwrap_model(trainer.model_wrapped),
                                      staging, write=trainer.is_world_process_zero())
