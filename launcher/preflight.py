@@ -265,6 +265,11 @@ def ram_needed(plan: Plan, model: ModelSpec) -> tuple[int, str]:
     parts = []
     if plan.on_cpu:
         worker = plan.memory.total + _CPU_WORKER_EXTRA
+        if plan.engine == "fsdp" and per_node > 1:
+            # Every CPU rank loads the whole base before FSDP shards it (no broadcast from
+            # rank 0 on CPU: render.py), so loading may outgrow a sharded rank's step.
+            whole = weights_bytes(model, plan.method, on_gpu=False, shards=1, offload=False)
+            worker = max(worker, whole + _CPU_WORKER_EXTRA)
         parts.append(f"{per_node} CPU worker{'s' if per_node > 1 else ''} x {human_size(worker)} "
                      "(weights, optimizer, activations, libraries)")
         total = per_node * worker

@@ -355,9 +355,10 @@ CASES = [
                        "lora", "--dry-run", "--output-dir", str(r)],
          ("does not fit", "would fit")),
     # 17-18: flags that contradict each other
-    Case("engine-deepspeed-on-one-process",
-         lambda t, r: _tiny(r, "--method", "lora", "--engine", "deepspeed", "--gpus", "1"),
-         ("--engine deepspeed", "--gpus")),
+    # (--engine fsdp / deepspeed on one process run that engine: its checkpoints.)
+    Case("engine-ddp-on-one-process",
+         lambda t, r: _tiny(r, "--method", "lora", "--engine", "ddp", "--gpus", "1"),
+         ("--engine ddp", "--gpus")),
     Case("random-init-with-qlora", lambda t, r: _tiny(r, "--random-init", "--method", "qlora"),
          ("--random-init", "--method lora")),
     # 19: durations

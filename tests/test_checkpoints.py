@@ -123,12 +123,22 @@ def test_resume_with_another_global_batch_is_refused_unless_allowed(tmp_path):
                               _recipe(), ("global_batch",)) == []
 
 
-def test_sharded_optimizer_state_cannot_change_process_count(tmp_path):
+def test_zero_partitions_cannot_change_process_count(tmp_path):
     plan = _plan(4, engine="deepspeed", gpus="1x4xA100-80GB")
     shards = _checkpoint(tmp_path, format="deepspeed", engine="deepspeed", world_size=8,
                          global_batch_size=plan.global_batch_size)
-    with pytest.raises(UserError, match="optimizer shards for 8 processes"):
+    with pytest.raises(UserError, match="ZeRO partitions for 8 processes.*--gpus 8"):
         resume_changes.resume_notes(shards, plan, _recipe(), ())
+
+
+def test_fsdp_checkpoints_reshard_to_another_process_count(tmp_path):
+    """torch's distributed checkpoints reshard on load: a note, not a refusal."""
+    plan = _plan(4, engine="fsdp", gpus="1x4xA100-80GB")
+    shards = _checkpoint(tmp_path, format="fsdp", engine="fsdp", world_size=8,
+                         global_batch_size=plan.global_batch_size)
+    notes = resume_changes.resume_notes(shards, plan, _recipe(), ())
+    assert any("was written by 8 processes" in note and "resuming on 4" in note
+               for note in notes)
 
 
 def test_a_checkpoint_of_another_engine_family_is_refused(tmp_path):

@@ -380,3 +380,12 @@ def test_gradient_checkpointing_flag_reaches_the_plan(tmp_path):
     refused = run_ftlaunch("--model", "tiny", "--set", "gradient_checkpointing=true",
                            "--dry-run", "--output-dir", str(tmp_path / "run"))
     assert refused.returncode == 2 and "--gradient-checkpointing" in refused.stderr
+
+
+def test_the_peak_at_a_shorter_row_length_is_what_unpadded_rows_need():
+    """Unpacked data is padded to each batch's longest example: the launcher's note."""
+    spec = TrainSpec(seq_len=128, global_batch_size=8, processes=1)
+    model = models.resolve("smollm2-135m")
+    plan = planner.plan(hardware.parse_spec("cpu"), model, spec)
+    assert planner.peak_at_row_length(plan, model, spec, 128) == plan.memory.total
+    assert planner.peak_at_row_length(plan, model, spec, 53) < 0.7 * plan.memory.total

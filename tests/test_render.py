@@ -350,3 +350,39 @@ def test_deepspeed_config_path_is_absolute(tmp_path, monkeypatch):
     render.write_accelerate_config(_deepspeed(2), render.Rendezvous(), run_dir.relative_to(tmp_path))
     config = yaml.safe_load((run_dir / "accelerate.yaml").read_text(encoding="utf-8"))
     assert config["deepspeed_config"]["deepspeed_config_file"] == str(run_dir / "ds_config.json")
+
+
+# --- Sharded engines on CPU processes (--engine fsdp|deepspeed without GPUs) -------------
+
+def _cpu_plan(engine: str, processes: int = 2):
+    return planner.plan(hardware.parse_spec("cpu"), models.resolve("tiny"),
+                        planner.TrainSpec(method="qlora", engine=engine, processes=processes))
+
+
+def test_fsdp_on_cpu_processes_renders_an_fsdp_config_accelerate_reads(tmp_path):
+    plan = _cpu_plan("fsdp")
+    assert (plan.engine, plan.num_processes, plan.on_cpu) == ("fsdp", 2, True)
+    config = load_config_from_file(str(render.write_accelerate_config(
+        plan, render.Rendezvous(), tmp_path)))
+    assert config.distributed_type == DistributedType.FSDP and config.use_cpu
+    # torch's FSDP refuses CPU tensors for the broadcast: every rank loads the weights.
+    assert config.fsdp_config["fsdp_sync_module_states"] is False
+    assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
+    assert config.mixed_precision == "no"
+
+
+def test_one_process_engines_are_the_engine_not_single():
+    assert (_cpu_plan("fsdp", 1).engine, _cpu_plan("deepspeed", 1).zero_stage) == ("fsdp", 3)
+    gpu = planner.plan(hardware.parse_spec("1xA100-80GB"), models.resolve("tiny"),
+                       planner.TrainSpec(engine="fsdp"))
+    assert (gpu.engine, gpu.num_processes) == ("fsdp", 1)
+    assert planner.plan(hardware.parse_spec("cpu"), models.resolve("tiny"),
+                        planner.TrainSpec(processes=2)).engine == "cpu"  # auto stays DDP
+
+
+def test_deepspeed_buckets_fit_the_adapter_and_small_weights_are_partitioned():
+    plan = _deepspeed(3)
+    zero = render.deepspeed_config(plan, hidden_size=8192)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == \
+        plan.trainable_parameters < 500_000_000
+    assert zero["stage3_param_persistence_threshold"] == 81920

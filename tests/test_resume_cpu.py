@@ -68,7 +68,9 @@ def _alive(procs: list[psutil.Process]) -> list[int]:
     return alive
 
 
-@pytest.mark.parametrize("gpus", ["1", "2"])
+# Two processes only: the stricter case (every rank's RNG and data position); one
+# process's resume is what the other tests here and tests/test_watchdogs.py resume.
+@pytest.mark.parametrize("gpus", ["2"])
 def test_sigkill_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(
         gpus, reference, tmp_path):
     seed = int(os.environ.get("FTLAUNCH_CHAOS_SEED", random.randrange(10**6)))
