@@ -40,6 +40,11 @@ NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 # ~0.5 GiB on Ampere/Hopper as nvidia-smi shows for an idle `torch.zeros(1).cuda()`.
 # It is not part of torch.cuda.max_memory_allocated(), but it is on the card.
 CUDA_CONTEXT_BYTES = 512 * MIB
+# ZeRO-3's stage3_max_live_parameters and stage3_max_reuse_distance (DeepSpeed's defaults
+# and transformers' "auto", written by render.py): a gathered parameter is kept, not
+# released, while it will be used again within this many parameters, so up to this many
+# stay gathered between a layer's forward and its backward.
+ZERO3_LIVE_PARAMETERS = 1_000_000_000
 # NCCL communicators and their buffers once there is a peer (NCCL_BUFFSIZE 4 MiB per
 # channel and peer, a few channels, plus the cuBLAS/NCCL workspaces): ~0.5 GiB.
 NCCL_BYTES = 512 * MIB
@@ -139,7 +144,8 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
 
     adapter_states = 0 if offloaded else trainable
     return Breakdown(
-        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded),
+        weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded,
+                              zero3=candidate.engine == "deepspeed" and candidate.zero_stage == 3),
         adapter=stack.adapter_bytes * adapter_states // shards,
         gradients=grad_copies * stack.adapter_bytes * adapter_states // shards,
         optimizer=stack.optimizer_bytes * adapter_states // shards,
@@ -150,7 +156,8 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     )
 
 
-def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool) -> int:
+def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offload: bool,
+                  zero3: bool = False) -> int:
     """Base weights resident on one device.
 
     LoRA: 2 bytes per parameter (bf16/fp16); fp32 on CPU. QLoRA: the decoder's
@@ -162,8 +169,10 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     bucket), plus the embeddings and lm_head whole: FSDP's root unit, which holds
     them, is not resharded between forward and backward, and ZeRO-3 gathers lm_head
     for the loss, the peak (measured on 2 CPU ranks, docs/BENCHMARKS.md: for a model
-    with a large vocabulary they are a good part of the base). With CPU offload only
-    those two layers and the embeddings are there.
+    with a large vocabulary they are a good part of the base). ZeRO-3 keeps more than
+    two layers gathered: what it will use again within ZERO3_LIVE_PARAMETERS parameters
+    stays (a model smaller than that stays whole between forward and backward). With
+    CPU offload only those two layers and the embeddings are there.
     """
     dense = 2 if on_gpu else 4
     total = model.parameters
@@ -171,6 +180,8 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     per_linear = NF4_BYTES_PER_PARAM if method == "qlora" else dense
     resident = linear * per_linear + (total - linear) * dense
     gathered = 2 * (linear / model.num_layers) * per_linear
+    if zero3 and not offload:
+        gathered = max(gathered, min(linear, ZERO3_LIVE_PARAMETERS) * per_linear)
     if offload:
         return int(gathered + model.embedding_parameters() * dense)
     if shards > 1:

@@ -16,6 +16,7 @@ import yaml
 
 from ftlaunch.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
+from ftlaunch.memory import ZERO3_LIVE_PARAMETERS
 from ftlaunch.planner import Plan
 from ftlaunch.resources import accelerate_templates_dir
 from ftlaunch.rundir import atomic_write
@@ -25,7 +26,7 @@ DS_CONFIG_FILE = "ds_config.json"
 _BUCKET = 500_000_000
 _PREFETCH_BUCKET = 50_000_000
 _PERSISTENCE_THRESHOLD = 100_000  # without a hidden size; with one, 10 x hidden (below)
-_LIVE_PARAMETERS = 1_000_000_000
+_LIVE_PARAMETERS = ZERO3_LIVE_PARAMETERS  # the memory model counts what it keeps gathered
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ import shutil
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from conftest import assert_user_error, run_ftlaunch, tree
-from jobs import adapter, assert_same_adapter, logged_steps, losses, power_loss, start, wait
+from jobs import (adapter, assert_same_adapter, job_processes, logged_steps, losses, power_loss,
+                  start, wait)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
@@ -211,11 +213,18 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_the_uninterrupted_run(
     launcher = start(*args(strategy, run_dir), log=log)
     assert wait(lambda: logged_steps(run_dir) > resume_from, launcher, poll=0.01), \
         log.read_text()[-3000:]
-    os.killpg(launcher.pid, signal.SIGTERM)
+    workers = [p for p in job_processes(launcher) if "ftlaunch.train" in p.cmdline()
+               and "accelerate.commands.launch" not in p.cmdline()]
+    assert len(workers) == 2
+    os.killpg(launcher.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
     assert launcher.wait(timeout=120) == PREEMPTED_EXIT, log.read_text()[-3000:]
+    assert "Preempted (SIGTERM)" in log.read_text() and "exit code 75" in log.read_text().lower()
     stop = json.loads((run_dir / "stopped.json").read_text())
     assert resume_from < stop["step"] < 8
     assert_complete(Path(stop["checkpoint"]), strategy)  # every rank's part of it
+    assert not (run_dir / "adapter").exists()
+    psutil.wait_procs(workers, timeout=10)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     final = run_ftlaunch(*args(strategy, run_dir))
     output = log.read_text() + final.stdout
@@ -224,6 +233,9 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_the_uninterrupted_run(
     assert f"resuming {run_dir} from checkpoint-{stop['step']}" in final.stdout
     assert losses(run_dir) == losses(expected)
     assert_same_adapter(run_dir, expected)
+    if strategy == "ddp-qlora":
+        again = run_ftlaunch("resume", str(run_dir))
+        assert again.returncode == 0 and "already finished" in again.stdout
 
 
 def _continue_elsewhere(source: Path, run_dir: Path, last: str) -> None:
