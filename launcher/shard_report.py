@@ -31,66 +31,64 @@ def _fsdp(model) -> dict:
     from ftlaunch.fsdp_checkpoint import unwrapped_name
 
     units = Counter(type(unit.module).__name__ for unit in FSDP.fsdp_modules(model))
-    frozen, trainable_names, dtypes, trainable_numel = 0, [], set(), 0
-    for name, param in model.named_parameters():
-        # FSDP1's flat parameters, this rank's shard of each. Not the views modules show
-        # between steps (bitsandbytes re-registers its 4-bit weight as one after each
-        # forward; its storage is freed when FSDP reshards).
-        if not getattr(param, "_is_flat_param", False):  # how FlatParameter's isinstance tells
-            continue
-        if param.requires_grad:
-            # A flat parameter knows the names it holds, relative to its FSDP unit.
-            unit = unwrapped_name(name).removesuffix("_flat_param")
-            trainable_names += [unit + fqn for fqn in getattr(param, "_fqns", ())]
-            dtypes.add(_dtype(param))
-            trainable_numel += param.numel()
-        else:
-            frozen += param.numel() * param.element_size()
-    return {"engine": "fsdp", "units": dict(sorted(units.items())), "frozen_bytes": frozen,
-            "trainable": _trainable(trainable_names, dtypes, trainable_numel)}
+
+    def held():
+        for name, param in model.named_parameters():
+            # FSDP1's flat parameters, this rank's shard of each. Not the views modules
+            # show between steps (bitsandbytes re-registers its 4-bit weight as one after
+            # each forward; its storage is freed when FSDP reshards).
+            if getattr(param, "_is_flat_param", False):  # how FlatParameter's isinstance tells
+                # A flat parameter knows the names it holds, relative to its FSDP unit.
+                unit = unwrapped_name(name).removesuffix("_flat_param")
+                yield [unit + fqn for fqn in getattr(param, "_fqns", ())], param
+
+    return {"engine": "fsdp", "units": dict(sorted(units.items())), **_tally(held())}
 
 
 def _deepspeed(engine) -> dict:
-    frozen, trainable_names, dtypes, trainable_numel, partitioned = 0, [], set(), 0, 0
-    persistent = 0
-    for name, param in engine.module.named_parameters():
-        local = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
-        if getattr(param, "ds_persist", False):
-            # Below stage3_param_persistence_threshold: kept whole on every rank after
-            # the first gather (besides its partition, which is counted too).
-            if not param.requires_grad:
-                persistent += param.ds_numel * param.element_size()
-        elif local is not None:
-            partitioned += 1
-        tensor = local if local is not None else param
-        if param.requires_grad:
-            trainable_names.append(name)
-            dtypes.add(_dtype(tensor))
-            trainable_numel += tensor.numel()
-        else:
-            frozen += tensor.numel() * tensor.element_size()
+    persistent, partitioned = 0, 0
+
+    def held():
+        nonlocal persistent, partitioned
+        for name, param in engine.module.named_parameters():
+            local = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            if getattr(param, "ds_persist", False):
+                # Below stage3_param_persistence_threshold: kept whole on every rank after
+                # the first gather (besides its partition, which is counted too).
+                if not param.requires_grad:
+                    persistent += param.ds_numel * param.element_size()
+            elif local is not None:
+                partitioned += 1
+            yield [name], (local if local is not None else param), param.requires_grad
+
+    tally = _tally(held())
     # partitioned_parameters: those released between uses (not persistent).
     return {"engine": "deepspeed", "partitioned_parameters": partitioned,
-            "frozen_bytes": frozen + persistent, "persistent_frozen_bytes": persistent,
-            "trainable": _trainable(trainable_names, dtypes, trainable_numel)}
+            "frozen_bytes": tally["frozen_bytes"] + persistent,
+            "persistent_frozen_bytes": persistent, "trainable": tally["trainable"]}
 
 
 def _replicated(model) -> dict:
-    frozen, trainable_names, dtypes, trainable_numel = 0, [], set(), 0
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            trainable_names.append(name)
-            dtypes.add(_dtype(param))
-            trainable_numel += param.numel()
+    return {"engine": "replicated", **_tally(([name], param)
+                                             for name, param in model.named_parameters())}
+
+
+def _tally(held) -> dict:
+    """Frozen bytes and the trainable tensors over (names, tensor[, trainable]) entries:
+    the tensor as this rank holds it, the names of what it holds."""
+    frozen, names, dtypes, numel = 0, [], set(), 0
+    for entry in held:
+        held_names, tensor = entry[0], entry[1]
+        trainable = entry[2] if len(entry) > 2 else tensor.requires_grad
+        if trainable:
+            names += held_names
+            dtypes.add(_dtype(tensor))
+            numel += tensor.numel()
         else:
-            frozen += param.numel() * param.element_size()
-    return {"engine": "replicated", "frozen_bytes": frozen,
-            "trainable": _trainable(trainable_names, dtypes, trainable_numel)}
-
-
-def _trainable(names: list[str], dtypes: set[str], numel: int) -> dict:
-    return {"tensors": len(names), "numel": numel, "dtypes": sorted(dtypes),
-            "not_lora": sorted(n for n in names if ".lora_" not in n)[:5]}
+            frozen += tensor.numel() * tensor.element_size()
+    return {"frozen_bytes": frozen,
+            "trainable": {"tensors": len(names), "numel": numel, "dtypes": sorted(dtypes),
+                          "not_lora": sorted(n for n in names if ".lora_" not in n)[:5]}}
 
 
 def _optimizer_state_numel(optimizer) -> int:
