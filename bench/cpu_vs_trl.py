@@ -237,7 +237,7 @@ def training_template(model_dir: str, work: Path) -> Path | None:
     script, or None when it is the model's own (the plain script then needs none)."""
     from transformers import AutoTokenizer
 
-    from ftlaunch import chat_templates
+    from ftlaunch.data import chat_templates
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template, source = chat_templates.choose(tokenizer)
@@ -296,7 +296,7 @@ def ftlaunch_result(m: Measured, out: Path) -> dict:
         raise SystemExit(f"ftlaunch printed no 'Launching' line; see {m.log}")
     loading = m.first(r"Loading weights") or train_start
     worker = next((t for t, cmd in m.spawned
-                   if "ftlaunch.train" in cmd and "accelerate" not in cmd), launching)
+                   if "ftlaunch.worker.main" in cmd and "accelerate" not in cmd), launching)
     phases = {
         "launcher: imports, plan, data cache, run files": launching,
         "until the worker process starts": worker - launching,
@@ -413,7 +413,7 @@ def machine() -> str:
 
 
 def versions() -> str:
-    from ftlaunch.preflight import runtime_versions
+    from ftlaunch.launch.preflight import runtime_versions
 
     found = runtime_versions()
     names = ("ftlaunch", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
@@ -460,7 +460,7 @@ def main() -> None:
     env.setdefault("FTLAUNCH_CACHE", str(Path(tempfile.gettempdir()) / "benchcache"))
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     os.environ["FTLAUNCH_CACHE"] = env["FTLAUNCH_CACHE"]
-    from ftlaunch import recipes
+    from ftlaunch.plan import recipe as recipes
 
     rec = recipes.load_recipe(args.recipe).to_json()  # the same recipe, defaults and all
     seed = args.seed if args.seed is not None else int(rec["training"].get("seed", 42))

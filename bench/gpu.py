@@ -102,7 +102,7 @@ def build_model_folder(name: str, folder: Path) -> None:
     than on the CPU for 8B), saved once, with an offline tokenizer whose ids fit."""
     import torch
 
-    from ftlaunch import builtin_models
+    from ftlaunch.models import builtin as builtin_models
 
     config = builtin_models.hf_config(name)
 
@@ -164,7 +164,7 @@ def plain_args(model: str, plan: dict, data: Path, args) -> list[str]:
     --set values) and exactly what the plan chose (micro-batch, accumulation,
     checkpointing, precision, 4-bit base, packing and ftlaunch's GPU optimizer), so the
     two differ only in how they run, not in what they train."""
-    from ftlaunch import recipes
+    from ftlaunch.plan import recipe as recipes
 
     recipe = recipes.validate(recipes.apply_overrides(recipes.load_recipe(recipes.DEFAULT_RECIPE),
                                                       overrides(args))).to_json()
@@ -232,7 +232,7 @@ def render(rows: list[dict], args) -> str:
 
 
 def _versions() -> str:
-    from ftlaunch.preflight import runtime_versions
+    from ftlaunch.launch.preflight import runtime_versions
 
     found = runtime_versions()
     names = ("python", "torch", "torch_cuda", "nccl", "gpu_driver", "transformers", "peft",

@@ -25,8 +25,7 @@ timeout 240 "$py" -m pip install -q --no-index --find-links .whl --no-deps .whl/
   { echo "gpu_check: installing .whl/ into $py failed" >&2; exit 2; }
 if ! timeout 120 "$py" -m pip install -q --no-index --no-build-isolation --no-deps -e .; then
   echo "gpu_check: pip install -e . failed; ftlaunch from launcher/ through PYTHONPATH" >&2
-  mkdir -p /tmp/ftlaunch-src && ln -sfn "$PWD/launcher" /tmp/ftlaunch-src/ftlaunch
-  export PYTHONPATH=/tmp/ftlaunch-src${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PWD/launcher${PYTHONPATH:+:$PYTHONPATH}
 fi
 # The tests and bench/gpu.py start the ftlaunch script beside their python.
 script=$("$py" -c 'import os, sys; print(os.path.dirname(sys.executable))')/ftlaunch

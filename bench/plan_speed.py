@@ -22,10 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    from ftlaunch import models
+    from ftlaunch.models import presets as models
 
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, ftlaunch.cli, ftlaunch.job, ftlaunch.planner; "
+        [sys.executable, "-c", "import sys, ftlaunch.cli, ftlaunch.plan.job, ftlaunch.plan.planner; "
          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
     print(f"planning path imports torch: {probe.stdout.strip()}")
     worst_overall = 0.0

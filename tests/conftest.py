@@ -128,7 +128,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# Variables from which ftlaunch would read a multi-node context (ftlaunch.cluster): a CLI
+# Variables from which ftlaunch would read a multi-node context (ftlaunch.detect.cluster): a CLI
 # test must not depend on the scheduler the tests happen to run under.
 _CLUSTER_VARS = ("NNODES", "PET_NNODES", "NODE_RANK", "PET_NODE_RANK", "GROUP_RANK",
                  "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",

@@ -53,7 +53,7 @@ def test_cpu_benchmark_gives_the_plain_script_the_recipe_and_the_plan(tmp_path, 
     import cpu_vs_trl
     import plain_sft
 
-    from ftlaunch import recipes
+    from ftlaunch.plan import recipe as recipes
 
     rec = recipes.load_recipe("demo").to_json()
     the_plan = cpu_vs_trl.plan("tiny", "demo", 10, rec["seq_len"], rec["global_batch_size"],

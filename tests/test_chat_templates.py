@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftlaunch import chat_templates
-from ftlaunch.builtin_models import build_tokenizer
+from ftlaunch.data import chat_templates
+from ftlaunch.models.builtin import build_tokenizer
 from ftlaunch.errors import UserError
 
 # The shape of SmolLM2-Instruct's template: ChatML with a default system turn, no markers.

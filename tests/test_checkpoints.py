@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import (checkpoints, hardware, job as job_mod, models, planner, recipes,
-                      resume_changes, rundir)
+from ftlaunch.run import checkpoints
+from ftlaunch.detect import hardware
+from ftlaunch.plan import job as job_mod
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.plan import recipe as recipes
+from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import directory as rundir
 from ftlaunch.errors import UserError
 
 

@@ -215,7 +215,7 @@ def test_bare_form_dry_run(ftlaunch, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "accelerate.commands.launch" in result.stdout
-    assert "ftlaunch.train" in result.stdout
+    assert "ftlaunch.worker.main" in result.stdout
     assert str((run_dir / "accelerate.yaml").resolve()) in result.stdout
 
     assert (run_dir / "accelerate.yaml").is_file()
@@ -238,7 +238,7 @@ def test_bare_form_dry_run(ftlaunch, tmp_path):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
     # The dry run tokenized nothing: the worker started by hand on its files says so.
-    worker = subprocess.run([sys.executable, "-m", "ftlaunch.train", "--run-dir", str(run_dir)],
+    worker = subprocess.run([sys.executable, "-m", "ftlaunch.worker.main", "--run-dir", str(run_dir)],
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert worker.returncode == 2, worker.stdout + worker.stderr

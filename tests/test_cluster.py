@@ -7,7 +7,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import run_ftlaunch
-from ftlaunch import cluster
+from ftlaunch.detect import cluster
 from ftlaunch.errors import UserError
 
 SLURM = {"SLURM_JOB_ID": "981234", "SLURM_NNODES": "4", "SLURM_NODEID": "2",

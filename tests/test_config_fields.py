@@ -8,19 +8,19 @@ import typing
 
 import pytest
 
-from ftlaunch import config_fields
+from ftlaunch.plan import config_fields
 
 
 def test_shipped_table_is_what_the_installed_libraries_say():
     shipped = json.loads(config_fields.table_path().read_text(encoding="utf-8"))
     assert shipped["versions"] == config_fields.installed_versions(), (
         "recipes/config_fields.json was made for other library versions; regenerate it: "
-        "python -c 'from ftlaunch import config_fields; config_fields.write_table()'")
+        "python -c 'from ftlaunch.plan import config_fields; config_fields.write_table()'")
     assert shipped["fields"] == config_fields.introspect()
 
 
 def test_the_launcher_validates_a_recipe_without_importing_the_training_stack():
-    code = ("import sys; from ftlaunch import recipes; "
+    code = ("import sys; from ftlaunch.plan import recipe as recipes; "
             "r = recipes.validate(recipes.apply_overrides(recipes.load_recipe('default'), "
             "['learning_rate=1e-4', 'lora.r=8'])); "
             "assert r.training['learning_rate'] == 1e-4 and r.lora['r'] == 8; "

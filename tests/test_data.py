@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import data, demo_data
+from ftlaunch.data import read as data
+from ftlaunch.data import demo as demo_data
 from ftlaunch.errors import UserError
 from ftlaunch.resources import demo_data_path
 

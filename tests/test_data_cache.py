@@ -1,4 +1,4 @@
-"""The tokenized-data cache (ftlaunch.data_cache) against the real SFTTrainer.
+"""The tokenized-data cache (ftlaunch.data.cache) against the real SFTTrainer.
 
 The cache is only right if a trainer given the cache prepares exactly the
 dataset it prepares from the raw rows: same input_ids, labels, packing, and
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import data as data_io
-from ftlaunch import data_cache, preview
-from ftlaunch.data import Dataset as Data
+from ftlaunch.data import read as data_io
+from ftlaunch.data import cache as data_cache
+from ftlaunch.data import tokenize as preview
+from ftlaunch.data.read import Dataset as Data
 from ftlaunch.errors import UserError
 
 MAX_LENGTH = 64
-EOS = "<|end|>"  # the tiny tokenizer's EOS (ftlaunch.builtin_models)
+EOS = "<|end|>"  # the tiny tokenizer's EOS (ftlaunch.models.builtin)
 
 # Lengths vary from a few tokens to well past MAX_LENGTH, so packing fits several
 # examples in a row, truncation cuts some, and one long prompt leaves nothing trained
@@ -61,7 +62,8 @@ FORMATS = {"conversational": "messages", "prompt_completion": "prompt_completion
 
 @pytest.fixture(scope="module")
 def model_record(offline_cache):
-    from ftlaunch import builtin_models, models
+    from ftlaunch.models import builtin as builtin_models
+    from ftlaunch.models import presets as models
 
     path = builtin_models.materialize_builtin(models.resolve("tiny"))
     return {"name": "tiny", "source": "builtin:tiny", "load_from": str(path),
@@ -70,13 +72,13 @@ def model_record(offline_cache):
 
 @pytest.fixture(scope="module")
 def model(model_record):
-    from ftlaunch import builtin_models
+    from ftlaunch.models import builtin as builtin_models
 
     return builtin_models.build_random_model(builtin_models.hf_config("tiny"), 0)
 
 
 def _data(kind: str, rows, folder: Path, name: str = "data.jsonl") -> Data:
-    """The rows as the launcher has them: written to a file, read back by ftlaunch.data."""
+    """The rows as the launcher has them: written to a file, read back by ftlaunch.data.read."""
     path = folder / name
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return data_io.load(path, FORMATS[kind])
@@ -84,7 +86,7 @@ def _data(kind: str, rows, folder: Path, name: str = "data.jsonl") -> Data:
 
 def _tokenizer(model_record, assistant_only: bool):
     tokenizer, _ = preview.load_tokenizer(model_record, assistant_only)
-    if tokenizer.pad_token is None:  # as ftlaunch.train does
+    if tokenizer.pad_token is None:  # as ftlaunch.worker.main does
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -141,7 +143,7 @@ def test_the_trainer_prepares_the_cache_exactly_as_the_raw_rows(kind, assistant_
                             _data(kind, eval_rows, tmp_path, "eval.jsonl"), options, MAX_LENGTH)
     cached_train, cached_eval = data_cache.load(tmp_path / "cache", meta["fingerprint"])
 
-    # As ftlaunch.train builds it today, from the raw rows...
+    # As ftlaunch.worker.main builds it today, from the raw rows...
     raw = _trainer(model, _tokenizer(model_record, assistant_only), tmp_path / "raw",
                    Dataset.from_list(train_rows), Dataset.from_list(eval_rows), packing, kind,
                    assistant_only)
@@ -360,7 +362,7 @@ def test_length_stats_match_preview(kind, model_record, tmp_path):
 
 
 def test_an_example_without_assistant_tokens_is_a_user_error(model_record, tmp_path):
-    # ftlaunch.data refuses such an example; the cache does not rely on that.
+    # ftlaunch.data.read refuses such an example; the cache does not rely on that.
     data = _data("conversational", CHATS[:3], tmp_path)
     data = dataclasses.replace(data, rows=data.rows + ({"messages": [
         {"role": "user", "content": "Only me."}]},))

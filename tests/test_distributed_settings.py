@@ -5,8 +5,9 @@ from __future__ import annotations
 import yaml
 
 from conftest import run_ftlaunch
-from ftlaunch import job as job_mod
-from ftlaunch import launch, start
+from ftlaunch.plan import job as job_mod
+from ftlaunch.launch import process as launch
+from ftlaunch.launch import start
 
 
 def _job(model: str, hardware: str, *sets: str):
@@ -44,7 +45,7 @@ def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["distributed"] == {"timeout_s": 1234, "env": {"GLOO_SOCKET_IFNAME": "lo"}}
-    from ftlaunch import train
+    from ftlaunch.worker import main as train
 
     config = train._training_config(run_dir, record, has_eval=False)
     assert config.ddp_timeout == 1234 and config.save_on_each_node is False

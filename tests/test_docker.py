@@ -447,9 +447,9 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
     patterns = dockerignore_patterns()
     for path in (".venv/bin/python", "runs/demo/run.yaml", ".git/HEAD", "build/lib/x.py",
                  "dist/ftlaunch-0.1.0-py3-none-any.whl", "ftlaunch.egg-info/PKG-INFO",
-                 "launcher/__pycache__/cli.cpython-311.pyc", ".whl/torch.whl"):
+                 "launcher/ftlaunch/__pycache__/cli.cpython-311.pyc", ".whl/torch.whl"):
         assert ignored(path, patterns), f"{path} would be sent to the docker daemon"
-    for path in ("launcher/cli.py", "pyproject.toml", "constraints.txt", "README.md"):
+    for path in ("launcher/ftlaunch/cli.py", "pyproject.toml", "constraints.txt", "README.md"):
         assert not ignored(path, patterns)
 
 

@@ -13,8 +13,8 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from conftest import FTLAUNCH
-from ftlaunch import doctor
-from ftlaunch.hardware import GIB
+from ftlaunch.show import doctor
+from ftlaunch.detect.hardware import GIB
 
 NAMES = ("python", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "cuda",
          "bf16", "bitsandbytes", "deepspeed", "nccl", "flash-attn", "disk", "ram", "hf-hub")

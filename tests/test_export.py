@@ -112,7 +112,7 @@ def test_merge_of_an_unfinished_or_missing_run_exits_2(run_dir, tmp_path):
 
 
 def test_a_failed_check_saves_nothing(run_dir, tmp_path, monkeypatch):
-    from ftlaunch import export
+    from ftlaunch.export import merge as export
     from ftlaunch.errors import UserError
 
     monkeypatch.setitem(export.MERGE_RTOL, "float32", -1.0)  # no difference can pass
@@ -126,7 +126,7 @@ def test_bf16_merge_uses_the_looser_tolerance(run_dir, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftlaunch import export
+    from ftlaunch.export import merge as export
 
     # What a GPU does (bf16), exercised on CPU.
     monkeypatch.setattr(export, "_device_and_dtype", lambda: ("cpu", torch.bfloat16))

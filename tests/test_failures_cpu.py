@@ -17,7 +17,7 @@ import pytest
 import psutil
 
 from conftest import FTLAUNCH, cores, fill_disk_when, in_tmpfs, wait_for
-from ftlaunch import heartbeat
+from ftlaunch.run import heartbeat
 
 DISK_FULL = 74
 _TRAIN = ("--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
@@ -45,7 +45,7 @@ _TORCH_SAVE = r'''
 import json, sys
 from pathlib import Path
 import torch
-from ftlaunch import diskfull
+from ftlaunch.run import diskfull
 try:
     torch.save(torch.zeros(1 << 20), sys.argv[1] + "/x.pt")
     print(json.dumps({"raised": False}))
@@ -86,7 +86,8 @@ def test_a_disk_that_fills_mid_run_is_reported_as_full_and_the_run_resumes(
 
 
 def test_the_disk_full_exit_code_is_documented():
-    from ftlaunch import diskfull, launch
+    from ftlaunch.run import diskfull
+    from ftlaunch.launch import process as launch
 
     assert diskfull.DISK_FULL_EXIT == DISK_FULL
     help_text = subprocess.run([FTLAUNCH, "train", "--help"], capture_output=True, text=True,
@@ -151,7 +152,7 @@ Traceback (most recent call last):
            ^^^^^^^^^^^^^
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
 ============================================================
-ftlaunch.train FAILED
+ftlaunch.worker.main FAILED
 ------------------------------------------------------------
 Failures:
 [1]:
@@ -180,7 +181,7 @@ ValueError: a worker's own traceback stays
 
 @pytest.mark.parametrize("piece", [7, 100, 10_000])
 def test_the_agent_report_is_read_and_kept_off_the_terminal(piece):
-    from ftlaunch.rank_deaths import AgentReport
+    from ftlaunch.launch.rank_deaths import AgentReport
 
     report, shown = AgentReport(), b""
     for i in range(0, len(_AGENT_REPORT), piece):  # however the stream is cut
@@ -197,7 +198,7 @@ def test_the_agent_report_is_read_and_kept_off_the_terminal(piece):
 
 
 def test_a_killed_rank_comes_before_the_peer_that_lost_it(tmp_path, monkeypatch):
-    from ftlaunch import rank_logs
+    from ftlaunch.run import rank_logs
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -217,7 +218,7 @@ def test_a_killed_rank_comes_before_the_peer_that_lost_it(tmp_path, monkeypatch)
 def test_a_full_disk_is_recognised_by_errno_and_by_torch_words(tmp_path):
     import errno
 
-    from ftlaunch import diskfull
+    from ftlaunch.run import diskfull
 
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.bin"))
     found = diskfull.detect(full, tmp_path)

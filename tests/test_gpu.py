@@ -121,7 +121,7 @@ from pathlib import Path
 
 import torch
 
-from ftlaunch import builtin_models
+from ftlaunch.models import builtin as builtin_models
 
 name, folder = sys.argv[1], Path(sys.argv[2])
 config = builtin_models.hf_config(name)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ftlaunch import hardware
+from ftlaunch.detect import hardware
 from ftlaunch.errors import UserError
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import pytest
 
-from ftlaunch import memory, models
-from ftlaunch.hardware import GIB
-from ftlaunch.planner import Candidate, TrainSpec
+from ftlaunch.plan import memory
+from ftlaunch.models import presets as models
+from ftlaunch.detect.hardware import GIB
+from ftlaunch.plan.planner import Candidate, TrainSpec
 
 # torchtune's stack as its recipes configure it: bf16 LoRA weights, gradients and
 # AdamW moments (2 + 2 + 4 bytes), an 8-chunk fp32 loss, compiled model.

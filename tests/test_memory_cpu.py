@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import memory, models
+from ftlaunch.plan import memory
+from ftlaunch.models import presets as models
 
 _MEASURE = r"""
 import sys

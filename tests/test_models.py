@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from ftlaunch import models
+from ftlaunch.models import presets as models
 from ftlaunch.errors import UserError
 
 PRESETS = models.load_presets()

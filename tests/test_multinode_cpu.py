@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import FTLAUNCH
-from ftlaunch.launch import free_port
+from ftlaunch.launch.process import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import hardware as hw
-from ftlaunch import nodes
+from ftlaunch.detect import hardware as hw
+from ftlaunch.launch import meeting as nodes
 from ftlaunch.errors import UserError
-from ftlaunch.launch import free_port
+from ftlaunch.launch.process import free_port
 
 H100 = hw.parse_spec("8xH100-80GB")
 A100 = hw.parse_spec("8xA100-80GB")
@@ -102,7 +102,7 @@ def test_every_node_gets_node_0s_verdict_and_the_port_is_free_afterwards():
     assert [h["node_rank"] for h in seen] == [1, 2] and {h["launch"] for h in seen} == {"launch-1"}
     assert written == [verdict]  # the run files were written before anyone was told to go
     assert answers[1] == verdict and answers[2] == verdict
-    from ftlaunch.launch import check_port_free
+    from ftlaunch.launch.process import check_port_free
 
     check_port_free(port)  # torchrun can take the port over now
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from ftlaunch import hardware, models, planner
-from ftlaunch.planner import TrainSpec
+from ftlaunch.detect import hardware
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.plan.planner import TrainSpec
 
 # hardware, model, options -> method, engine, zero stage, offload, processes, machines, fits
 GOLDEN = [

@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
-from ftlaunch import hardware, models, planner
-from ftlaunch.planner import TrainSpec
+from ftlaunch.detect import hardware
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.plan.planner import TrainSpec
 
 HARDWARE = ["cpu", "1xRTX4090-24GB", "1xV100-32GB", "1xA100-80GB", "4xA100-80GB",
             "8xH100-80GB", "2x8xA100-80GB"]
@@ -159,7 +161,7 @@ def test_an_indivisible_global_batch_is_refused_when_asked_and_noted_when_a_defa
     """--global-batch-size N is trained as asked or refused with the nearest multiples of the
     process count; a recipe's N is rounded to the multiple below (at least one per process)
     and the plan's summary (the table before training, too) says so."""
-    from ftlaunch import report
+    from ftlaunch.show import report
     from ftlaunch.errors import UserError
 
     p = _plan(spec, "tiny", global_batch_size=asked)
@@ -306,7 +308,7 @@ def test_to_json_contract(spec, model, train):
 def test_planning_path_does_not_import_torch():
     out = subprocess.run(
         [sys.executable, "-c",
-         "import ftlaunch.planner, ftlaunch.job, ftlaunch.cli, sys; print('torch' in sys.modules)"],
+         "import ftlaunch.plan.planner, ftlaunch.plan.job, ftlaunch.cli, sys; print('torch' in sys.modules)"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -314,7 +316,7 @@ def test_planning_path_does_not_import_torch():
 
 
 def test_making_a_plan_does_not_import_torch():
-    code = ("import sys; from ftlaunch import hardware, models, planner; "
+    code = ("import sys; from ftlaunch.detect import hardware; from ftlaunch.models import presets as models; from ftlaunch.plan import planner; "
             "p = planner.plan(hardware.parse_spec('8xH100-80GB'), models.resolve('llama-3.1-70b'), "
             "planner.TrainSpec()); p.to_json(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ftlaunch import plot
+from ftlaunch.show import plot
 
 
 def decode_png(data: bytes) -> tuple[int, int, list[list[tuple[int, int, int]]]]:

@@ -23,9 +23,13 @@ import pytest
 import yaml
 
 from conftest import in_tmpfs
-from ftlaunch import checkpoints, hardware, models, planner, preflight
+from ftlaunch.run import checkpoints
+from ftlaunch.detect import hardware
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.launch import preflight
 from ftlaunch.errors import UserError
-from ftlaunch.planner import TrainSpec
+from ftlaunch.plan.planner import TrainSpec
 
 TINY = models.resolve("tiny")
 # An estimate may be high by this much (per-file overheads rounded up, tokenizer guessed).
@@ -143,7 +147,10 @@ def _in_tmpfs(tmp_path: Path, size: str, code: str) -> subprocess.CompletedProce
 _CHECK_TINY_RUN = """
 import sys
 from pathlib import Path
-from ftlaunch import hardware, models, planner, preflight
+from ftlaunch.detect import hardware
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.launch import preflight
 from ftlaunch.errors import UserError
 tiny = models.resolve("tiny")
 plan = planner.plan(hardware.parse_spec("cpu"), tiny, planner.TrainSpec(seq_len=128,
@@ -177,7 +184,7 @@ def test_check_disk_reads_the_space_left_now_not_the_size(tmpfs_allowed, tmp_pat
     code = """
 import sys
 from pathlib import Path
-from ftlaunch import preflight
+from ftlaunch.launch import preflight
 from ftlaunch.errors import UserError
 root = Path(sys.argv[1])
 preflight.check_disk(root, 700 * 1024, "test")

@@ -1,7 +1,7 @@
 """A preflight failure exits 2 before any worker process exists.
 
 Each case runs the real `ftlaunch` while a watcher polls its process tree: no
-`accelerate launch` and no `ftlaunch.train` process may ever appear, and the run
+`accelerate launch` and no `ftlaunch.worker.main` process may ever appear, and the run
 directory is left as it was.
 """
 
@@ -35,7 +35,7 @@ def _run_watched(argv: list[str], timeout: float = 300) -> tuple[subprocess.Comp
                         line = " ".join(child.cmdline())
                     except psutil.Error:
                         continue
-                    if "accelerate.commands.launch" in line or "ftlaunch.train" in line:
+                    if "accelerate.commands.launch" in line or "ftlaunch.worker.main" in line:
                         seen.add(line)
             except psutil.Error:
                 pass

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ftlaunch import recipes
+from ftlaunch.plan import recipe as recipes
 from ftlaunch.errors import UserError
 
 BUNDLED = sorted(recipes.recipe_paths())

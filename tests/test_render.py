@@ -8,7 +8,11 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from ftlaunch import hardware, launch, models, planner, render
+from ftlaunch.detect import hardware
+from ftlaunch.launch import process as launch
+from ftlaunch.models import presets as models
+from ftlaunch.plan import planner
+from ftlaunch.launch import render
 from ftlaunch.errors import UserError
 
 MULTI_NODE = render.Rendezvous(machine_rank=1, main_process_ip="10.0.0.1",
@@ -165,7 +169,7 @@ def test_a_single_process_starts_with_accelerate_launchs_environment(case, omp, 
     assert ours == _launch_env(path)
     assert ours["ACCELERATE_USE_CPU"] == str(plan.on_cpu)
     argv = launch.command(path, tmp_path, None, None, direct=True)
-    assert argv[1:4] == ["-m", "ftlaunch.train", "--run-dir"]
+    assert argv[1:4] == ["-m", "ftlaunch.worker.main", "--run-dir"]
 
 
 @pytest.mark.parametrize("make", [

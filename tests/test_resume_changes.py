@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import TINY_TRAIN, assert_user_error, run_ftlaunch, tree
-from ftlaunch import resume_changes
+from ftlaunch.run import resume_rules as resume_changes
 from ftlaunch.errors import UserError
 
 

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import parse_ftlaunch, run_ftlaunch
-from ftlaunch import estimate, models, rank_logs, report
-from ftlaunch.hardware import _KNOWN_GPUS, known_gpu, parse_spec
-from ftlaunch.planner import TrainSpec, plan
-from ftlaunch.report import PROGRESS_BAR_WIDTH, progress_line
+from ftlaunch.plan import estimate
+from ftlaunch.models import presets as models
+from ftlaunch.run import rank_logs
+from ftlaunch.show import report
+from ftlaunch.detect.hardware import _KNOWN_GPUS, known_gpu, parse_spec
+from ftlaunch.plan.planner import TrainSpec, plan
+from ftlaunch.show.report import PROGRESS_BAR_WIDTH, progress_line
 
 PROGRESS = re.compile(r"^\[(#*)(-*)\] step (\d+)/12 +(\d+)% \| loss (\d+\.\d{4}) \| lr \S+ \| "
                       r"(\S+) tok/s \| elapsed .+ \| ETA .+$")
@@ -164,7 +167,7 @@ def test_the_first_error_of_the_ranks(tmp_path, monkeypatch):
     assert rank_logs.first_error_text(tmp_path, tmp_path / "train.log", time.time() + 1) is None
 
 
-# --- the time estimate from measured rates (ftlaunch.throughput) -----------------------------
+# --- the time estimate from measured rates (ftlaunch.launch.throughput) -----------------------------
 
 def _metrics(path: Path, rows: list[tuple[float, float | None]]) -> Path:
     """metrics.jsonl with one logged step per (time, tokens_per_s) and an eval row between."""
@@ -184,7 +187,7 @@ def _tiny_plan(seq_len: int = 128):
 
 
 def test_a_launch_rate_is_the_median_after_its_first_log(tmp_path):
-    from ftlaunch import throughput
+    from ftlaunch.launch import throughput
 
     metrics = _metrics(tmp_path / "metrics.jsonl",
                        [(100.0, 50.0), (110.0, 900.0), (120.0, 1000.0), (130.0, 1100.0),
@@ -198,7 +201,7 @@ def test_a_launch_rate_is_the_median_after_its_first_log(tmp_path):
 
 
 def test_measured_rates_are_kept_per_plan_and_the_run_own_first(tmp_path, monkeypatch):
-    from ftlaunch import throughput
+    from ftlaunch.launch import throughput
 
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     p = _tiny_plan()
@@ -221,7 +224,7 @@ def test_measured_rates_are_kept_per_plan_and_the_run_own_first(tmp_path, monkey
 
 
 def test_the_time_line_from_a_measured_rate():
-    from ftlaunch.throughput import Measured
+    from ftlaunch.launch.throughput import Measured
 
     p = _tiny_plan()
     size = estimate.run_size(p, max_steps=100, epochs=None)  # 100 steps x 512 tokens
@@ -239,7 +242,7 @@ def test_the_time_line_from_a_measured_rate():
 def test_a_second_run_is_timed_by_the_first(tmp_path):
     """Two real tiny trainings with the same plan in a cache of their own: the first has no
     figure to go by; it keeps its measured rate, and the second's table is timed by it."""
-    from ftlaunch import throughput
+    from ftlaunch.launch import throughput
 
     env = {"FTLAUNCH_CACHE": str(tmp_path / "cache")}
     args = ["--model", "tiny", "--gpus", "1", "--global-batch-size", "2", "--seq-len", "64",

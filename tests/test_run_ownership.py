@@ -115,11 +115,11 @@ def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, holder):
 
 def test_a_lock_whose_launcher_died_waits_for_the_run_s_workers(tmp_path):
     """A launcher killed with SIGKILL leaves its workers up to --grace to checkpoint: the
-    lock is not taken over while one of them (ftlaunch.train --run-dir RUN_DIR) runs."""
+    lock is not taken over while one of them (ftlaunch.worker.main --run-dir RUN_DIR) runs."""
     run_dir = tmp_path / "run"
     _write_lock(run_dir, socket.gethostname(), *_dead_pid())
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
-                               "ftlaunch.train", "--run-dir", str(run_dir.resolve())])
+                               "ftlaunch.worker.main", "--run-dir", str(run_dir.resolve())])
     try:
         refused = run_ftlaunch(*TINY, "--max-steps", "2", "--output-dir", str(run_dir),
                                "--dry-run")

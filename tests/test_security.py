@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, run_ftlaunch
-from ftlaunch import rundir
+from ftlaunch.run import directory as rundir
 
 SECRETS = {"HF_TOKEN": "hf_SeCrEtToKeN0123456789abcdef",
            "HUGGING_FACE_HUB_TOKEN": "hf_OtherSecret9876543210fedcba",
@@ -70,7 +70,7 @@ def test_weights_follow_the_umask(tmp_path, umask, mode):
     """safetensors writes 0600 whatever the umask: the adapter, every checkpoint and a merged
     model get what the umask implies (readable by teammates and serving users under 022),
     and checkpoints still verify (their modes are set before they are checksummed)."""
-    from ftlaunch import checkpoints
+    from ftlaunch.run import checkpoints
 
     run_dir = tmp_path / "run"
     umask_of = {"preexec_fn": lambda: os.umask(umask), "capture_output": True, "text": True,
@@ -152,7 +152,7 @@ def test_remote_code_is_off_unless_asked(tmp_path):
 
     folder = tmp_path / "my-model"
     folder.mkdir()
-    from ftlaunch.builtin_models import hf_config
+    from ftlaunch.models.builtin import hf_config
 
     (folder / "config.json").write_text(json.dumps(hf_config("tiny")), encoding="utf-8")
     for extra, expected in (([], False), (["--trust-remote-code"], True)):
@@ -164,7 +164,7 @@ def test_remote_code_is_off_unless_asked(tmp_path):
 
 
 def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
-    from ftlaunch import train
+    from ftlaunch.worker import main as train
 
     run_dir = tiny_run[1]
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
@@ -179,6 +179,6 @@ def test_every_tracker_of_transformers_and_only_those():
     """--report-to's table is transformers' own list of integrations."""
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from ftlaunch import preflight
+    from ftlaunch.launch import preflight
 
     assert set(preflight.REPORTERS) == set(INTEGRATION_TO_CALLBACK)

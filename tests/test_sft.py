@@ -41,7 +41,7 @@ def _train(tmp_path: Path, name: str, data: Path, *extra: str) -> Path:
 
 
 def _first_batch(run_dir: Path):
-    from ftlaunch import train
+    from ftlaunch.worker import main as train
 
     session = train.build(run_dir)
     batch = next(iter(session.trainer.get_train_dataloader()))
@@ -90,7 +90,7 @@ def test_assistant_only_loss_on_token_ids(chat_run):
 
 
 def test_preview_agrees_with_the_trainer(chat_run):
-    from ftlaunch import preview
+    from ftlaunch.data import tokenize as preview
 
     session, batch = _first_batch(chat_run)
     record = yaml.safe_load((chat_run / "run.yaml").read_text())
@@ -222,7 +222,9 @@ def test_qlora_keeps_the_unquantized_weights_and_activations_16_bit(tmp_path):
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from ftlaunch import builtin_models, models, train
+    from ftlaunch.models import builtin as builtin_models
+    from ftlaunch.models import presets as models
+    from ftlaunch.worker import main as train
 
     folder = builtin_models.materialize_builtin(models.resolve("tiny"))
     plan = {"precision": "bf16", "method": "qlora", "engine": "single"}
@@ -281,7 +283,7 @@ def test_a_refused_fresh_start_puts_the_previous_run_back(chat_run, tmp_path):
 
 
 def test_bundled_recipes_cover_the_tutorial_defaults():
-    from ftlaunch import recipes
+    from ftlaunch.plan import recipe as recipes
 
     names = set(recipes.recipe_paths())
     assert {"default", "qlora-chat", "lora-instruct", "completion", "demo"} <= names
@@ -297,7 +299,7 @@ def test_bundled_recipes_cover_the_tutorial_defaults():
 
 
 def test_lora_on_a_big_model_gets_half_the_learning_rate():
-    from ftlaunch import job as job_mod
+    from ftlaunch.plan import job as job_mod
 
     big = job_mod.resolve(job_mod.Options(model="llama-70b", method="lora",
                                           hardware="8xH100-80GB"), validate=False)
@@ -317,8 +319,8 @@ def test_random_init_rebuilds_the_same_base_in_training_and_export(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["model"]["random_init"] is True and record["model"]["config"]
-    from ftlaunch import train
-    from ftlaunch.export import load_adapted
+    from ftlaunch.worker import main as train
+    from ftlaunch.export.merge import load_adapted
 
     trained_base = train.build(run_dir).trainer.model.get_base_model().state_dict()
     exported_base = load_adapted(run_dir)[0].get_base_model().state_dict()

@@ -138,8 +138,8 @@ def _assert_zero3_files(run_dir: Path, method: str) -> None:
     estimate relies on: it covers the real checkpoint within 25 %)."""
     import torch
 
-    from ftlaunch import job as job_mod
-    from ftlaunch import preflight
+    from ftlaunch.plan import job as job_mod
+    from ftlaunch.launch import preflight
 
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 4
@@ -213,7 +213,7 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_the_uninterrupted_run(
     launcher = start(*args(strategy, run_dir), log=log)
     assert wait(lambda: logged_steps(run_dir) > resume_from, launcher, poll=0.01), \
         log.read_text()[-3000:]
-    workers = [p for p in job_processes(launcher) if "ftlaunch.train" in p.cmdline()
+    workers = [p for p in job_processes(launcher) if "ftlaunch.worker.main" in p.cmdline()
                and "accelerate.commands.launch" not in p.cmdline()]
     assert len(workers) == 2
     os.killpg(launcher.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
@@ -302,8 +302,8 @@ def test_zero3_offload_trains_and_resumes_bitwise(tmp_path, capsys):
     on CPU ranks (torch pins host memory for copies to an accelerator)."""
     import dataclasses
 
-    from ftlaunch import job as job_mod
-    from ftlaunch import start
+    from ftlaunch.plan import job as job_mod
+    from ftlaunch.launch import start
 
     run_dir = tmp_path / "run"
     options = job_mod.Options(model="tiny", gpus="2", engine="deepspeed", method="qlora",

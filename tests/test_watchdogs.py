@@ -17,7 +17,9 @@ import pytest
 import psutil
 
 from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, cores, wait_for
-from ftlaunch import checkpoints, heartbeat, rundir
+from ftlaunch.run import checkpoints
+from ftlaunch.run import heartbeat
+from ftlaunch.run import directory as rundir
 
 STALLED = 3
 

@@ -1,0 +1,480 @@
+"""The `ftlaunch` command line. The bare form trains:
+
+    ftlaunch --model llama-8b --gpus auto --data train.jsonl
+
+User errors end with one paragraph on stderr and exit code 2; anything else is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+import sys
+from pathlib import Path
+
+import click
+
+from ftlaunch import __version__
+from ftlaunch.launch import interrupts
+from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
+from ftlaunch.plan.planner import ENGINES
+from ftlaunch.plan.recipe import METHODS
+
+
+class _TrainByDefault(click.Group):
+    """`ftlaunch --model M ...` means `ftlaunch train --model M ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+def _job_options(func):
+    """The flags `train` and `plan` share: both resolve the same job."""
+    options = [
+        click.option("--model", required=True, metavar="NAME|HF_ID|PATH",
+                     help="A preset (see `ftlaunch recipes`), a hub id whose config is cached "
+                          "locally, or a local model folder."),
+        click.option("--gpus", default="auto", show_default=True, metavar="auto|N",
+                     help="GPUs per node. Without GPUs, N CPU worker processes (gloo)."),
+        click.option("--data", metavar="PATH|DIR|HUB_ID",
+                     help="Training data: .jsonl/.json/.csv/.parquet, a folder of them, a "
+                          "datasets.save_to_disk folder or a hub dataset id. Formats: messages, "
+                          "ShareGPT, Alpaca, prompt/completion, '### Human/### Assistant' "
+                          "text, plain text (auto-detected; data.format=... overrides). "
+                          "Default: the bundled demo dataset."),
+        click.option("--eval-split", type=float, metavar="FRACTION",
+                     help="Hold out this fraction of --data for eval loss and perplexity."),
+        click.option("--eval-data", metavar="PATH", help="A separate evaluation file."),
+        click.option("--packing/--no-packing", default=None,
+                     help="Pack examples into full rows, padding-free (default: on)."),
+        click.option("--system-prompt", metavar="TEXT",
+                     help="Prepended as the system turn of chat examples that have none."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow the model's own Python code from the hub (off unless asked)."),
+        click.option("--recipe", default="default", show_default=True, metavar="NAME|PATH",
+                     help="Training recipe: a bundled name or a YAML file."),
+        click.option("--output-dir", metavar="DIR",
+                     help="Run directory. Default: runs/<model>. Re-running resumes it."),
+        click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+                     help="lora (16-bit base) or qlora (4-bit NF4 base); auto lets the plan choose."),
+        click.option("--engine", type=click.Choice([e for e in ENGINES if e not in ("single", "cpu")]),
+                     default="auto", show_default=True,
+                     help="Multi-GPU engine; auto prefers DDP, then FSDP."),
+        click.option("--max-steps", type=int, help="Stop after this many optimizer steps."),
+        click.option("--epochs", type=float, help="Passes over the data (when --max-steps is not set)."),
+        click.option("--seq-len", type=int, help="Maximum tokens per example."),
+        click.option("--global-batch-size", type=int,
+                     help="Examples per optimizer step over all processes; the plan splits it into "
+                          "micro-batch x accumulation x processes."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override one recipe key: an SFTConfig field (learning_rate=1e-4), "
+                          "lora.r=32, data.system_prompt=... Repeatable."),
+        click.option("--nnodes", type=int,
+                     help="Machines in the job. Default: from SLURM or NNODES/WORLD_SIZE "
+                          "variables, else 1."),
+        click.option("--node-rank", type=int,
+                     help="This machine's rank (0 is where rank 0 listens). Default: from "
+                          "SLURM_NODEID / NODE_RANK, else 0."),
+        click.option("--master-addr", metavar="HOST", help="Address of node rank 0."),
+        click.option("--master-port", type=int, metavar="PORT", help="Port rank 0 listens on."),
+        click.option("--hardware", "hardware", metavar="SPEC",
+                     help="Plan for described hardware instead of this machine: 1xRTX4090-24GB, "
+                          "8xH100-80GB (one node; --nnodes or SLURM multiplies it), "
+                          "2x8xA100-80GB (nodes x GPUs), cpu. Training runs on what it finds: "
+                          "with `train` only together with --dry-run."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="Recompute activations in the backward pass (less memory, about a "
+                          "third more compute), or never. Default: the plan turns it on only "
+                          "when the batch does not fit without it."),
+        click.option("--random-init", is_flag=True,
+                     help="Build the architecture from its config with random weights (benchmarks, "
+                          "hardware checks; nothing downloaded)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _to_options(kwargs, **extra):
+    from ftlaunch.plan.job import Options
+
+    return Options(**{**kwargs, **extra, "sets": tuple(kwargs.get("sets", ()))})
+
+
+@click.group(cls=_TrainByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftlaunch")
+def cli():
+    """Fine-tune a causal LM with LoRA/QLoRA on whatever hardware this is.
+
+    ftlaunch detects the GPUs, plans memory and strategy (single-GPU LoRA or QLoRA,
+    DDP, FSDP, DeepSpeed), writes the accelerate config, launches the training
+    through `accelerate launch`, and resumes when re-run with the same command.
+
+    \b
+      ftlaunch --model llama-8b --gpus auto --data train.jsonl
+      ftlaunch plan --model llama-70b --hardware 8xH100-80GB
+    """
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """'90', '90s', '30m', '1h', '1h30m' -> seconds."""
+    value = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise UserError(f"{flag} {text!r} is not a duration; write it like 90s, 30m or 1h30m.")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"{flag} {text!r} must be longer than zero.")
+    return seconds
+
+
+def _stop_options(func):
+    """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
+    stops are timed, what watches the run."""
+    func = click.option("--report-to", "report_to", metavar="TRACKER[,TRACKER]",
+                        help="Also log to these trackers: tensorboard (into RUN_DIR/tensorboard), "
+                             "wandb, mlflow, ... (their packages must be installed; credentials "
+                             "come from the environment, e.g. WANDB_API_KEY).")(func)
+    func = click.option("--stall-timeout", default="30m", show_default=True, metavar="DURATION",
+                        help="Stop the job when no rank has made progress (a step, an eval "
+                             "batch, a save) for this long: a hung collective or a stuck GPU is "
+                             "reported with each rank's last step, and a re-run resumes. 'off' "
+                             "disables it.")(func)
+    func = click.option("--join-timeout", default="15m", show_default=True, metavar="DURATION",
+                        help="Multi-node: how long the nodes wait for each other to start "
+                             "before giving up (exit 2).")(func)
+    func = click.option("--save-every", metavar="DURATION",
+                        help="Also write a checkpoint at least this often (30m, 1h), besides "
+                             "every save_steps steps.")(func)
+    func = click.option("--grace", default="120s", show_default=True, metavar="DURATION",
+                        help="On SIGTERM/SIGINT: time to finish the step and write a complete "
+                             "checkpoint before the job is killed (exit code 75 when it made "
+                             "it). A second signal stops at once.")(func)
+    return func
+
+
+@cli.command()
+@_job_options
+@_stop_options
+@click.option("--dry-run", is_flag=True,
+              help="Plan, write the configs and print the launch command; train nothing.")
+@click.option("--fresh", is_flag=True,
+              help="Start over: move an existing run in --output-dir aside first.")
+def train(**kwargs):
+    """Plan and run a LoRA/QLoRA fine-tune (the default command).
+
+    Writes run.yaml, accelerate.yaml, checkpoints/, metrics.jsonl and adapter/
+    into the output directory. Running the same command again resumes from the
+    last complete checkpoint; a finished run is left alone.
+
+    \b
+    Exit codes: 0 done; 1 training failed; 2 user error (a NaN/inf loss too: it stops
+    with the last good weights checkpointed); 3 stalled (no progress for --stall-timeout;
+    re-run to resume); 74 the disk filled up (free space, then re-run to resume); 75
+    stopped by a signal after writing a complete checkpoint (re-run to resume); 128+N stopped by
+    signal N before a checkpoint was completed (a re-run resumes from the last one).
+    """
+    return _train(kwargs, sys.argv[1:])
+
+
+def _cluster_line(context) -> str:
+    return (f"Multi-node ({context.source}): {context.nnodes} nodes, this is node "
+            f"{context.node_rank}, node 0 at {context.master_addr}:{context.master_port}")
+
+
+def _train(kwargs: dict, argv: list[str]) -> int:
+    from ftlaunch.plan import job as job_mod
+    from ftlaunch.launch import start
+
+    if kwargs.get("hardware") and not kwargs.get("dry_run"):
+        raise UserError(f"--hardware {kwargs['hardware']} describes a machine to plan for; "
+                        "training runs on the hardware it finds. Use it with --dry-run (to "
+                        "write the configs for that machine) or with `ftlaunch plan`.")
+    kwargs["join_timeout_s"] = parse_duration(kwargs.pop("join_timeout"), "--join-timeout")
+    kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
+    every = kwargs.pop("save_every")
+    kwargs["save_every_s"] = parse_duration(every, "--save-every") if every else None
+    stall = str(kwargs.pop("stall_timeout")).strip().lower()
+    kwargs["stall_timeout_s"] = None if stall == "off" else parse_duration(stall, "--stall-timeout")
+    report_to = kwargs.pop("report_to")
+    kwargs["report_to"] = tuple(t.strip() for t in report_to.split(",") if t.strip()) \
+        if report_to else None
+    job = job_mod.resolve(_to_options(kwargs))
+    interrupts.echo(_plan_summary(job.plan))
+    return start.train(job, argv, interrupts.echo)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("changes", nargs=-1, type=click.UNPROCESSED)
+def resume(run_dir, changes):
+    """Resume RUN_DIR with the command its run.yaml recorded (run from the directory it
+    was started in). Flags after RUN_DIR change that command, e.g. `--gpus 4` after a
+    move to a smaller node, or `--grace 300s`."""
+    import os
+
+    from ftlaunch.run import directory as rundir
+
+    if not (run_dir / rundir.RUN_FILE).is_file():
+        raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
+                        f"{rundir.RUN_FILE}); nothing to resume. Pass the --output-dir of a "
+                        "training that was started (runs/<model> by default).")
+    record = rundir.read_run_file(run_dir)
+    command = [str(a) for a in record.get("command") or []]
+    if command[:1] == ["train"]:
+        command = command[1:]
+    command = [a for a in command if a not in ("--fresh", "--dry-run")]
+    argv = [*command, *changes, "--output-dir", str(run_dir.resolve())]
+    recorded_cwd = record.get("cwd")
+    if recorded_cwd and Path(recorded_cwd).is_dir():
+        os.chdir(recorded_cwd)  # relative --data paths mean what they meant then
+    interrupts.echo(f"ftlaunch resume: ftlaunch {' '.join(argv)}")
+    with train.make_context("ftlaunch train", list(argv)) as ctx:
+        return _train(dict(ctx.params), argv)
+
+
+@cli.command()
+@_job_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(as_json, **kwargs):
+    """Show how a job would train here (or on --hardware), and whether it fits.
+
+    Prints each memory term per device, the budget, and why this strategy was
+    chosen. A plan that does not fit exits 2 and says what would.
+    """
+    from ftlaunch.plan import job as job_mod
+    from ftlaunch.show import report
+
+    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
+    if as_json:
+        click.echo(json.dumps({**job.plan.to_json(), "cluster": asdict(job.cluster)}, indent=2))
+    else:
+        click.echo(report.plan_text(job.plan))
+        if job.cluster.nnodes > 1:
+            click.echo(_cluster_line(job.cluster))
+    if not job.plan.fits:
+        click.echo("ftlaunch: the plan does not fit: " + "; ".join(job.plan.reasons) + ".",
+                   err=True)
+        return USER_ERROR_EXIT
+    return 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def hardware(as_json):
+    """Show the GPUs, CPU cores, RAM and disk ftlaunch sees on this machine."""
+    import os
+
+    from ftlaunch.detect import cluster
+    from ftlaunch.detect import hardware as hw
+    from ftlaunch.show import report
+
+    found = hw.detect(Path.cwd())
+    context = cluster.from_env(os.environ)
+    if as_json:
+        data = {**found.to_json(), "cluster": asdict(context) if context else None}
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(report.hardware_text(found))
+        if context:
+            click.echo("  " + _cluster_line(context))
+    return 0
+
+
+@cli.command()
+def recipes():
+    """List the bundled training recipes and model presets."""
+    from ftlaunch.models import presets as models
+    from ftlaunch.plan import recipe as recipes_mod
+
+    click.echo("Training recipes (--recipe NAME):")
+    for name in recipes_mod.recipe_paths():
+        click.echo(f"  {name:<14} {recipes_mod.load_recipe(name).description}")
+    click.echo("\nModel presets (--model NAME):")
+    for name, entry in models.load_presets().items():
+        spec = models.resolve(name)
+        aliases = ", ".join(entry.get("aliases") or [])
+        click.echo(f"  {name:<14} {spec.parameters / 1e9:7.3f}B  {entry['id']}"
+                   + (f"  (also: {aliases})" if aliases else ""))
+    return 0
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="User message; the chat template is applied.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--base", "base_only", is_flag=True, help="Use the base model without the adapter.")
+def generate(run_dir, prompt, max_new_tokens, base_only):
+    """Generate a reply with a finished run's adapter on its base model (greedy)."""
+    from ftlaunch.export import merge as export
+
+    click.echo(export.generate(run_dir, prompt, max_new_tokens, with_adapter=not base_only))
+    return 0
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
+              help="Where to write the merged model. Default: RUN_DIR/merged. An existing "
+                   "folder is replaced only if it is an earlier merge of this run.")
+def merge(run_dir, out):
+    """Merge a finished run's adapter into its base model: one standalone model folder.
+
+    The base is reloaded unquantised (bf16 on a GPU, fp32 on CPU; also for QLoRA runs),
+    and the merged model must give the same logits as base + adapter on a probe before
+    anything is written. Loads with plain AutoModelForCausalLM.from_pretrained.
+    """
+    from ftlaunch.export import merge as export
+
+    path = export.merge(run_dir, out)
+    info = export.read_merge_record(path)
+    click.echo(f"Merged model: {path}")
+    click.echo(f"Checked on {info['probe_tokens']} probe tokens ({info['dtype']} on "
+               f"{info['device']}): max |logit difference| vs base + adapter "
+               f"{info['max_abs_logit_diff']:.3g}, tolerance {info['tolerance']:.3g} (the adapter "
+               f"itself moves the logits by up to {info['adapter_effect']:.3g}).")
+    if info.get("trained_method") == "qlora":
+        click.echo("Note: the adapter was trained against the 4-bit base; it is merged into the "
+                   "unquantised base weights.")
+    return 0
+
+
+@cli.command()
+@click.option("--output-dir", default=".", show_default=True, metavar="DIR",
+              help="Where runs will be written (its free disk is checked).")
+def doctor(output_dir):
+    """Check this environment for fine-tuning: packages and their versions, CUDA, bf16,
+    bitsandbytes, DeepSpeed, NCCL, disk, RAM, hub access; say what is missing and how
+    to fix it. Exit code 1 when something essential is missing."""
+    from ftlaunch.show import doctor as doctor_mod
+
+    checks = doctor_mod.run_checks(Path(output_dir))
+    click.echo(doctor_mod.render(checks))
+    return doctor_mod.exit_code(checks)
+
+
+@cli.group()
+def data():
+    """Inspect training data as the model will see it."""
+
+
+@data.command()
+@_job_options
+@click.option("--index", type=int, default=0, show_default=True,
+              help="Which example to show (0-based).")
+@click.option("--tokens", "show_tokens", is_flag=True,
+              help="Also list the first tokens with their ids and train/mask.")
+def preview(index, show_tokens, **kwargs):
+    """Show one example rendered as training sees it, with the trained tokens marked
+    [+like this+], and token-length statistics of the whole set against --seq-len."""
+    from ftlaunch.plan import job as job_mod
+    from ftlaunch.data import tokenize as preview_mod
+    from ftlaunch.launch import start
+
+    job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
+    dataset, _ = start.load_data(job)
+    if not 0 <= index < len(dataset):
+        raise UserError(f"--index {index}: the data has {len(dataset)} examples (0-"
+                        f"{len(dataset) - 1}).")
+    tokenizer, tokenized, assistant_only = preview_mod.tokenize_dataset(
+        start.model_record(job, materialize=True), dataset, job.recipe.data)
+    stats = preview_mod.length_stats(tokenized, job.plan.seq_len)
+    example = tokenized[index]
+    source = dataset.path
+    click.echo(f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
+               f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
+    click.echo(f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "
+               "(marked [+ +]):\n")
+    click.echo(preview_mod.render(tokenizer, example, job.plan.seq_len,
+                                  color=sys.stdout.isatty()))
+    if show_tokens:
+        click.echo("\n" + preview_mod.token_table(tokenizer, example))
+    click.echo(f"\ntokens per example: shortest {stats.shortest}, median {stats.median}, "
+               f"95th percentile {stats.p95}, longest {stats.longest}; "
+               f"{stats.over_seq_len} longer than --seq-len {stats.seq_len}")
+    for note in preview_mod.check(stats, str(source)):
+        click.echo(f"note: {note}")
+    return 0
+
+
+def _loss_scope(kind: str, assistant_only: bool) -> str:
+    if kind == "conversational":
+        return "assistant turns only" if assistant_only else "whole conversations"
+    return "the completion only" if kind == "prompt_completion" else "all text"
+
+
+def _plan_summary(p) -> str:
+    from ftlaunch.detect.hardware import GIB, format_gib
+
+    return (f"ftlaunch plan: {p.model_id} | {p.method} on {p.engine} x{p.num_processes} | "
+            f"micro-batch {p.per_device_batch_size} x accumulation {p.gradient_accumulation_steps} "
+            f"= global {p.global_batch_size} | seq {p.seq_len} | "
+            f"peak {p.memory.total / GIB:.2f} of {format_gib(p.budget_bytes, 2)} per device")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    from ftlaunch.quiet import silence_library_noise
+
+    # The launcher's own lines and the progress line are the output; per-file progress
+    # bars of model saving, tokenizing and loading (here and in the workers) are not.
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
+
+    silence_library_noise()
+    interrupts.install()
+    try:
+        code = cli.main(args=argv, prog_name="ftlaunch", standalone_mode=False)
+    except UserError as exc:
+        interrupts.echo(f"ftlaunch: error: {exc}", err=True)
+        code = USER_ERROR_EXIT
+    except interrupts.Interrupted as exc:
+        interrupts.stop_children()
+        interrupts.echo(f"ftlaunch: {exc.describe()}", err=True)
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("ftlaunch: aborted", err=True)
+        code = 130
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ftlaunch` alone: the help
+        exc.show()
+        code = USER_ERROR_EXIT
+    except click.UsageError as exc:
+        # One paragraph like every other user error, and where the usage is.
+        command = exc.ctx.command_path if exc.ctx else "ftlaunch"
+        click.echo(f"ftlaunch: error: {exc.format_message()} See `{command} --help`.", err=True)
+        code = USER_ERROR_EXIT
+    except click.ClickException as exc:
+        exc.show()
+        code = USER_ERROR_EXIT
+    except Exception as exc:
+        code = _known_failure(exc)
+    exit_quickly(code if isinstance(code, int) else 0)
+
+
+def _known_failure(exc: Exception) -> int:
+    """A stop on a signal that a library's clean-up re-raised as its own error, or a full
+    disk met by the launcher itself: one paragraph each. Anything else is a bug, and
+    keeps its traceback."""
+    from ftlaunch.run import diskfull
+
+    stop = interrupts.cause(exc)
+    if stop is not None:
+        interrupts.stop_children()
+        interrupts.echo(f"ftlaunch: {stop.describe()}", err=True)
+        return stop.exit_code
+    if not isinstance(exc, diskfull.LauncherDiskFull):
+        raise exc
+    interrupts.echo(f"ftlaunch: error: {exc}", err=True)
+    return diskfull.DISK_FULL_EXIT
+

@@ -1,0 +1,1 @@
+"""Launch: the launcher process: checks, run files, the accelerate config, the multi-node meeting, the workers."""

@@ -1,0 +1,1 @@
+"""Show: what ftlaunch prints and draws: the plan table, the progress line, loss.png, doctor."""

@@ -1,0 +1,1 @@
+"""Worker: the training processes `accelerate launch` starts (python -m ftlaunch.worker.main)."""
