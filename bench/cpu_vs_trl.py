@@ -413,7 +413,7 @@ def machine() -> str:
 
 
 def versions() -> str:
-    from ftlaunch.launch.preflight import runtime_versions
+    from ftlaunch.detect.runtime import runtime_versions
 
     found = runtime_versions()
     names = ("ftlaunch", "torch", "transformers", "peft", "trl", "accelerate", "datasets")

@@ -232,7 +232,7 @@ def render(rows: list[dict], args) -> str:
 
 
 def _versions() -> str:
-    from ftlaunch.launch.preflight import runtime_versions
+    from ftlaunch.detect.runtime import runtime_versions
 
     found = runtime_versions()
     names = ("python", "torch", "torch_cuda", "nccl", "gpu_driver", "transformers", "peft",

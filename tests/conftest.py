@@ -112,7 +112,7 @@ def train_params(args: list[str]) -> dict:
 
 
 def grace_s(params: dict) -> float:
-    from ftlaunch.cli import parse_duration
+    from ftlaunch.stop_flags import parse_duration
 
     return parse_duration(params["grace"], "--grace")
 
@@ -240,3 +240,26 @@ def wait_for(predicate, launcher: subprocess.Popen, timeout: float, what: str, p
                                  f"{what}:\n{launcher.communicate()[0]}")
         time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def write_run_record(run_dir: Path, identity: dict) -> None:
+    """A run.yaml as the launcher writes it, for a run with this identity (tests of what
+    reads it back; the values besides the identity are a plausible 1-process tiny run)."""
+    from ftlaunch.models.source import ModelSource
+    from ftlaunch.run import record
+
+    strategy = record.Strategy(
+        method="lora", engine="cpu", zero_stage=None, offload=False, precision="fp32",
+        on_cpu=True, nnodes=1, processes_per_node=1, world_size=1, per_device_batch_size=4,
+        gradient_accumulation_steps=1, global_batch=4, seq_len=64,
+        gradient_checkpointing=False, checkpoint_format="trainer", node_local=False)
+    record.write(run_dir, record.RunRecord(
+        ftlaunch_version="test", written="2026-01-01T00:00:00+00:00", command=("--model", "tiny"),
+        cwd=str(run_dir), identity=identity,
+        model=ModelSource("tiny", "builtin:tiny", load_from="tiny", tokenizer="tiny"),
+        data=record.DataSource(path="data.jsonl", format="messages", kind="conversational",
+                               fingerprint="sha256:0", examples=1),
+        recipe={}, plan={}, hardware={}, versions={}, plan_hash="sha256:0",
+        checkpointing=record.Checkpointing(keep=2, save_every_s=None, grace_s=60),
+        nodes={"nnodes": 1, "node_rank": 0, "storage": record.SHARED},
+        distributed=record.Distributed(timeout_s=600, env={}), strategy=strategy, trainer={}))

@@ -17,6 +17,8 @@ from ftlaunch.run import resume_rules as resume_changes
 from ftlaunch.run import directory as rundir
 from ftlaunch.errors import UserError
 
+from conftest import write_run_record
+
 
 def _staged(root: Path, step: int, payload: bytes = b"weights") -> Path:
     staging = root / checkpoints.INCOMING / f"checkpoint-{step}"
@@ -162,7 +164,7 @@ def test_identity_changes_are_refused_by_name_unless_allowed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     identity = {"model": "tiny", "seq_len": 64, "data": "sha256:a"}
-    rundir.write_run_file(run_dir, {"identity": identity})
+    write_run_record(run_dir, identity)
     _complete(run_dir / "checkpoints", 6)
     changed = {**identity, "seq_len": 96, "data": "sha256:b"}
     with pytest.raises(UserError) as refused:
@@ -177,7 +179,7 @@ def test_without_a_checkpoint_any_change_starts_the_run_over(tmp_path):
     """Nothing trained with the old settings survives: the LoRA shape may change too."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rundir.write_run_file(run_dir, {"identity": {"lora": {"r": 16}, "seq_len": 64}})
+    write_run_record(run_dir, {"lora": {"r": 16}, "seq_len": 64})
     _staged(run_dir / "checkpoints", 6)  # torn: it does not count
     state = rundir.prepare(run_dir, {"lora": {"r": 8}, "seq_len": 64}, fresh=False)
     assert state.kind == "new" and state.checkpoint is None
@@ -195,7 +197,7 @@ def test_allow_changed_is_parsed_out_of_the_recipe_overrides():
 def test_a_changed_lora_shape_cannot_be_allowed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rundir.write_run_file(run_dir, {"identity": {"lora": {"r": 16}, "seq_len": 64}})
+    write_run_record(run_dir, {"lora": {"r": 16}, "seq_len": 64})
     _complete(run_dir / "checkpoints", 6)
     with pytest.raises(UserError) as refused:
         rundir.prepare(run_dir, {"lora": {"r": 8}, "seq_len": 96}, fresh=False)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import USER_ERROR, assert_user_error, cores
-from ftlaunch.cli import parse_duration
+from ftlaunch.stop_flags import parse_duration
 from ftlaunch.errors import UserError
 
 FTLAUNCH = Path(sys.executable).parent / "ftlaunch"

@@ -65,9 +65,10 @@ def model_record(offline_cache):
     from ftlaunch.models import builtin as builtin_models
     from ftlaunch.models import presets as models
 
+    from ftlaunch.models.source import ModelSource
+
     path = builtin_models.materialize_builtin(models.resolve("tiny"))
-    return {"name": "tiny", "source": "builtin:tiny", "load_from": str(path),
-            "tokenizer": str(path)}
+    return ModelSource("tiny", "builtin:tiny", load_from=str(path), tokenizer=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +305,8 @@ def test_the_tokenizer_is_part_of_the_key_but_not_where_it_lives(model_record, t
 
     # The same tokenizer files in another folder (a moved cache): the same tokenization.
     moved = tmp_path / "moved"
-    shutil.copytree(model_record["tokenizer"], moved)
-    record = {**model_record, "tokenizer": str(moved)}
+    shutil.copytree(model_record.tokenizer, moved)
+    record = model_record.with_tokenizer(moved)
     assert data_cache.build(cache, model_record, data, None, {}, MAX_LENGTH)["reused"] is True
     assert data_cache.build(cache, record, data, None, {}, MAX_LENGTH)["reused"] is True
 

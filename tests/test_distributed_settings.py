@@ -45,7 +45,8 @@ def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["distributed"] == {"timeout_s": 1234, "env": {"GLOO_SOCKET_IFNAME": "lo"}}
+    from ftlaunch.run import record as run_record
     from ftlaunch.worker import main as train
 
-    config = train._training_config(run_dir, record, has_eval=False)
+    config = train.training_config(run_dir, run_record.load(run_dir))
     assert config.ddp_timeout == 1234 and config.save_on_each_node is False

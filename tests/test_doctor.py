@@ -13,8 +13,8 @@ import pytest
 from huggingface_hub import constants as hub_constants
 
 from conftest import FTLAUNCH
-from ftlaunch.show import doctor
-from ftlaunch.detect.hardware import GIB
+from ftlaunch.show import doctor, doctor_checks
+from ftlaunch.units import GIB
 
 NAMES = ("python", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "cuda",
          "bf16", "bitsandbytes", "deepspeed", "nccl", "flash-attn", "disk", "ram", "hf-hub")
@@ -25,7 +25,7 @@ def checks(tmp_path_factory):
     return doctor.run_checks(tmp_path_factory.mktemp("doctor") / "run")
 
 
-def by_name(checks) -> dict[str, doctor.Check]:
+def by_name(checks) -> dict[str, doctor_checks.Check]:
     return {c.name: c for c in checks}
 
 
@@ -61,8 +61,8 @@ def test_versions_are_the_imported_ones(checks):
     ("2.0.0rc1", "missing", "2.0.0rc1 installed; ftlaunch needs widget>=1.2,<2"),
 ])
 def test_a_package_is_judged_by_the_range_then_the_pin(version, status, says):
-    check = doctor._versioned("widget", version, {"widget": "1.5.0"}, {"widget": ">=1.2,<2"},
-                              "missing")
+    check = doctor_checks.version_check("widget", version, {"widget": "1.5.0"},
+                                        {"widget": ">=1.2,<2"}, "missing")
     assert (check.status, check.detail) == (status, says), check
     if status == "missing":
         assert check.fix == "pip install 'widget==1.5.0'.", check
@@ -72,8 +72,8 @@ def test_a_package_is_judged_by_the_range_then_the_pin(version, status, says):
 
 def test_an_unpinned_package_is_judged_by_the_range_alone():
     needs = {"widget": ">=1.2"}
-    assert doctor._versioned("widget", "3.0", {}, needs, "warn").status == "ok"
-    outside = doctor._versioned("widget", "1.0", {}, needs, "warn")
+    assert doctor_checks.version_check("widget", "3.0", {}, needs, "warn").status == "ok"
+    outside = doctor_checks.version_check("widget", "1.0", {}, needs, "warn")
     assert outside.status == "warn" and outside.fix == "pip install 'widget>=1.2'.", outside
 
 
@@ -155,14 +155,14 @@ def test_disk_check_names_the_free_space(tmp_path):
     assert str(tmp_path.resolve()) in disk.detail  # the nearest existing folder
     # Printed to 0.1 GiB; other writers may move it between the measurements.
     assert min(before, after) / GIB - 0.05 <= shown <= max(before, after) / GIB + 0.05
-    if abs(shown - doctor.DISK_WARN_BYTES / GIB) > 0.1:
-        assert disk.status == ("ok" if shown > doctor.DISK_WARN_BYTES / GIB else "warn")
+    if abs(shown - doctor_checks.DISK_WARN_BYTES / GIB) > 0.1:
+        assert disk.status == ("ok" if shown > doctor_checks.DISK_WARN_BYTES / GIB else "warn")
 
 
 def test_check_refuses_inconsistent_fields():
     with pytest.raises(ValueError):
-        doctor.Check("x", "fine", "detail")
+        doctor_checks.Check("x", "fine", "detail")
     with pytest.raises(ValueError):
-        doctor.Check("x", "warn", "detail", fix="")
+        doctor_checks.Check("x", "warn", "detail", fix="")
     with pytest.raises(ValueError):
-        doctor.Check("x", "ok", "detail", fix="do something")
+        doctor_checks.Check("x", "ok", "detail", fix="do something")

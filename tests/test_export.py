@@ -126,10 +126,11 @@ def test_bf16_merge_uses_the_looser_tolerance(run_dir, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ftlaunch.export import adapted
     from ftlaunch.export import merge as export
 
     # What a GPU does (bf16), exercised on CPU.
-    monkeypatch.setattr(export, "_device_and_dtype", lambda: ("cpu", torch.bfloat16))
+    monkeypatch.setattr(adapted, "device_and_dtype", lambda: ("cpu", torch.bfloat16))
     out = export.merge(run_dir, tmp_path / "bf16")
     assert export.read_merge_record(out)["dtype"] == "bfloat16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from ftlaunch.detect import hardware
+from ftlaunch.units import GIB
 from ftlaunch.errors import UserError
 
 
@@ -25,7 +26,7 @@ def test_single_consumer_gpu():
     assert hw.has_gpus
     assert (hw.nodes, hw.gpus_per_node) == (1, 1)
     assert hw.gpu.name == "RTX4090"
-    assert hw.gpu.memory_bytes == 24 * hardware.GIB
+    assert hw.gpu.memory_bytes == 24 * GIB
     assert hw.gpu.compute_capability == (8, 9)
     assert hw.gpu.bf16 is True
 
@@ -34,7 +35,7 @@ def test_eight_h100():
     hw = hardware.parse_spec("8xH100-80GB")
     assert (hw.nodes, hw.gpus_per_node) == (1, 8)
     assert hw.gpu.name == "H100"
-    assert hw.gpu.memory_bytes == 80 * hardware.GIB
+    assert hw.gpu.memory_bytes == 80 * GIB
     assert hw.gpu.bf16 is True
     assert hw.source == "8xH100-80GB"
 
@@ -44,7 +45,7 @@ def test_nodes_times_gpus():
     assert hw.nodes == 2
     assert hw.gpus_per_node == 8
     assert hw.gpu.name == "A100"
-    assert hw.gpu.memory_bytes == 80 * hardware.GIB
+    assert hw.gpu.memory_bytes == 80 * GIB
     assert hw.gpu.compute_capability == (8, 0)
 
 
@@ -71,7 +72,7 @@ def test_to_json_names_the_gpu():
     assert data["nodes"] == 2
     assert data["gpus_per_node"] == 8
     assert data["gpu_name"] == "A100"
-    assert data["gpu_memory_bytes"] == 80 * hardware.GIB
+    assert data["gpu_memory_bytes"] == 80 * GIB
     assert data["bf16"] is True
 
 

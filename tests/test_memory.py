@@ -17,7 +17,7 @@ import pytest
 
 from ftlaunch.plan import memory
 from ftlaunch.models import presets as models
-from ftlaunch.detect.hardware import GIB
+from ftlaunch.units import GIB
 from ftlaunch.plan.planner import Candidate, TrainSpec
 
 # torchtune's stack as its recipes configure it: bf16 LoRA weights, gradients and

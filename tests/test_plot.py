@@ -1,96 +1,94 @@
-"""loss.png: a hand-written PNG, checked with a hand-written decoder."""
+"""loss.png: drawn with matplotlib from metrics.jsonl; checked as a PNG and through its figure."""
 
 from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ftlaunch.show import plot
 
-
-def decode_png(data: bytes) -> tuple[int, int, list[list[tuple[int, int, int]]]]:
-    """(width, height, rows of RGB pixels) of an 8-bit RGB, non-interlaced PNG whose rows all
-    use filter 0: the only kind write_loss_png makes, so any other filter byte fails here."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    kinds = [k for k, _ in chunks]
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(
-        ">IIBBBBB", chunks[0][1])
-    assert (depth, colour, compression, filtering, interlace) == (8, 2, 0, 0, 0)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    stride = 1 + 3 * width
-    assert len(raw) == height * stride
-    rows = []
-    for r in range(height):
-        line = raw[r * stride:(r + 1) * stride]
-        assert line[0] == 0, f"row {r} has filter type {line[0]}"
-        rows.append([tuple(line[1 + 3 * x:4 + 3 * x]) for x in range(width)])
-    return width, height, rows
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_metrics(path: Path, train: list[tuple[int, float]], evals=()) -> Path:
-    rows = [{"step": s, "loss": v, "learning_rate": 1e-4} for s, v in train]
+def write_metrics(path: Path, train: list[tuple[int, float]], evals=(), learning_rate=True) -> Path:
+    rows = [{"step": s, "loss": v, **({"learning_rate": 1e-4 * (1 - s / 100)} if learning_rate else {})}
+            for s, v in train]
     rows += [{"step": s, "eval_loss": v, "eval_perplexity": math.exp(v)} for s, v in evals]
     path.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
     return path
 
 
-def colour_rows(rows, colour) -> dict[int, list[int]]:
-    """column -> the rows where that colour is, for each column that has it."""
-    found: dict[int, list[int]] = {}
-    for y, row in enumerate(rows):
-        for x, pixel in enumerate(row):
-            if pixel == colour:
-                found.setdefault(x, []).append(y)
-    return found
+def falling(steps) -> list[tuple[int, float]]:
+    return [(s, 3.0 * math.exp(-s / 15) + 0.5) for s in steps]
 
 
-def mean(values) -> float:
-    return sum(values) / len(values)
+def labelled_lines(ax) -> dict[str, object]:
+    return {line.get_label(): line for line in ax.get_lines()}
 
 
-@pytest.mark.parametrize("falling", [True, False])
-def test_the_curve_is_drawn_where_the_loss_is(tmp_path, falling):
-    train = [(s, (3.0 * math.exp(-s / 15) + 0.5) if falling else 0.5 + s / 20) for s in range(2, 61, 2)]
-    evals = [(s, train[s // 2 - 1][1] + 0.2) for s in (20, 40, 60)]
+def test_a_png_of_the_expected_size_is_written_atomically(tmp_path):
+    from matplotlib.image import imread
+
+    train = falling(range(2, 61, 2))
+    evals = [(s, dict(train)[s] + 0.2) for s in (20, 40, 60)]
     png = plot.write_loss_png(write_metrics(tmp_path / "metrics.jsonl", train, evals),
-                              tmp_path / "loss.png")
+                              tmp_path / "loss.png", title="tiny: LoRA on cpu, 1 process")
     assert png == tmp_path / "loss.png"
-    width, height, rows = decode_png(png.read_bytes())
-    assert (width, height) == (plot.WIDTH, plot.HEIGHT)
-
-    line = colour_rows(rows, plot.TRAIN)
-    plot_width = plot.WIDTH - plot.LEFT - plot.RIGHT
-    assert len(line) >= 0.9 * plot_width  # the train line runs across the plot
-    columns = sorted(line)
-    early = mean([y for x in columns[:20] for y in line[x]])
-    late = mean([y for x in columns[-20:] for y in line[x]])
-    # Image rows grow downwards: a falling loss starts high (small y) and ends low.
-    assert (early < late - 50) if falling else (early > late + 50)
-
-    assert colour_rows(rows, plot.EVAL)  # the eval series, in its own colour
-    background = sum(pixel == plot.BACKGROUND for row in rows for pixel in row)
-    assert background > 0.5 * width * height
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    pixels = imread(png)
+    assert pixels.shape[:2] == (round(plot.FIGSIZE[1] * plot.DPI), round(plot.FIGSIZE[0] * plot.DPI))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def test_without_eval_there_is_no_eval_colour(tmp_path):
-    metrics = write_metrics(tmp_path / "m.jsonl", [(1, 2.0), (2, 1.5), (3, 1.4)])
-    _, _, rows = decode_png(plot.write_loss_png(metrics, tmp_path / "loss.png").read_bytes())
-    assert colour_rows(rows, plot.TRAIN) and not colour_rows(rows, plot.EVAL)
+def test_the_figure_has_losses_eval_and_learning_rate_panels():
+    train = falling(range(1, 31))
+    curves = plot.Curves(train=train, evals=[(10, 1.9), (20, 1.2), (30, 1.0)],
+                         learning_rates=[(s, 2e-4 * (1 - s / 31)) for s, _ in train])
+    fig = plot.figure(curves, "smollm2-135m: LoRA on ddp, 2 processes")
+    loss_ax, rate_ax = fig.axes  # two panels, the learning rate below
+    assert loss_ax.get_title() == "smollm2-135m: LoRA on ddp, 2 processes"
+    assert rate_ax.get_shared_x_axes().joined(loss_ax, rate_ax)
+    assert loss_ax.get_position().y0 > rate_ax.get_position().y0
+
+    lines = labelled_lines(loss_ax)
+    assert set(lines) == {plot.TRAIN_LABEL, plot.EVAL_LABEL}
+    assert list(lines[plot.TRAIN_LABEL].get_xdata()) == [s for s, _ in train]
+    assert list(lines[plot.TRAIN_LABEL].get_ydata()) == [v for _, v in train]
+    assert list(lines[plot.EVAL_LABEL].get_ydata()) == [1.9, 1.2, 1.0]
+    legend = loss_ax.get_legend()
+    assert legend is not None
+    assert {t.get_text() for t in legend.get_texts()} == {plot.TRAIN_LABEL, plot.EVAL_LABEL}
+    assert loss_ax.get_ylabel() == "loss"
+
+    assert list(labelled_lines(rate_ax)) == [plot.LEARNING_RATE_LABEL]
+    assert rate_ax.get_ylabel() == plot.LEARNING_RATE_LABEL
+    assert rate_ax.get_xlabel() == "step"
+
+
+def test_without_eval_or_learning_rate_there_is_one_panel_and_one_line():
+    fig = plot.figure(plot.Curves(train=[(1, 2.0), (2, 1.5), (3, 1.4)]))
+    (ax,) = fig.axes
+    assert list(labelled_lines(ax)) == [plot.TRAIN_LABEL]
+    assert ax.get_xlabel() == "step" and ax.get_ylabel() == "loss"
+    assert ax.get_title() == plot.DEFAULT_TITLE  # no run named
+
+
+def test_the_curves_read_from_metrics(tmp_path):
+    metrics = write_metrics(tmp_path / "m.jsonl", [(1, 2.0), (2, 1.5)], evals=[(2, 1.7)])
+    curves = plot.read_curves(metrics)
+    assert curves.train == [(1.0, 2.0), (2.0, 1.5)]
+    assert curves.evals == [(2.0, 1.7)]
+    assert [s for s, _ in curves.learning_rates] == [1.0, 2.0]
+    assert [v for _, v in curves.learning_rates] == pytest.approx([0.99e-4, 0.98e-4])
+    assert plot.read_points(metrics) == (curves.train, curves.evals)
+    without = write_metrics(tmp_path / "n.jsonl", [(1, 2.0), (2, 1.5)], learning_rate=False)
+    assert plot.read_curves(without).learning_rates == []
 
 
 @pytest.mark.parametrize("train", [[], [(5, 1.0)]])
@@ -109,8 +107,25 @@ def test_bad_lines_are_skipped_and_a_flat_loss_still_draws(tmp_path):
     out.parent.mkdir()
     out.write_bytes(b"an older plot")
     assert plot.write_loss_png(metrics, out) == out  # replaced
-    _, _, rows = decode_png(out.read_bytes())
-    line = colour_rows(rows, plot.TRAIN)
-    ys = {y for x in line for y in line[x]}
-    assert max(ys) - min(ys) <= 3  # a horizontal line, 2 pixels thick
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
     assert plot.read_points(metrics) == ([(1.0, 2.0), (3.0, 2.0)], [])
+    (ax,) = plot.figure(plot.read_curves(metrics)).axes
+    low, high = ax.get_ylim()
+    assert low < 2.0 < high  # a flat curve still gets a range
+
+
+def test_run_title_names_the_model_and_strategy():
+    from types import SimpleNamespace as Strategy
+
+    zero3 = Strategy(method="qlora", engine="deepspeed", zero_stage=3, offload=True, world_size=8)
+    assert (plot.run_title("smollm2-135m", zero3)
+            == "smollm2-135m: QLoRA on deepspeed (ZeRO-3) with CPU offload, 8 processes")
+    cpu = Strategy(method="lora", engine="cpu", zero_stage=None, offload=False, world_size=1)
+    assert plot.run_title("tiny", cpu) == "tiny: LoRA on cpu, 1 process"
+
+
+def test_importing_the_module_does_not_import_matplotlib():
+    code = ("import sys, ftlaunch.show.plot; "
+            "print(sorted(m for m in ('matplotlib', 'torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

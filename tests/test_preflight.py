@@ -28,6 +28,7 @@ from ftlaunch.detect import hardware
 from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.launch import preflight
+from ftlaunch.detect import runtime
 from ftlaunch.errors import UserError
 from ftlaunch.plan.planner import TrainSpec
 
@@ -268,7 +269,7 @@ def test_cpu_ram_estimate_covers_the_real_worker(tiny_run):
 def test_runtime_versions_name_the_runtime_and_the_libraries():
     import torch
 
-    versions = preflight.runtime_versions()
+    versions = runtime.runtime_versions()
     assert set(versions) >= {"python", "ftlaunch", "torch", "torch_cuda", "nccl", "cudnn",
                              "gpu_driver", "executable", "transformers", "peft", "trl",
                              "accelerate", "datasets", "bitsandbytes", "deepspeed", "click",

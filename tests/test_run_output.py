@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from conftest import parse_ftlaunch, run_ftlaunch
+from ftlaunch import units
 from ftlaunch.plan import estimate
 from ftlaunch.models import presets as models
 from ftlaunch.run import rank_logs
 from ftlaunch.show import report
 from ftlaunch.detect.hardware import _KNOWN_GPUS, known_gpu, parse_spec
 from ftlaunch.plan.planner import TrainSpec, plan
-from ftlaunch.show.report import PROGRESS_BAR_WIDTH, progress_line
+from ftlaunch.show.progress import PROGRESS_BAR_WIDTH, progress_line
 
 PROGRESS = re.compile(r"^\[(#*)(-*)\] step (\d+)/12 +(\d+)% \| loss (\d+\.\d{4}) \| lr \S+ \| "
                       r"(\S+) tok/s \| elapsed .+ \| ETA .+$")
@@ -264,6 +265,6 @@ def test_a_second_run_is_timed_by_the_first(tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     line = next(l for l in second.stdout.splitlines() if l.startswith("time "))
     seconds = 8 * 2 * 64 / entry["tokens_per_s"]  # 8 steps of 2 packed rows of 64 tokens
-    assert line == (f"time       ~{estimate.duration(seconds)} (measured "
+    assert line == (f"time       ~{units.duration(seconds)} (measured "
                     f"{entry['tokens_per_s']:,.0f} tok/s over 4 logged steps of an earlier run "
                     f"with the same plan, {tmp_path / 'first'} ({entry['date']}))")

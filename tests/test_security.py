@@ -5,6 +5,7 @@ code stays off unless asked; trackers get their settings passed through."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import shlex
 import stat
@@ -15,6 +16,7 @@ import pytest
 
 from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, run_ftlaunch
 from ftlaunch.run import directory as rundir
+from ftlaunch.run import record as run_record
 
 SECRETS = {"HF_TOKEN": "hf_SeCrEtToKeN0123456789abcdef",
            "HUGGING_FACE_HUB_TOKEN": "hf_OtherSecret9876543210fedcba",
@@ -160,7 +162,7 @@ def test_remote_code_is_off_unless_asked(tmp_path):
         proc = run_ftlaunch("--model", str(folder), "--random-init", "--dry-run",
                             "--output-dir", str(out), *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-        assert rundir.read_run_file(out)["model"]["trust_remote_code"] is expected
+        assert run_record.load(out).model.trust_remote_code is expected
 
 
 def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
@@ -168,10 +170,10 @@ def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
 
     run_dir = tiny_run[1]
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    record = rundir.read_run_file(run_dir)
-    assert train._training_config(run_dir, record, False).report_to in ([], ["none"], "none")
-    record["recipe"]["training"]["report_to"] = ["tensorboard"]
-    assert train._training_config(run_dir, record, False).report_to == ["tensorboard"]
+    record = run_record.load(run_dir)
+    assert train.training_config(run_dir, record).report_to in ([], ["none"], "none")
+    record = dataclasses.replace(record, trainer={**record.trainer, "report_to": ["tensorboard"]})
+    assert train.training_config(run_dir, record).report_to == ["tensorboard"]
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(run_dir / "tensorboard")
 
 
@@ -179,6 +181,6 @@ def test_every_tracker_of_transformers_and_only_those():
     """--report-to's table is transformers' own list of integrations."""
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from ftlaunch.launch import preflight
+    from ftlaunch.detect import runtime
 
-    assert set(preflight.REPORTERS) == set(INTEGRATION_TO_CALLBACK)
+    assert set(runtime.REPORTERS) == set(INTEGRATION_TO_CALLBACK)

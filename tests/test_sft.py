@@ -93,8 +93,9 @@ def test_preview_agrees_with_the_trainer(chat_run):
     from ftlaunch.data import tokenize as preview
 
     session, batch = _first_batch(chat_run)
-    record = yaml.safe_load((chat_run / "run.yaml").read_text())
-    tokenizer, _ = preview.load_tokenizer(record["model"], assistant_only=True)
+    from ftlaunch.run import record as run_record
+
+    tokenizer, _ = preview.load_tokenizer(run_record.load(chat_run).model, assistant_only=True)
     row = batch["input_ids"][0].tolist()
     labels = batch["labels"][0].tolist()
     # Find which example is in row 0 by matching its tokenization.
@@ -217,18 +218,19 @@ def test_the_loss_never_builds_the_full_logits(chat_run):
 
 
 def test_qlora_keeps_the_unquantized_weights_and_activations_16_bit(tmp_path):
-    """No fp32 upcast of embeddings, lm_head and norms (train._load_model): the memory
-    model counts them, and the residual stream, in the compute dtype."""
+    """No fp32 upcast of embeddings, lm_head and norms (models.load, as the worker loads a
+    QLoRA base): the memory model counts them, and the residual stream, in the compute dtype."""
     pytest.importorskip("bitsandbytes")
     import torch
 
     from ftlaunch.models import builtin as builtin_models
     from ftlaunch.models import presets as models
-    from ftlaunch.worker import main as train
+    from ftlaunch.models.load import load_base_model
+    from ftlaunch.models.source import ModelSource
 
     folder = builtin_models.materialize_builtin(models.resolve("tiny"))
-    plan = {"precision": "bf16", "method": "qlora", "engine": "single"}
-    model = train._load_model({"load_from": str(folder)}, plan, {"training": {}}, on_cpu=True)
+    tiny = ModelSource("tiny", "builtin:tiny", load_from=str(folder), tokenizer=str(folder))
+    model = load_base_model(tiny, torch.bfloat16, quantize_4bit=True, for_training=True)
     kinds = {type(p).__name__ for p in model.parameters()}
     assert "Params4bit" in kinds
     others = {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit"}
@@ -320,7 +322,7 @@ def test_random_init_rebuilds_the_same_base_in_training_and_export(tmp_path):
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["model"]["random_init"] is True and record["model"]["config"]
     from ftlaunch.worker import main as train
-    from ftlaunch.export.merge import load_adapted
+    from ftlaunch.export.adapted import load_adapted
 
     trained_base = train.build(run_dir).trainer.model.get_base_model().state_dict()
     exported_base = load_adapted(run_dir)[0].get_base_model().state_dict()

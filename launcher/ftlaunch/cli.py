@@ -9,7 +9,6 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from ftlaunch.launch import interrupts
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 from ftlaunch.plan.planner import ENGINES
 from ftlaunch.plan.recipe import METHODS
+from ftlaunch.show import summaries
+from ftlaunch.stop_flags import stop_options, stop_settings
 
 
 class _TrainByDefault(click.Group):
@@ -120,52 +121,9 @@ def cli():
     """
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str, flag: str) -> float:
-    """'90', '90s', '30m', '1h', '1h30m' -> seconds."""
-    value = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        seconds = float(value)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise UserError(f"{flag} {text!r} is not a duration; write it like 90s, 30m or 1h30m.")
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"{flag} {text!r} must be longer than zero.")
-    return seconds
-
-
-def _stop_options(func):
-    """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
-    stops are timed, what watches the run."""
-    func = click.option("--report-to", "report_to", metavar="TRACKER[,TRACKER]",
-                        help="Also log to these trackers: tensorboard (into RUN_DIR/tensorboard), "
-                             "wandb, mlflow, ... (their packages must be installed; credentials "
-                             "come from the environment, e.g. WANDB_API_KEY).")(func)
-    func = click.option("--stall-timeout", default="30m", show_default=True, metavar="DURATION",
-                        help="Stop the job when no rank has made progress (a step, an eval "
-                             "batch, a save) for this long: a hung collective or a stuck GPU is "
-                             "reported with each rank's last step, and a re-run resumes. 'off' "
-                             "disables it.")(func)
-    func = click.option("--join-timeout", default="15m", show_default=True, metavar="DURATION",
-                        help="Multi-node: how long the nodes wait for each other to start "
-                             "before giving up (exit 2).")(func)
-    func = click.option("--save-every", metavar="DURATION",
-                        help="Also write a checkpoint at least this often (30m, 1h), besides "
-                             "every save_steps steps.")(func)
-    func = click.option("--grace", default="120s", show_default=True, metavar="DURATION",
-                        help="On SIGTERM/SIGINT: time to finish the step and write a complete "
-                             "checkpoint before the job is killed (exit code 75 when it made "
-                             "it). A second signal stops at once.")(func)
-    return func
-
-
 @cli.command()
 @_job_options
-@_stop_options
+@stop_options
 @click.option("--dry-run", is_flag=True,
               help="Plan, write the configs and print the launch command; train nothing.")
 @click.option("--fresh", is_flag=True,
@@ -187,11 +145,6 @@ def train(**kwargs):
     return _train(kwargs, sys.argv[1:])
 
 
-def _cluster_line(context) -> str:
-    return (f"Multi-node ({context.source}): {context.nnodes} nodes, this is node "
-            f"{context.node_rank}, node 0 at {context.master_addr}:{context.master_port}")
-
-
 def _train(kwargs: dict, argv: list[str]) -> int:
     from ftlaunch.plan import job as job_mod
     from ftlaunch.launch import start
@@ -200,17 +153,9 @@ def _train(kwargs: dict, argv: list[str]) -> int:
         raise UserError(f"--hardware {kwargs['hardware']} describes a machine to plan for; "
                         "training runs on the hardware it finds. Use it with --dry-run (to "
                         "write the configs for that machine) or with `ftlaunch plan`.")
-    kwargs["join_timeout_s"] = parse_duration(kwargs.pop("join_timeout"), "--join-timeout")
-    kwargs["grace_s"] = parse_duration(kwargs.pop("grace"), "--grace")
-    every = kwargs.pop("save_every")
-    kwargs["save_every_s"] = parse_duration(every, "--save-every") if every else None
-    stall = str(kwargs.pop("stall_timeout")).strip().lower()
-    kwargs["stall_timeout_s"] = None if stall == "off" else parse_duration(stall, "--stall-timeout")
-    report_to = kwargs.pop("report_to")
-    kwargs["report_to"] = tuple(t.strip() for t in report_to.split(",") if t.strip()) \
-        if report_to else None
+    stop_settings(kwargs)
     job = job_mod.resolve(_to_options(kwargs))
-    interrupts.echo(_plan_summary(job.plan))
+    interrupts.echo(summaries.plan_summary(job.plan))
     return start.train(job, argv, interrupts.echo)
 
 
@@ -223,20 +168,10 @@ def resume(run_dir, changes):
     move to a smaller node, or `--grace 300s`."""
     import os
 
-    from ftlaunch.run import directory as rundir
+    from ftlaunch.run.resume_command import resume_argv
 
-    if not (run_dir / rundir.RUN_FILE).is_file():
-        raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
-                        f"{rundir.RUN_FILE}); nothing to resume. Pass the --output-dir of a "
-                        "training that was started (runs/<model> by default).")
-    record = rundir.read_run_file(run_dir)
-    command = [str(a) for a in record.get("command") or []]
-    if command[:1] == ["train"]:
-        command = command[1:]
-    command = [a for a in command if a not in ("--fresh", "--dry-run")]
-    argv = [*command, *changes, "--output-dir", str(run_dir.resolve())]
-    recorded_cwd = record.get("cwd")
-    if recorded_cwd and Path(recorded_cwd).is_dir():
+    argv, recorded_cwd = resume_argv(run_dir, changes)
+    if recorded_cwd:
         os.chdir(recorded_cwd)  # relative --data paths mean what they meant then
     interrupts.echo(f"ftlaunch resume: ftlaunch {' '.join(argv)}")
     with train.make_context("ftlaunch train", list(argv)) as ctx:
@@ -261,7 +196,7 @@ def plan(as_json, **kwargs):
     else:
         click.echo(report.plan_text(job.plan))
         if job.cluster.nnodes > 1:
-            click.echo(_cluster_line(job.cluster))
+            click.echo(summaries.cluster_line(job.cluster))
     if not job.plan.fits:
         click.echo("ftlaunch: the plan does not fit: " + "; ".join(job.plan.reasons) + ".",
                    err=True)
@@ -287,25 +222,17 @@ def hardware(as_json):
     else:
         click.echo(report.hardware_text(found))
         if context:
-            click.echo("  " + _cluster_line(context))
+            click.echo("  " + summaries.cluster_line(context))
     return 0
 
 
 @cli.command()
 def recipes():
     """List the bundled training recipes and model presets."""
-    from ftlaunch.models import presets as models
-    from ftlaunch.plan import recipe as recipes_mod
+    from ftlaunch.show.catalog import catalog_lines
 
-    click.echo("Training recipes (--recipe NAME):")
-    for name in recipes_mod.recipe_paths():
-        click.echo(f"  {name:<14} {recipes_mod.load_recipe(name).description}")
-    click.echo("\nModel presets (--model NAME):")
-    for name, entry in models.load_presets().items():
-        spec = models.resolve(name)
-        aliases = ", ".join(entry.get("aliases") or [])
-        click.echo(f"  {name:<14} {spec.parameters / 1e9:7.3f}B  {entry['id']}"
-                   + (f"  (also: {aliases})" if aliases else ""))
+    for line in catalog_lines():
+        click.echo(line)
     return 0
 
 
@@ -316,7 +243,7 @@ def recipes():
 @click.option("--base", "base_only", is_flag=True, help="Use the base model without the adapter.")
 def generate(run_dir, prompt, max_new_tokens, base_only):
     """Generate a reply with a finished run's adapter on its base model (greedy)."""
-    from ftlaunch.export import merge as export
+    from ftlaunch.export import generate as export
 
     click.echo(export.generate(run_dir, prompt, max_new_tokens, with_adapter=not base_only))
     return 0
@@ -378,48 +305,21 @@ def preview(index, show_tokens, **kwargs):
     """Show one example rendered as training sees it, with the trained tokens marked
     [+like this+], and token-length statistics of the whole set against --seq-len."""
     from ftlaunch.plan import job as job_mod
-    from ftlaunch.data import tokenize as preview_mod
+    from ftlaunch.data import tokenize
     from ftlaunch.launch import start
+    from ftlaunch.show.data_preview import preview_lines
 
     job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
     dataset, _ = start.load_data(job)
     if not 0 <= index < len(dataset):
         raise UserError(f"--index {index}: the data has {len(dataset)} examples (0-"
                         f"{len(dataset) - 1}).")
-    tokenizer, tokenized, assistant_only = preview_mod.tokenize_dataset(
+    tokenizer, tokenized, assistant_only = tokenize.tokenize_dataset(
         start.model_record(job, materialize=True), dataset, job.recipe.data)
-    stats = preview_mod.length_stats(tokenized, job.plan.seq_len)
-    example = tokenized[index]
-    source = dataset.path
-    click.echo(f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
-               f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
-    click.echo(f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "
-               "(marked [+ +]):\n")
-    click.echo(preview_mod.render(tokenizer, example, job.plan.seq_len,
-                                  color=sys.stdout.isatty()))
-    if show_tokens:
-        click.echo("\n" + preview_mod.token_table(tokenizer, example))
-    click.echo(f"\ntokens per example: shortest {stats.shortest}, median {stats.median}, "
-               f"95th percentile {stats.p95}, longest {stats.longest}; "
-               f"{stats.over_seq_len} longer than --seq-len {stats.seq_len}")
-    for note in preview_mod.check(stats, str(source)):
-        click.echo(f"note: {note}")
+    for line in preview_lines(dataset, tokenizer, tokenized, assistant_only, index,
+                              job.plan.seq_len, show_tokens, color=sys.stdout.isatty()):
+        click.echo(line)
     return 0
-
-
-def _loss_scope(kind: str, assistant_only: bool) -> str:
-    if kind == "conversational":
-        return "assistant turns only" if assistant_only else "whole conversations"
-    return "the completion only" if kind == "prompt_completion" else "all text"
-
-
-def _plan_summary(p) -> str:
-    from ftlaunch.detect.hardware import GIB, format_gib
-
-    return (f"ftlaunch plan: {p.model_id} | {p.method} on {p.engine} x{p.num_processes} | "
-            f"micro-batch {p.per_device_batch_size} x accumulation {p.gradient_accumulation_steps} "
-            f"= global {p.global_batch_size} | seq {p.seq_len} | "
-            f"peak {p.memory.total / GIB:.2f} of {format_gib(p.budget_bytes, 2)} per device")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -466,7 +366,7 @@ def _known_failure(exc: Exception) -> int:
     """A stop on a signal that a library's clean-up re-raised as its own error, or a full
     disk met by the launcher itself: one paragraph each. Anything else is a bug, and
     keeps its traceback."""
-    from ftlaunch.run import diskfull
+    from ftlaunch.launch import diskfull
 
     stop = interrupts.cause(exc)
     if stop is not None:

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING
 
 from ftlaunch.data import tokenize as preview
 from ftlaunch.errors import UserError
-from ftlaunch.run.directory import atomic_write
+from ftlaunch.models.source import ModelSource
+from ftlaunch.files import atomic_write
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -66,7 +67,7 @@ _STAGING = ".building"  # a build in progress: splits are made here, then moved 
 
 # ---------------------------------------------------------------- launcher side
 
-def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_options: dict,
+def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_options: dict,
           seq_len: int, num_proc: int = 1, seed: int = 42) -> dict:
     """Tokenize `dataset` (and `eval_dataset`, both `ftlaunch.data.read.Dataset`) into
     `cache_dir` as TRL's SFTTrainer would, or reuse the cache already there if it was
@@ -79,7 +80,7 @@ def build(cache_dir: Path, model_record: dict, dataset, eval_dataset, data_optio
     "reused"."""
     cache_dir = Path(cache_dir)
     only_assistant = preview.assistant_only(dataset.kind, data_options)
-    tokenizer, _ = preview.load_tokenizer(model_record, only_assistant)
+    tokenizer, _ = preview.load_tokenizer(model, only_assistant)
     splits = {"train": dataset}
     if eval_dataset is not None:
         splits["eval"] = eval_dataset

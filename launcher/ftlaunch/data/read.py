@@ -1,26 +1,17 @@
-"""Training data: read, detect the format, validate, canonicalize, fingerprint. No torch.
+"""Training data: find and read it, and fingerprint what was read. No torch.
 
 The launcher reads and validates the data once before any worker starts, so
 a bad line fails in a second with its file and line number instead of inside
-eight ranks after model loading. Workers read the same source with the same code.
+eight ranks after model loading. The workers never read the source: they load the
+tokenized data cache the launcher writes from these rows (data/cache.py).
 
 Sources: a .jsonl, .json (a list, or JSON lines), .csv (header row) or .parquet
 file; a folder of such files (read in name order, not recursively); a folder
 written by `datasets.save_to_disk`; or a Hugging Face Hub dataset id
 (`org/name`, its train split) that is not a local path.
 
-Source formats, told apart by the first example's keys unless data.format says:
-    messages           {"messages": [{"role", "content"}, ...]}          (OpenAI chat)
-    sharegpt           {"conversations": [{"from", "value"}, ...]}
-    alpaca             {"instruction", "input" (optional), "output"}
-    prompt_completion  {"prompt", "completion"}
-    human_assistant    {"text": "### Human: ... ### Assistant: ..."}     (guanaco style)
-    text               {"text"}
-Every example comes out in one of three canonical kinds (Dataset.kind):
-    conversational     {"messages": [{"role", "content"}, ...]}   messages, sharegpt, alpaca,
-                                                                    human_assistant
-    prompt_completion  {"prompt": str, "completion": str}
-    text               {"text": str}
+What the examples may look like, and the canonical kinds they become, is in
+data/formats.py.
 """
 
 from __future__ import annotations
@@ -35,37 +26,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftlaunch.data import formats
+from ftlaunch.data.formats import DATA_FORMAT_CHOICES, Row
 from ftlaunch.errors import UserError
 from ftlaunch.hashing import update_with_file
 
-ROLES = ("system", "user", "assistant")
-KINDS = {
-    "messages": "conversational",
-    "sharegpt": "conversational",
-    "alpaca": "conversational",
-    "prompt_completion": "prompt_completion",
-    "human_assistant": "conversational",
-    "text": "text",
-}
-FORMATS = tuple(KINDS)
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
-HUMAN, ASSISTANT = "### Human:", "### Assistant:"
-_MARKER = re.compile(r"### (Human|Assistant):")
-# Fields each format needs, and (for columnar sources) the columns it reads.
-REQUIRED = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "human_assistant": ("text",),
-    "text": ("text",),
-}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _FILE_SUFFIXES = SUFFIXES + (".txt", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml", ".xlsx")
-_SHOWN_PROBLEMS = 3
 _WHAT_WE_READ = ("ftlaunch reads .jsonl, .json, .csv and .parquet files, a folder of them, a "
                  "folder written by datasets' save_to_disk, or a Hugging Face Hub dataset id "
                  "(org/name)")
@@ -74,19 +43,13 @@ _WHAT_WE_READ = ("ftlaunch reads .jsonl, .json, .csv and .parquet files, a folde
 @dataclass(frozen=True)
 class Dataset:
     path: Path | str  # the resolved local file or folder, or the Hub dataset id
-    format: str       # the source format: one of FORMATS
+    format: str       # the source format: one of formats.DATA_FORMATS
     kind: str         # conversational | prompt_completion | text
     rows: tuple[dict, ...]  # canonical rows of that kind
     fingerprint: str  # "sha256:..." over the bytes read, or "hub:<datasets fingerprint>"
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-@dataclass(frozen=True)
-class _Row:
-    where: str  # "<file>, line 7" / "<file>, row 3": how an error names this example
-    data: dict
 
 
 # ---------------------------------------------------------------- entry point
@@ -111,8 +74,8 @@ def load(source: str | Path, format: str = "auto", system_prompt: str | None = N
 
 
 def _load(source: str | Path, format: str, system_prompt: str | None) -> Dataset:
-    if format not in ("auto",) + FORMATS:
-        raise UserError(f"data.format {format!r} is not one of {', '.join(('auto',) + FORMATS)}.")
+    if format not in DATA_FORMAT_CHOICES:
+        raise UserError(f"data.format {format!r} is not one of {', '.join(DATA_FORMAT_CHOICES)}.")
     text = str(source)
     local = Path(text).expanduser()
     if local.is_file() or (local.is_dir() and not _is_saved_dataset(local)):
@@ -203,15 +166,15 @@ def _family(path: Path) -> str:
 def _from_files(label_path: Path, files: list[Path], format: str,
                 system_prompt: str | None) -> Dataset:
     """Read each file, tell the format from each file's first example, and require one."""
-    rows: list[_Row] = []
+    rows: list[Row] = []
     first_format: tuple[str, str] | None = None  # (format, where)
     for file in files:
         file_columns, file_rows = _read_file(file)
         if not file_rows:
             continue
-        detected = format if format != "auto" else _detect(file_rows[0])
+        detected = format if format != "auto" else formats.detect(file_rows[0])
         if file_columns is not None:
-            _check_columns(file, file_columns, detected)
+            formats.check_columns(file, file_columns, detected, _flag())
         if format == "auto":
             if first_format is None:
                 first_format = (detected, file_rows[0].where)
@@ -225,7 +188,7 @@ def _from_files(label_path: Path, files: list[Path], format: str,
                   fingerprint(label_path))
 
 
-def _read_file(path: Path) -> tuple[set[str] | None, list[_Row]]:
+def _read_file(path: Path) -> tuple[set[str] | None, list[Row]]:
     """The rows of one file, and its column names for CSV and Parquet (None for JSON)."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -246,7 +209,12 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(prefix)
 
 
-def _read_json_array(path: Path) -> list[_Row]:
+def _not_text(path: Path) -> str:
+    return (f"{path} is not UTF-8 text (a binary file, or another encoding): ftlaunch reads "
+            f"UTF-8 .jsonl, .json and .csv text or .parquet; save it as UTF-8, or pass another {_flag()}.")
+
+
+def _read_json_array(path: Path) -> list[Row]:
     """A .json file holding one list of examples; errors name list positions ("item N")."""
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -259,11 +227,11 @@ def _read_json_array(path: Path) -> list[_Row]:
         if not isinstance(item, dict):
             raise UserError(f"{path}, item {index}: expected a JSON object, got "
                             f"{type(item).__name__}.")
-        rows.append(_Row(f"{path}, item {index}", item))
+        rows.append(Row(f"{path}, item {index}", item))
     return rows
 
 
-def _read_jsonl(path: Path) -> list[_Row]:
+def _read_jsonl(path: Path) -> list[Row]:
     rows = []
     try:
         with open(path, encoding="utf-8-sig") as f:
@@ -280,7 +248,7 @@ def _read_jsonl(path: Path) -> list[_Row]:
                 if not isinstance(row, dict):
                     raise UserError(f"{path}, line {number}: expected a JSON object, got "
                                     f"{type(row).__name__}.")
-                rows.append(_Row(f"{path}, line {number}", row))
+                rows.append(Row(f"{path}, line {number}", row))
     except UnicodeDecodeError:
         raise UserError(_not_text(path)) from None
     except OSError as exc:
@@ -298,7 +266,7 @@ def _one_object(path: Path) -> None:
                     "examples ([{...}, {...}]) or one example object per line (JSON lines).")
 
 
-def _read_csv(path: Path) -> tuple[set[str], list[_Row]]:
+def _read_csv(path: Path) -> tuple[set[str], list[Row]]:
     """CSV with a header row. Errors name spreadsheet rows: the header is row 1."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are normal in training data
     rows = []
@@ -311,7 +279,7 @@ def _read_csv(path: Path) -> tuple[set[str], list[_Row]]:
                     if None in record:
                         raise UserError(f"{path}, row {number}: {len(header) + len(record[None])} "
                                         f"fields but the header row has {len(header)}.")
-                    rows.append(_Row(f"{path}, row {number}", _csv_cells(record)))
+                    rows.append(Row(f"{path}, row {number}", _csv_cells(record)))
             except csv.Error as exc:
                 raise UserError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from None
     except UnicodeDecodeError:
@@ -334,7 +302,7 @@ def _csv_cells(record: dict) -> dict:
     return row
 
 
-def _read_parquet(path: Path) -> tuple[set[str], list[_Row]]:
+def _read_parquet(path: Path) -> tuple[set[str], list[Row]]:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -342,11 +310,11 @@ def _read_parquet(path: Path) -> tuple[set[str], list[_Row]]:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as exc:
         raise UserError(f"{path} cannot be read as a Parquet file ({exc}).") from None
-    rows = [_Row(f"{path}, row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
+    rows = [Row(f"{path}, row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
     return set(table.column_names), rows
 
 
-def _read_saved(folder: Path) -> tuple[str, set[str], list[_Row]]:
+def _read_saved(folder: Path) -> tuple[str, set[str], list[Row]]:
     import datasets
 
     try:
@@ -366,7 +334,7 @@ def _read_saved(folder: Path) -> tuple[str, set[str], list[_Row]]:
     return label, set(loaded.column_names), _dataset_rows(label, loaded)
 
 
-def _read_hub(dataset_id: str) -> tuple[str, set[str], list[_Row], str]:
+def _read_hub(dataset_id: str) -> tuple[str, set[str], list[Row], str]:
     import datasets
 
     try:
@@ -383,210 +351,17 @@ def _read_hub(dataset_id: str) -> tuple[str, set[str], list[_Row], str]:
             "hub:" + str(loaded._fingerprint))
 
 
-def _dataset_rows(label: str, loaded) -> list[_Row]:
-    return [_Row(f"{label}, row {i}", row) for i, row in enumerate(loaded, start=1)]
+def _dataset_rows(label: str, loaded) -> list[Row]:
+    return [Row(f"{label}, row {i}", row) for i, row in enumerate(loaded, start=1)]
 
 
-# ---------------------------------------------------------------- formats
+# ---------------------------------------------------------------- dataset
 
-def _not_text(path: Path) -> str:
-    return (f"{path} is not UTF-8 text (a binary file, or another encoding): ftlaunch reads "
-            f"UTF-8 .jsonl, .json and .csv text or .parquet; save it as UTF-8, or pass another {_flag()}.")
-
-
-def _build(label: str, columns: set[str] | None, rows: list[_Row], format: str,
+def _build(label: str, columns: set[str] | None, rows: list[Row], format: str,
            system_prompt: str | None, origin: Path | str, digest: str) -> Dataset:
     if not rows:
         raise UserError(f"{_flag()} {label} holds no examples: give a file with one example per "
                         f"line (JSON Lines), or another {_flag()}.")
-    detected = _detect(rows[0]) if format == "auto" else format
-    if columns is not None:
-        _check_columns(label, columns, detected)
-    kind = KINDS[detected]
-    if system_prompt and kind != "conversational":
-        raise UserError(f"data.system_prompt is set, but {_flag()} {label} holds {detected} data, "
-                        "not conversations; system prompts apply to chat data only (formats "
-                        "messages, sharegpt, alpaca, human_assistant). Remove data.system_prompt "
-                        "or convert the data to chat messages.")
-    convert = _CONVERTERS[detected]
-    checked, problems, count = [], [], 0
-    for row in rows:
-        try:
-            canonical = convert(row.data)
-        except _Problem as problem:
-            count += 1
-            if len(problems) <= _SHOWN_PROBLEMS:
-                problems.append(f"{row.where} (format {detected}): {problem}")
-            continue
-        turns = canonical.get("messages")
-        if system_prompt and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": system_prompt})
-        checked.append(canonical)
-    if count:
-        raise UserError(_report(problems, count, format == "auto"))
-    return Dataset(path=origin, format=detected, kind=kind, rows=tuple(checked), fingerprint=digest)
-
-
-def _report(problems: list[str], count: int, detected: bool) -> str:
-    message = problems[0] + "."
-    if count > 1:
-        more = "; ".join(problems[1:_SHOWN_PROBLEMS + 1])
-        rest = count - 1 - len(problems[1:_SHOWN_PROBLEMS + 1])
-        message += (f" {count - 1} more example{'s' if count > 2 else ''} "
-                    f"{'have' if count > 2 else 'has'} problems: {more}"
-                    + (f"; and {rest} more" if rest else "") + ".")
-    if detected:
-        message += (" The format was told from the first example; set another with "
-                    "--set data.format=NAME if that guess is wrong.")
-    return message
-
-
-class _Problem(Exception):
-    """What is wrong with one example; _build adds where it is."""
-
-
-def _detect(first: _Row) -> str:
-    row = first.data
-    if "messages" in row:
-        return "messages"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row:
-        return "alpaca"
-    if "prompt" in row or "completion" in row:
-        return "prompt_completion"
-    if "text" in row:
-        text = row["text"]
-        if isinstance(text, str) and HUMAN in text and ASSISTANT in text:
-            return "human_assistant"
-        return "text"
-    raise UserError(f"{first.where}: cannot tell the data format from keys {sorted(row)}; "
-                    "expected `messages` (chat), `conversations` (sharegpt), `instruction` + "
-                    "`output` (alpaca), `prompt` + `completion`, or `text`. Set it with "
-                    f"--set data.format={'|'.join(FORMATS)}.")
-
-
-def _check_columns(label, columns: set[str], fmt: str) -> None:
-    """CSV, Parquet and datasets have columns: a missing one is one error, not one per row."""
-    missing = [name for name in REQUIRED[fmt] if name not in columns]
-    if missing:
-        raise UserError(f"{_flag()} {label} (format {fmt}): no {_names(missing)} column"
-                        f"{'s' if len(missing) > 1 else ''}; format {fmt} needs "
-                        f"{_names(REQUIRED[fmt])}, and the columns are "
-                        f"{', '.join(sorted(columns)) or '(none)'}.")
-
-
-def _names(fields) -> str:
-    return ", ".join(f"`{name}`" for name in fields)
-
-
-def _missing(row: dict, fmt: str) -> None:
-    missing = [name for name in REQUIRED[fmt] if row.get(name) is None]
-    if missing:
-        raise _Problem(f"missing {_names(missing)}")
-
-
-def _string(row: dict, key: str, nonempty: bool) -> str:
-    value = row[key]
-    if not isinstance(value, str):
-        raise _Problem(f"`{key}` must be a string, not {type(value).__name__}")
-    if nonempty and not value.strip():
-        raise _Problem(f"`{key}` is empty, so there is nothing to train on")
-    return value
-
-
-def _chat(turns: list[dict], field: str) -> dict:
-    if not any(t["role"] == "assistant" for t in turns):
-        raise _Problem(f"no assistant message in `{field}`, so nothing to train on")
-    for number, turn in enumerate(turns, start=1):
-        if turn["role"] == "assistant" and not turn["content"].strip():
-            raise _Problem(f"assistant message {number} in `{field}` is empty")
-    return {"messages": turns}
-
-
-def _messages(row: dict) -> dict:
-    _missing(row, "messages")
-    return _chat(_turns(row["messages"], "messages", "role", "content",
-                        {role: role for role in ROLES}), "messages")
-
-
-def _sharegpt(row: dict) -> dict:
-    _missing(row, "sharegpt")
-    return _chat(_turns(row["conversations"], "conversations", "from", "value",
-                        SHAREGPT_ROLES, fold_case=True), "conversations")
-
-
-def _turns(items, field: str, speaker_key: str, text_key: str, roles: dict,
-           fold_case: bool = False) -> list[dict]:
-    """A list of {speaker, text} objects as {role, content} turns, checked."""
-    if not isinstance(items, list) or not items:
-        raise _Problem(f"`{field}` must be a non-empty list of {{{speaker_key}, {text_key}}} "
-                       "objects")
-    turns = []
-    for item in items:
-        if not isinstance(item, dict) or speaker_key not in item or text_key not in item:
-            raise _Problem(f"every entry of `{field}` needs `{speaker_key}` and `{text_key}`")
-        speaker = item[speaker_key]
-        if isinstance(speaker, str) and fold_case:
-            speaker = speaker.lower()
-        role = roles.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            raise _Problem(f"`{speaker_key}` {item[speaker_key]!r} is not one of "
-                           f"{', '.join(roles)}")
-        if not isinstance(item[text_key], str):
-            raise _Problem(f"`{text_key}` must be a string")
-        turns.append({"role": role, "content": item[text_key]})
-    return turns
-
-
-def _alpaca(row: dict) -> dict:
-    _missing(row, "alpaca")
-    instruction = _string(row, "instruction", nonempty=False)
-    output = _string(row, "output", nonempty=True)
-    extra = row.get("input")
-    if extra is not None and not isinstance(extra, str):
-        raise _Problem(f"`input` must be a string, not {type(extra).__name__}")
-    parts = [part for part in (instruction, extra) if part and part.strip()]
-    if not parts:
-        raise _Problem("`instruction` and `input` are both empty, so there is no prompt")
-    user = "\n\n".join(parts)
-    return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": output}]}
-
-
-def _prompt_completion(row: dict) -> dict:
-    _missing(row, "prompt_completion")
-    return {"prompt": _string(row, "prompt", nonempty=False),
-            "completion": _string(row, "completion", nonempty=True)}
-
-
-def _human_assistant(row: dict) -> dict:
-    _missing(row, "human_assistant")
-    text = _string(row, "text", nonempty=True)
-    parts = _MARKER.split(text)  # [before, speaker, content, speaker, content, ...]
-    if len(parts) < 3:
-        raise _Problem(f"`text` has no `{HUMAN}` / `{ASSISTANT}` turns")
-    if parts[0].strip():
-        raise _Problem(f"`text` has text before its first `{HUMAN}` or `{ASSISTANT}` marker")
-    turns = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role = "user" if speaker == "Human" else "assistant"
-        if role == "user" and not content.strip():
-            raise _Problem(f"`text` has an empty `{HUMAN}` turn")
-        turns.append({"role": role, "content": content.strip()})
-    return _chat(turns, "text")
-
-
-def _text(row: dict) -> dict:
-    _missing(row, "text")
-    return {"text": _string(row, "text", nonempty=True)}
-
-
-_CONVERTERS = {
-    "messages": _messages,
-    "sharegpt": _sharegpt,
-    "alpaca": _alpaca,
-    "prompt_completion": _prompt_completion,
-    "human_assistant": _human_assistant,
-    "text": _text,
-}
+    detected, kind, checked = formats.canonicalize(label, columns, rows, format, system_prompt,
+                                                   _flag())
+    return Dataset(path=origin, format=detected, kind=kind, rows=checked, fingerprint=digest)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftlaunch.errors import UserError
+from ftlaunch.models.source import ModelSource
 
 
 BATCH = 256  # rows per call into the tokenizer
@@ -44,12 +45,12 @@ def assistant_only(kind: str, data_options: dict) -> bool:
     return kind == "conversational" and bool(data_options.get("assistant_only_loss", True))
 
 
-def load_tokenizer(model_record: dict, assistant_only: bool):
+def load_tokenizer(model: ModelSource, assistant_only: bool):
     """The run's tokenizer, with the training chat template when the loss is on assistant
     turns; returns (tokenizer, where the template came from or None)."""
     from ftlaunch.data import chat_templates
 
-    if _built_here(model_record):
+    if _built_here(model):
         # The class ftlaunch built it as, and the one AutoTokenizer resolves it to, without
         # importing torch and the model's config to find that out (seconds of every start).
         from transformers import PreTrainedTokenizerFast as loader
@@ -57,27 +58,27 @@ def load_tokenizer(model_record: dict, assistant_only: bool):
         from transformers import AutoTokenizer as loader
     try:
         tokenizer = loader.from_pretrained(
-            model_record["tokenizer"], trust_remote_code=bool(model_record.get("trust_remote_code")))
+            model.tokenizer, trust_remote_code=model.trust_remote_code)
     except OSError as exc:
-        raise UserError(f"Cannot load the tokenizer of {model_record['tokenizer']}: {exc}") from None
+        raise UserError(f"Cannot load the tokenizer of {model.tokenizer}: {exc}") from None
     return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
 
 
-def _built_here(model_record: dict) -> bool:
+def _built_here(model: ModelSource) -> bool:
     """The tokenizer is ftlaunch's own (builtin_models.build_tokenizer): a built-in preset's,
     its adapter's copy, or the one a --random-init model borrows from `tiny`."""
     from ftlaunch.models import builtin as builtin_models
     from ftlaunch.models import presets as models
 
-    if str(model_record.get("source", "")).startswith("builtin:"):
+    if model.is_builtin:
         return True
-    return Path(model_record["tokenizer"]) == builtin_models.builtin_path(models.resolve("tiny"))
+    return Path(model.tokenizer) == builtin_models.builtin_path(models.resolve("tiny"))
 
 
 NO_TEMPLATE = "none"  # data that no chat template renders
 
 
-def template_digest(model_record: dict, kind: str, data_options: dict) -> str | None:
+def template_digest(model: ModelSource, kind: str, data_options: dict) -> str | None:
     """A digest of the chat template that renders conversational data (the training one
     chat_templates chose): what a resume compares, since another template trains other
     tokens. NO_TEMPLATE for other data; None when it cannot be known yet (a dry run
@@ -85,21 +86,21 @@ def template_digest(model_record: dict, kind: str, data_options: dict) -> str | 
     import hashlib
     import json
 
-    path = Path(model_record["tokenizer"])
+    path = Path(model.tokenizer)
     if kind != "conversational":
         return NO_TEMPLATE
     if path.is_absolute() and not path.exists():
         return None
-    tokenizer, _ = load_tokenizer(model_record, assistant_only(kind, data_options))
+    tokenizer, _ = load_tokenizer(model, assistant_only(kind, data_options))
     template = tokenizer.chat_template
     text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def tokenize_dataset(model_record: dict, dataset, data_options: dict, rows=None):
+def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None):
     """(tokenizer, [Tokenized] for `rows` (default: all of dataset), assistant_only)."""
     only_assistant = assistant_only(dataset.kind, data_options)
-    tokenizer, _ = load_tokenizer(model_record, only_assistant)
+    tokenizer, _ = load_tokenizer(model, only_assistant)
     check_tokenizer(tokenizer, dataset.kind)
     rows = list(dataset.rows if rows is None else rows)
     tokenized = []

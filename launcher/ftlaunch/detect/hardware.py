@@ -18,14 +18,7 @@ from pathlib import Path
 import psutil
 
 from ftlaunch.errors import UserError
-
-GIB = 1024**3
-
-
-def format_gib(n: int, digits: int) -> str:
-    """Bytes as GiB for people, e.g. format_gib(3 * GIB // 2, 1) == "1.5 GiB"."""
-    return f"{n / GIB:.{digits}f} GiB"
-
+from ftlaunch.units import GIB, MIB
 
 # Compute capability of GPUs that specs name; bf16 needs sm_80 (Ampere) or newer.
 _KNOWN_GPUS: dict[str, tuple[int, int]] = {
@@ -205,7 +198,7 @@ def _nvidia_smi_gpus() -> list[Gpu]:
             continue
         index, name, mem_mib, cap = parts
         major, _, minor = cap.partition(".")
-        gpus[index] = Gpu(name=name, memory_bytes=int(float(mem_mib)) * 1024**2,
+        gpus[index] = Gpu(name=name, memory_bytes=int(float(mem_mib)) * MIB,
                           compute_capability=(int(major), int(minor or 0)))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:

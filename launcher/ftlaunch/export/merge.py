@@ -1,5 +1,5 @@
-"""What a finished run hands over: the adapter, applied to its base model for generation,
-or merged into it as a standalone model (`ftlaunch merge`)."""
+"""`ftlaunch merge`: a finished run's adapter merged into its base model, checked against
+base + adapter on probe logits, and saved as a standalone model folder (atomically)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import socket
 from pathlib import Path
 
 from ftlaunch import filemodes
-from ftlaunch.run import directory as rundir
-from ftlaunch.models.builtin import build_random_model
 from ftlaunch.errors import UserError
+from ftlaunch.export import adapted
 from ftlaunch.hashing import update_with_file
 
 MERGE_RECORD = "ftlaunch-merge.json"
@@ -36,57 +35,6 @@ PROBE_CONVERSATIONS = (
 PROBE_MAX_TOKENS = 64
 
 
-def load_adapted(run_dir: Path, with_adapter: bool = True):
-    """(model with adapter, tokenizer) from a finished run, on CPU or the first GPU.
-
-    with_adapter=False gives the base model alone, to compare before and after."""
-    run_dir = Path(run_dir)
-    record = _finished_record(run_dir)
-    device, dtype = _device_and_dtype()
-    model = load_base(record, dtype)
-    if with_adapter:
-        model = _apply_adapter(model, run_dir)
-    return model.to(device).eval(), _load_tokenizer(run_dir, record)
-
-
-def load_base(record: dict, dtype):
-    """The run's base model, unquantised and in `dtype`, on CPU.
-
-    A QLoRA run trained against 4-bit weights, but what is loaded here is always the
-    16/32-bit checkpoint at record["model"]["load_from"]; a --random-init run's base is
-    rebuilt from its config with the run's seed, exactly as training built it."""
-    from transformers import AutoModelForCausalLM
-
-    model_info = record["model"]
-    trust = bool(model_info.get("trust_remote_code"))
-    if model_info.get("random_init"):
-        seed = record["recipe"]["training"].get("seed", 42)  # what training seeded
-        return build_random_model(model_info["config"], seed, dtype=dtype,
-                                  trust_remote_code=trust)
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_info["load_from"], dtype=dtype,
-                                                    trust_remote_code=trust)
-    except OSError as exc:
-        raise UserError(f"Cannot load the run's base model {model_info['load_from']}: {exc}") from None
-
-
-def generate(run_dir: Path, prompt: str, max_new_tokens: int = 48, with_adapter: bool = True) -> str:
-    import torch
-
-    model, tokenizer = load_adapted(run_dir, with_adapter)
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 def merge(run_dir: Path, out: Path | None = None) -> Path:
     """Merge a finished run's adapter into its base model and save a standalone model.
 
@@ -103,7 +51,7 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
     is refused. The returned folder holds the model, the tokenizer and
     ftlaunch-merge.json (the check's numbers; see read_merge_record)."""
     run_dir = Path(run_dir)
-    record = _finished_record(run_dir)
+    record = adapted.finished_record(run_dir)
     out = Path(out) if out is not None else run_dir / "merged"
     adapter_digest = _adapter_digest(run_dir)
     _recover_interrupted(out)
@@ -111,14 +59,14 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
 
     import torch
 
-    device, dtype = _device_and_dtype()
-    tokenizer = _load_tokenizer(run_dir, record)
-    base = load_base(record, dtype)
+    device, dtype = adapted.device_and_dtype()
+    tokenizer = adapted.load_tokenizer(run_dir, record)
+    base = adapted.load_base(record, dtype)
     if getattr(base.config, "quantization_config", None):
-        raise UserError(f"The base checkpoint {record['model'].get('load_from')} is itself "
+        raise UserError(f"The base checkpoint {record.model.load_from} is itself "
                         "quantised; merging into quantised weights would round the adapter away. "
                         "Merge into an unquantised copy of the base instead. Nothing was saved.")
-    model = _apply_adapter(base, run_dir).to(device).eval()
+    model = adapted.apply_adapter(base, run_dir).to(device).eval()
     probes = [p.to(device) for p in probe_inputs(tokenizer)]
     with torch.no_grad():
         expected = [model(**p).logits.float() for p in probes]
@@ -151,9 +99,9 @@ def merge(run_dir: Path, out: Path | None = None) -> Path:
     merge_record = {
         "run_dir": str(run_dir.resolve()),
         "adapter_sha256": adapter_digest,
-        "base": ("random-init:" + record["model"].get("name", "?")
-                 if record["model"].get("random_init") else record["model"]["load_from"]),
-        "trained_method": record.get("plan", {}).get("method"),
+        "base": ("random-init:" + record.model.name if record.model.random_init
+                 else record.model.load_from),
+        "trained_method": record.strategy.method,
         "dtype": dtype_name,
         "device": device,
         "probe_tokens": sum(int(p["input_ids"].numel()) for p in probes),
@@ -189,42 +137,6 @@ def probe_inputs(tokenizer) -> list:
         batches.append(tokenizer(text, return_tensors="pt", add_special_tokens=not templated,
                                  truncation=True, max_length=PROBE_MAX_TOKENS))
     return batches
-
-
-def _finished_record(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} does not exist or is not a run directory; pass the "
-                        "--output-dir of a finished training.")
-    if not (run_dir / rundir.RUN_FILE).is_file():
-        raise UserError(f"{run_dir} is not an ftlaunch run directory (it has no "
-                        f"{rundir.RUN_FILE}); pass the --output-dir of a finished training.")
-    if not rundir.is_finished(run_dir):
-        raise UserError(f"{run_dir} has no finished adapter yet (no {run_dir / 'adapter'}); "
-                        "finish or resume the training first.")
-    return rundir.read_run_file(run_dir)
-
-
-def _device_and_dtype():
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
-
-
-def _apply_adapter(base, run_dir: Path):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-
-
-def _load_tokenizer(run_dir: Path, record: dict):
-    """The tokenizer saved with the adapter (with the chat template training used)."""
-    from ftlaunch.data import tokenize as preview
-
-    tokenizer, _ = preview.load_tokenizer({**record["model"], "tokenizer": str(run_dir / "adapter")},
-                                          assistant_only=False)
-    return tokenizer
 
 
 def _adapter_digest(run_dir: Path) -> str:

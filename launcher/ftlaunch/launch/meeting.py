@@ -33,9 +33,9 @@ from pathlib import Path
 
 from ftlaunch.errors import UserError
 from ftlaunch.run.directory import LAUNCH_MARK
+from ftlaunch.run.record import NODE_LOCAL, SHARED
 
 PROTOCOL = 1
-SHARED, NODE_LOCAL = "shared", "node-local"
 _LINE_LIMIT = 1 << 20
 
 

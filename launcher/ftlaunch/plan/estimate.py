@@ -83,23 +83,3 @@ def gpu_seconds(model: ModelSpec, plan: Plan, tokens: int) -> float | None:
     return tokens * flops_per_token(model, plan) / rate
 
 
-def duration(seconds: float) -> str:
-    """0.4 s, 12 s, 4 min 10 s, 3 h 05 min, 2 d 4 h."""
-    if seconds < 10:
-        return f"{max(seconds, 0):.1f} s"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    if seconds < 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
-
-
-def count(n: float) -> str:
-    """1234 -> 1.2k, 5_600_000 -> 5.6M."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"

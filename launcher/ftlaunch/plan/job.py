@@ -17,7 +17,7 @@ from ftlaunch.detect import hardware as hw
 from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.plan import recipe as recipes
-from ftlaunch.run import directory as rundir
+from ftlaunch.identity import RESUME_CHANGEABLE
 from ftlaunch.errors import UserError
 
 
@@ -131,13 +131,13 @@ def _resume_settings(options: Options) -> Options:
             continue
         if key.strip() != "resume.allow_changed":
             raise UserError(f"--set {key.strip()}: the only resume setting is resume.allow_changed "
-                            f"(any of {', '.join(rundir.RESUME_CHANGEABLE)}, comma-separated).")
+                            f"(any of {', '.join(RESUME_CHANGEABLE)}, comma-separated).")
         names = [n.strip() for n in value.strip().strip("[]").split(",") if n.strip()]
-        unknown = [n for n in names if n not in rundir.RESUME_CHANGEABLE]
+        unknown = [n for n in names if n not in RESUME_CHANGEABLE]
         if unknown or not names:
             raise UserError(f"--set resume.allow_changed={value}: {', '.join(unknown) or 'nothing'} "
                             f"is not something a resume can allow to change; choose from "
-                            f"{', '.join(rundir.RESUME_CHANGEABLE)}.")
+                            f"{', '.join(RESUME_CHANGEABLE)}.")
         allowed += names
     return replace(options, sets=tuple(sets), allow_changed=tuple(dict.fromkeys(allowed)))
 

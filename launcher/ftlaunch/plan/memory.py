@@ -25,11 +25,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ftlaunch.models.presets import ModelSpec, lora_parameter_count
+from ftlaunch.units import MIB
 
 if TYPE_CHECKING:
     from ftlaunch.plan.planner import Candidate, TrainSpec
-
-MIB = 1024**2
 
 # NF4 with double quantisation (Dettmers et al. 2023, QLoRA, section 3): 4 bits per
 # weight, an 8-bit absmax per 64-weight block, one fp32 constant per 256 blocks:
@@ -163,7 +162,7 @@ def weights_bytes(model: ModelSpec, method: str, on_gpu: bool, shards: int, offl
     LoRA: 2 bytes per parameter (bf16/fp16); fp32 on CPU. QLoRA: the decoder's
     linear layers in NF4; embeddings, lm_head and norms stay in the compute dtype
     (bitsandbytes replaces nn.Linear only, transformers skips lm_head, and ftlaunch
-    does not upcast them: see train._load_model).
+    does not upcast them: see models.load).
     Sharded engines hold 1/world of it plus the two layers being all-gathered
     (current and prefetched: FSDP's forward/backward prefetch, ZeRO-3's prefetch
     bucket), plus the embeddings and lm_head whole: FSDP's root unit, which holds

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ftlaunch.plan import memory
 from ftlaunch.errors import UserError
-from ftlaunch.detect.hardware import Hardware, format_gib
+from ftlaunch.detect.hardware import Hardware
+from ftlaunch.units import format_gib
 from ftlaunch.models.presets import ModelSpec, lora_parameter_count
 
 ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed", "cpu")

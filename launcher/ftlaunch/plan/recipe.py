@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ftlaunch.plan import config_fields
-from ftlaunch.data.read import FORMATS
+from ftlaunch.data.formats import DATA_FORMAT_CHOICES
 from ftlaunch.errors import UserError
 from ftlaunch.resources import recipes_dir
 
@@ -33,7 +33,6 @@ DATA_KEYS: dict[str, type | tuple] = {
     "eval_split": (int, float),  # fraction held out for evaluation
     "eval_data": (str, type(None)),  # a separate evaluation file
 }
-DATA_FORMATS = ("auto", *FORMATS)
 METHODS = ("auto", "lora", "qlora")
 
 # SFTConfig fields the plan or a flag decides; setting them by hand would
@@ -108,7 +107,7 @@ RANGES = {
         "lora_dropout": _FRACTION,
     },
 }
-# Keys whose type check (and, for report_to, preflight.check_reporters) says all there is.
+# Keys whose type check (and, for report_to, detect.runtime.check_reporters) says all there is.
 _CHECKED_HERE = {"training": {"report_to", *RANGES["training"]},
                  "lora": {"target_modules", "bias", *RANGES["lora"]}}
 
@@ -138,6 +137,15 @@ class Recipe:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The seed when a recipe names none (TRL's default too): training, random init, and the
+# data cache's held-out split all take the run's seed from `seed`.
+DEFAULT_SEED = 42
+
+
+def seed(training: dict) -> int:
+    return int(training.get("seed", DEFAULT_SEED))
 
 
 def packing(data: dict) -> bool:
@@ -273,8 +281,9 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
         if not isinstance(value, DATA_KEYS[key]):
             raise UserError(f"data.{key}={value!r} has the wrong type.")
         data[key] = value
-    if data.get("format", "auto") not in DATA_FORMATS:
-        raise UserError(f"data.format must be one of {', '.join(DATA_FORMATS)}, not {data['format']!r}.")
+    if data.get("format", "auto") not in DATA_FORMAT_CHOICES:
+        raise UserError(f"data.format must be one of {', '.join(DATA_FORMAT_CHOICES)}, "
+                        f"not {data['format']!r}.")
     return replace(recipe, training=training, lora=lora, data=data)
 
 
@@ -329,7 +338,7 @@ def _check_with_libraries(training: dict, lora: dict, evaluates: bool, shown: st
         from trl import SFTConfig
 
         settings = {**TRAINER_DEFAULTS, **(eval_defaults(training) if evaluates else {}),
-                    **training, "report_to": "none"}  # trackers: preflight.check_reporters
+                    **training, "report_to": "none"}  # trackers: runtime.check_reporters
         checks.append(("TRL's SFTConfig", lambda: SFTConfig(
             output_dir=str(Path(tempfile.gettempdir()) / "ftlaunch-validate"), use_cpu=True,
             **settings)))

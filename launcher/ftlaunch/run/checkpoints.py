@@ -37,8 +37,13 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # Trainer-format checkpoints (adapter, optimizer.pt, rng_state_<rank>.pth) load on any
 # process count; DeepSpeed and FSDP ones hold per-process shards of the optimizer.
-FORMATS = {"cpu": "trainer", "single": "trainer", "ddp": "trainer",
-           "deepspeed": "deepspeed", "fsdp": "fsdp"}
+CHECKPOINT_FORMATS = {"cpu": "trainer", "single": "trainer", "ddp": "trainer",
+                      "deepspeed": "deepspeed", "fsdp": "fsdp"}
+
+
+def format_of(engine: str) -> str:
+    """The checkpoint format an engine writes."""
+    return CHECKPOINT_FORMATS.get(engine, engine)
 
 
 @dataclass(frozen=True)

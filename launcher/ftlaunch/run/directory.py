@@ -1,6 +1,6 @@
 """The run directory: what a run leaves behind and how a re-run finds it.
 
-    run.yaml          resolved config: command, plan, versions, data fingerprint
+    run.yaml          the run record (ftlaunch.run.record): command, plan, versions, data
     accelerate.yaml   generated (ds_config.json too for DeepSpeed)
     checkpoints/      checkpoint-<step>/ complete ones only (ftlaunch.run.checkpoints);
                       .incoming/ being written, set-aside/ torn ones kept for inspection
@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ftlaunch.run import checkpoints
 from ftlaunch.errors import UserError
+from ftlaunch.files import atomic_write
+from ftlaunch.identity import RESUME_CHANGEABLE
 
 RUN_FILE = "run.yaml"
 # Node 0 of a multi-node job marks its run directory with this + a launch id while the
@@ -46,13 +46,6 @@ STOP_FILE = "stopped.json"
 NON_FINITE_STOP = "non-finite loss"
 # Per-rank files: reports, logs, heartbeats, errors.
 RANKS_DIR = "ranks"
-# Identity fields (start._identity) that --set resume.allow_changed may let a resume change,
-# and the global batch a checkpoint was trained with. Not the LoRA shape or
-# --random-init: the checkpoint's weights would not load.
-RESUME_CHANGEABLE = ("model", "method", "data", "eval_data", "eval_split", "seq_len",
-                     "data_format", "chat_template", "system_prompt", "packing",
-                     "assistant_only_loss",
-                     "global_batch")
 
 
 @dataclass(frozen=True)
@@ -120,7 +113,9 @@ def prepare(output_dir: Path, identity: dict, fresh: bool,
         if fresh:
             moved = _move_aside(output_dir)
         else:
-            previous = read_run_file(output_dir).get("identity", {})
+            from ftlaunch.run import record as run_record  # it imports this module
+
+            previous = run_record.load(output_dir).identity
             differences = describe_differences(previous, identity)
             finished = is_finished(output_dir)
             found = None if finished else checkpoints.scan(output_dir / "checkpoints")
@@ -219,35 +214,6 @@ def _move_aside(output_dir: Path) -> Path:
         suffix += 1
     output_dir.rename(target)
     return target
-
-
-def atomic_write(path: Path, data: str | bytes, sync: bool = True) -> Path:
-    """Write beside and rename: a reader sees the old file or the whole new one.
-    sync=False for files whose loss in a machine crash does not matter (heartbeats)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not land before the bytes do
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_run_file(run_dir: Path, record: dict) -> Path:
-    return atomic_write(run_dir / RUN_FILE, yaml.safe_dump(record, sort_keys=False))
-
-
-def read_run_file(run_dir: Path) -> dict:
-    path = run_dir / RUN_FILE
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path} cannot be read ({exc}); the run directory is damaged.") from None
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 from ftlaunch.detect.hardware import free_disk
@@ -33,7 +32,7 @@ _NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Storag
 # is (nearly) full now, with the partly written file still on it.
 _WRITE_FAILED_TEXT = re.compile(r"PytorchStreamWriter failed writing file|file write failed|"
                                 r"inline_container\.cc:\d+\] \. unexpected pos")
-_NEARLY_FULL_BYTES = 64 * 2**20
+NEARLY_FULL_BYTES = 64 * 2**20
 
 
 def _chain(exc: BaseException):
@@ -61,7 +60,7 @@ def detect(exc: BaseException, run_dir: Path) -> dict | None:
     if not found:
         if not any(_WRITE_FAILED_TEXT.search(str(link)) for link in _chain(exc)):
             return None
-        if free is None or free >= _NEARLY_FULL_BYTES:
+        if free is None or free >= NEARLY_FULL_BYTES:
             return None  # a write failed for another reason: not to be called a full disk
     return {"path": path and str(path), "filesystem": mount_point(where), "free_bytes": free}
 
@@ -90,7 +89,7 @@ def _size(path: Path) -> int:
 
 def message(record: dict, run_dir: Path, resume_point: str, newest_checkpoint: Path | None) -> str:
     """The launcher's paragraph for a rank's disk-full record."""
-    from ftlaunch.launch.preflight import human_size as size
+    from ftlaunch.units import human_size as size
 
     free = _free(run_dir)
     free = free if free is not None else record.get("free_bytes")
@@ -106,54 +105,3 @@ def message(record: dict, run_dir: Path, resume_point: str, newest_checkpoint: P
             f"intact. Free space on {record.get('filesystem')} (or move the run directory to a "
             f"larger disk), then re-run the same command to resume from {resume_point}. "
             f"Exit code {DISK_FULL_EXIT}.")
-
-
-class LauncherDiskFull(Exception):
-    """A full disk met by the launcher itself, with detect()'s account of it."""
-
-    def __init__(self, found: dict, error: BaseException):
-        super().__init__(launcher_message(found, error))
-        self.found = found
-
-
-@contextmanager
-def told_as_full(run_dir: Path):
-    """Around what the launcher writes before any worker starts (the data cache, the run
-    files): a full disk there is LauncherDiskFull, one paragraph instead of a traceback."""
-    from ftlaunch.launch import interrupts
-    from ftlaunch.errors import UserError
-
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as exc:
-        found = detect(exc, run_dir)
-        if found is None:
-            raise
-        interrupts.stop_children()  # the tokenizer's pool
-        raise LauncherDiskFull(found, exc) from None
-
-
-def launcher_message(found: dict, error: BaseException) -> str:
-    """The paragraph for a full disk met by the launcher itself (tokenizing the data,
-    writing the run files), before any worker started."""
-    from ftlaunch.launch.preflight import human_size as size
-
-    free = found.get("free_bytes")
-    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    if found.get("path") is None and (free is None or free >= _NEARLY_FULL_BYTES):
-        # The error names no file and the run's filesystem has room: another one filled
-        # (the tokenizer's pool uses /dev/shm and the temporary folder).
-        return (f"A disk is full: ftlaunch could not write while preparing the run ({text}). "
-                f"The run directory's filesystem, {found.get('filesystem')}, "
-                + (f"has {size(free)} free, " if free is not None else "")
-                + "so it is another one it wrote to: /dev/shm or the temporary folder (TMPDIR) "
-                "are the usual ones. Nothing was trained. Free space there (or point TMPDIR at a "
-                f"larger disk), then re-run the same command. Exit code {DISK_FULL_EXIT}.")
-    return (f"The disk is full: ftlaunch could not write {found.get('path') or 'the run files'} "
-            f"(filesystem {found.get('filesystem')}"
-            + (f", {size(free)} free now" if free is not None else "") + f": {text}) while "
-            "preparing the run; nothing was trained, and the run directory is as a re-run "
-            f"expects. Free space on {found.get('filesystem')} (or choose an --output-dir on a "
-            f"larger disk), then re-run the same command. Exit code {DISK_FULL_EXIT}.")

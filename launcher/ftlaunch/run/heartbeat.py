@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftlaunch.run.directory import RANKS_DIR, atomic_write
+from ftlaunch.files import atomic_write
+from ftlaunch.run.directory import RANKS_DIR
 
 STALL_FILE = "stalled.json"
 # The phase a rank reports once training is over (evaluation, the adapter's checksum and

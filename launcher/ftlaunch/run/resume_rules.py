@@ -19,6 +19,7 @@ import math
 
 from ftlaunch.run import checkpoints
 from ftlaunch.run import directory as rundir
+from ftlaunch.run import record as run_record
 from ftlaunch.errors import UserError
 
 _OPTIMIZER_STATE = ("the checkpoint's optimizer state brings back the old value with it, "
@@ -133,7 +134,7 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
     process count may change, except for DeepSpeed's per-rank ZeRO partitions."""
     was = checkpoint.manifest
     name = checkpoint.path.name
-    fmt = checkpoints.FORMATS.get(plan.engine, plan.engine)
+    fmt = checkpoints.format_of(plan.engine)
     if was.get("format") != fmt:
         raise UserError(
             f"{name} was written by a {was.get('engine')} run; this plan trains with "
@@ -172,10 +173,9 @@ def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> li
     # The training settings of the launch before this one: run.yaml is rewritten only
     # once every check here has passed.
     run_dir = checkpoint.path.parent.parent
-    recorded = ((rundir.read_run_file(run_dir).get("recipe") or {})
-                if (run_dir / rundir.RUN_FILE).is_file() else {})
-    if recorded.get("training"):
-        said += notes(recorded["training"], recipe.training, checkpoint.step)
+    recorded = run_record.load(run_dir).training_settings if run_record.exists(run_dir) else {}
+    if recorded:
+        said += notes(recorded, recipe.training, checkpoint.step)
     return said
 
 

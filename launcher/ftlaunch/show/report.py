@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ftlaunch.plan import estimate
-from ftlaunch.detect.hardware import GIB, Hardware, format_gib
+from ftlaunch.detect.hardware import Hardware
+from ftlaunch.units import GIB, count, duration, format_gib
 from ftlaunch.plan.planner import Plan
 
 
@@ -92,8 +93,8 @@ def run_text(plan: Plan, model, size, data_note: str = "", measured=None,
     """The run's size and its time: from a measured rate of this plan (ftlaunch.launch.throughput)
     where one was kept, else, on known GPUs, the FLOPs estimate (ftlaunch.plan.estimate)."""
     steps = f"{size.steps} steps" if size.steps else "steps: set by the epochs"
-    lines = [f"run        {steps} x {estimate.count(size.tokens_per_step)} tokens"
-             + (f" = {estimate.count(size.tokens)} tokens" if size.tokens else "") + data_note]
+    lines = [f"run        {steps} x {count(size.tokens_per_step)} tokens"
+             + (f" = {count(size.tokens)} tokens" if size.tokens else "") + data_note]
     left = ""
     tokens = size.tokens
     if size.steps and 0 < done_steps < size.steps:
@@ -101,35 +102,16 @@ def run_text(plan: Plan, model, size, data_note: str = "", measured=None,
         left = f" for the {size.steps - done_steps} steps left"
     if tokens and measured is not None:
         seconds = tokens / measured.tokens_per_s
-        lines.append(f"time       ~{estimate.duration(seconds)}{left} ({measured.source()})")
+        lines.append(f"time       ~{duration(seconds)}{left} ({measured.source()})")
         return lines
     seconds = estimate.gpu_seconds(model, plan, tokens) if tokens else None
     if seconds is not None:
-        lines.append(f"time       ~{estimate.duration(seconds)}{left} (estimate: FLOPs at "
+        lines.append(f"time       ~{duration(seconds)}{left} (estimate: FLOPs at "
                      f"{estimate.MFU[plan.method]:.0%} of the GPU's 16-bit peak; the progress line "
                      "shows the measured rate)")
     else:
         lines.append("time       measured once training runs: the progress line shows the ETA")
     return lines
-
-
-PROGRESS_BAR_WIDTH = 20
-
-
-def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_s,
-                  elapsed_s: float, steps_done: int) -> str:
-    """Rank 0's line per logged step: a bar, the step, loss, rate and time left (from
-    the steps this launch has run: a resume does not count the earlier ones as fast)."""
-    fraction = min(step / max_steps, 1.0) if max_steps > 0 else 0.0
-    filled = round(fraction * PROGRESS_BAR_WIDTH)
-    bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
-    rate = f"{estimate.count(tokens_per_s)} tok/s" if tokens_per_s else "- tok/s"
-    if steps_done > 0 and max_steps > step:
-        eta = estimate.duration(elapsed_s / steps_done * (max_steps - step))
-    else:
-        eta = "-" if max_steps > step else "0 s"
-    return (f"[{bar}] step {step}/{max_steps} {fraction:4.0%} | loss {loss:.4f} | "
-            f"lr {lr:.2e} | {rate} | elapsed {estimate.duration(elapsed_s)} | ETA {eta}")
 
 
 def hardware_text(hw: Hardware) -> str:

@@ -27,19 +27,20 @@ from transformers import TrainerCallback
 
 from ftlaunch import filemodes
 from ftlaunch.run import checkpoints
-from ftlaunch.plan import config_fields
 from ftlaunch.worker import fsdp_checkpoint
 from ftlaunch.worker import fsdp_cpu
 from ftlaunch.worker import peak_memory
 from ftlaunch.data import tokenize as preview
 from ftlaunch.run import rank_logs
-from ftlaunch.plan import recipe as recipes
-from ftlaunch.show import report
+from ftlaunch.show.progress import progress_line
 from ftlaunch.run import resume_rules as resume_changes
 from ftlaunch.run import directory as rundir
 from ftlaunch.worker import shard_report
 from ftlaunch.run import heartbeat as heartbeat_mod
-from ftlaunch.launch.meeting import NODE_LOCAL
+from ftlaunch.run import record as run_record
+from ftlaunch.models.load import load_base_model, precision_dtype
+from ftlaunch.models.source import ModelSource
+from ftlaunch.files import atomic_write
 from ftlaunch.errors import UserError, exit_quickly
 
 
@@ -73,24 +74,25 @@ class Session:
 
 def build(run_dir: Path, stop: "_StopRequest | None" = None) -> Session:
     """Everything up to trainer.train(): also how tests inspect the real batches."""
-    record = rundir.read_run_file(run_dir)
-    plan, recipe, model_info = record["plan"], record["recipe"], record["model"]
-    on_cpu = not plan["hardware"]["gpus_per_node"]
-    fsdp_on_cpu = on_cpu and plan["engine"] == "fsdp"
-    if plan["engine"] == "fsdp":
+    record = run_record.load(run_dir)
+    strategy = record.strategy
+    fsdp_on_cpu = strategy.on_cpu and strategy.engine == "fsdp"
+    if strategy.engine == "fsdp":
         fsdp_checkpoint.enable()  # or resume would lose the adapter and AdamW's state
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(fsdp_cpu.enable)
-    kind = record["data"].get("kind", "conversational")
-    train_set, eval_set = _load_datasets(run_dir, record["data"])
+    train_set, eval_set = _load_datasets(run_dir, record)
     # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
     # makes from_pretrained build the model already partitioned (zero.Init).
-    config = _training_config(run_dir, record, eval_set is not None)
+    config = training_config(run_dir, record)
     # The training template (generation markers) also goes out with the adapter.
-    tokenizer = _load_tokenizer(model_info, preview.assistant_only(kind, recipe["data"]))
-    model = _load_model(model_info, plan, recipe, on_cpu)
-    trainer, recorder = _build_trainer(run_dir, config, recipe, model, tokenizer, train_set,
-                                       eval_set)
+    tokenizer = _load_tokenizer(record.model,
+                                preview.assistant_only(record.data.kind, record.data_options))
+    model = load_base_model(record.model, precision_dtype(record.strategy.precision),
+                            quantize_4bit=record.strategy.method == "qlora",
+                            seed=record.seed, for_training=True)
+    trainer, recorder = _build_trainer(run_dir, config, record.lora, model, tokenizer,
+                                       train_set, eval_set)
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
     stop = stop or _StopRequest()
@@ -123,8 +125,8 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     # The launcher asks for every thread's stack this way when the job stalls; it is
     # written from the signal handler itself, so even a rank stuck in C code answers.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    record = rundir.read_run_file(run_dir)
-    _watch_launcher(stop, float(record["checkpointing"]["grace_s"]))
+    record = run_record.load(run_dir)
+    _watch_launcher(stop, float(record.checkpointing.grace_s))
     session = build(run_dir, stop)
     trainer, recorder, tokenizer = session.trainer, session.recorder, session.tokenizer
     if trainer.is_world_process_zero():  # a run killed before its first checkpoint starts over
@@ -156,17 +158,18 @@ def run(run_dir: Path, resume_from: Path | None) -> None:
     if writes_run_files:
         checkpoints.clear_incoming(run_dir / "checkpoints")  # only TRL's model card is left there
     if trainer.is_world_process_zero():
-        from ftlaunch.show.plot import write_loss_png
+        from ftlaunch.show.plot import run_title, write_loss_png
 
         try:
-            write_loss_png(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        except OSError as exc:  # a picture is not worth failing a finished training for
+            write_loss_png(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                           title=run_title(record.model.name, record.strategy))
+        except Exception as exc:  # a picture is not worth failing a finished training for
             print(f"ftlaunch: could not write loss.png: {exc}", flush=True)
         print(f"ftlaunch: training finished, adapter in {run_dir / 'adapter'}", flush=True)
 
 
-def _load_tokenizer(model_info: dict, assistant_only: bool):
-    tokenizer, template = preview.load_tokenizer(model_info, assistant_only)
+def _load_tokenizer(model: ModelSource, assistant_only: bool):
+    tokenizer, template = preview.load_tokenizer(model, assistant_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if template and int(os.environ.get("RANK", "0")) == 0:
@@ -174,147 +177,40 @@ def _load_tokenizer(model_info: dict, assistant_only: bool):
     return tokenizer
 
 
-def _attention_implementation(dtype) -> str:
-    """flash_attention_2 where it is installed and can run (Ampere or newer, 16-bit),
-    else PyTorch's SDPA. Both honour the position_ids of packed sequences."""
-    import importlib.util
-
-    import torch
-
-    if (importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 8
-            and dtype in (torch.bfloat16, torch.float16)):
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def _load_model(model_info: dict, plan: dict, recipe: dict, on_cpu: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"],
-                                                                         torch.float32)
-    kwargs: dict = {"dtype": compute_dtype,
-                    "attn_implementation": _attention_implementation(compute_dtype),
-                    "trust_remote_code": bool(model_info.get("trust_remote_code"))}
-    if plan["method"] == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            # FSDP can only shard the packed 4-bit weights if they are stored in
-            # the same dtype as everything else it flattens.
-            bnb_4bit_quant_storage=compute_dtype,
-        )
-    if model_info.get("random_init"):
-        from ftlaunch.models.builtin import build_random_model
-
-        model = build_random_model(model_info["config"], recipe["training"].get("seed", 42),
-                                   dtype=compute_dtype,
-                                   attn_implementation=kwargs["attn_implementation"])
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_info["load_from"], **kwargs)
-        except OSError as exc:
-            raise UserError(f"Cannot load model {model_info['load_from']}: {exc}") from None
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    # QLoRA without PEFT's prepare_model_for_kbit_training: it upcasts every 16-bit
-    # parameter left after quantisation to fp32, which doubles the embeddings and lm_head
-    # (+2 GiB for Llama 3 8B) and, through the fp32 norm weights, turns the residual stream
-    # and the MLP outputs fp32 under autocast (twice the activation memory). The frozen
-    # base stays in the compute dtype, as torchtune and Unsloth keep it; RMSNorm still
-    # computes its variance in fp32. PEFT freezes the base, and non-reentrant gradient
-    # checkpointing (the Trainer's) needs no input gradients.
-    return model
-
-
-def _load_datasets(run_dir: Path, data_record: dict):
+def _load_datasets(run_dir: Path, record: run_record.RunRecord):
     """(train, eval or None) from the data cache the launcher tokenized and split
     (ftlaunch.data.cache): no rank tokenizes, and every rank reads the same rows."""
     from ftlaunch.data import cache as data_cache
 
-    if "cache" not in data_record:
+    if record.data.cache is None or record.trainer is None:
         raise UserError(f"{run_dir / rundir.RUN_FILE} names no data cache: it was written by "
                         "`ftlaunch --dry-run`. Start the run with the same ftlaunch command "
                         "without --dry-run; it tokenizes the data first.")
-    return data_cache.load(run_dir / data_cache.DIRECTORY, data_record["cache"]["fingerprint"])
+    return data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
 
 
-def _training_config(run_dir, record, has_eval):
+def training_config(run_dir: Path, record: run_record.RunRecord):
+    """TRL's SFTConfig: the arguments the launcher resolved into the run record
+    (plan.trainer_args), writing into the run's checkpoint staging area."""
     from trl import SFTConfig
 
-    plan, recipe = record["plan"], record["recipe"]
-    # CPU ranks: DDP and FSDP run as accelerate's CPU type (gloo); DeepSpeed instead runs
-    # its CPU accelerator under its own type, with the backend named (_ddp_backend).
-    use_cpu = not plan["hardware"]["gpus_per_node"] and plan["engine"] != "deepspeed"
-    training = dict(recipe["training"])
-    training.setdefault("ddp_timeout", record["distributed"]["timeout_s"])
-    # Run directories on each node's own disk: every node keeps whole checkpoints.
-    training["save_on_each_node"] = record["nodes"]["storage"] == NODE_LOCAL
-    # Retention is ours (ftlaunch.run.checkpoints.retain): it only ever deletes after a newer
-    # checkpoint is complete.
-    training.pop("save_total_limit", None)
-    data = recipe["data"]
-    # Paged AdamW rides out memory spikes on a GPU (QLoRA paper); it needs CUDA.
-    training.setdefault("optim", "adamw_torch" if not plan["hardware"]["gpus_per_node"]
-                        else "paged_adamw_32bit")
-    if has_eval:
-        training = {**recipes.eval_defaults(training), **training}
-        training.setdefault("per_device_eval_batch_size", plan["per_device_batch_size"])
-    # transformers 5.2x renamed gradient_checkpointing; older 5.x only has the old name.
-    prefix = ("activation" if "activation_checkpointing" in config_fields.fields("training")
-              else "gradient")
-    training[f"{prefix}_checkpointing"] = plan["gradient_checkpointing"]
-    training[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     config = SFTConfig(
         # The Trainer writes into the staging area; _Checkpointing moves each checkpoint
         # into checkpoints/ once it is complete.
         output_dir=str(run_dir / "checkpoints" / checkpoints.INCOMING),
-        per_device_train_batch_size=plan["per_device_batch_size"],
-        gradient_accumulation_steps=plan["gradient_accumulation_steps"],
-        max_length=plan["seq_len"],
-        use_cpu=use_cpu,
-        bf16=plan["precision"] == "bf16",
-        fp16=plan["precision"] == "fp16",
-        # Loss only on what the model should learn to write (the assistant's turns of a
-        # conversation, the completion of a prompt/completion pair): the data cache's labels
-        # already say so; TRL takes them as they are, and refuses assistant_only_loss on
-        # tokenized data.
-        assistant_only_loss=False,
-        completion_only_loss=False,
-        # Best-fit packing, padding-free: examples share a row without attending to each
-        # other (position_ids restart per example), and no compute goes to padding.
-        packing=recipes.packing(data),
-        ddp_backend=_ddp_backend(plan),
-        # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
-        **{**recipes.TRAINER_DEFAULTS,
-           "ddp_find_unused_parameters": False if plan["num_processes"] > 1 else None,
-           **training},
-    )
+        **record.trainer)
     # Trackers' local files belong to the run (transformers 5 reads these, not logging_dir).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     return config
 
 
-def _ddp_backend(plan: dict) -> str | None:
-    """DeepSpeed without a GPU needs the backend named: accelerate only works it out for
-    CUDA, and without one it would count a single process (and the Trainer's batch
-    arithmetic would disagree with ds_config.json)."""
-    if plan["engine"] == "deepspeed" and not plan["hardware"]["gpus_per_node"]:
-        return "gloo"
-    return None
-
-
-def _build_trainer(run_dir, config, recipe, model, tokenizer, train_set, eval_set):
+def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set):
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    lora = LoraConfig(task_type="CAUSAL_LM", **recipe["lora"])
+    lora = LoraConfig(task_type="CAUSAL_LM", **lora_settings)
     callback = _MetricsCallback(run_dir / "metrics.jsonl")
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
@@ -383,7 +279,7 @@ class _MetricsCallback(TrainerCallback):
                                                     / (now - then), 1)
             self._since = (now, tokens)
             row.update(peak_memory.read())
-            line = report.progress_line(state.global_step, state.max_steps, logs["loss"],
+            line = progress_line(state.global_step, state.max_steps, logs["loss"],
                                  logs.get("learning_rate", 0), row.get("tokens_per_s"),
                                  now - self._began[0], state.global_step - self._began[1])
         else:
@@ -567,7 +463,7 @@ def _trim_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    rundir.atomic_write(path, "".join(line + "\n" for line in kept))
+    atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 NON_FINITE = rundir.NON_FINITE_STOP
@@ -742,12 +638,11 @@ class _Checkpointing(TrainerCallback):
     checkpoint at max_steps would be one a resume must never train from (the Trainer
     would run a step past the end)."""
 
-    def __init__(self, run_dir: Path, record: dict, stop: _StopRequest,
+    def __init__(self, run_dir: Path, record: run_record.RunRecord, stop: _StopRequest,
                  guard: _NonFiniteGuard):
-        settings = record["checkpointing"]
         self.root = run_dir / "checkpoints"
-        self.keep = settings["keep"]
-        self.save_every = settings["save_every_s"]
+        self.keep = record.checkpointing.keep
+        self.save_every = record.checkpointing.save_every_s
         self.record = record
         self.stop = stop
         self.guard = guard
@@ -827,7 +722,7 @@ class _Checkpointing(TrainerCallback):
     def _manifest(self, args, state) -> dict:
         import datetime as dt
 
-        plan, record = self.record["plan"], self.record
+        record = self.record
         global_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                         * args.world_size)
         return {
@@ -839,12 +734,12 @@ class _Checkpointing(TrainerCallback):
             "global_batch_size": global_batch,
             "samples_seen": state.global_step * global_batch,
             "max_steps": state.max_steps,
-            "engine": plan["engine"],
-            "format": checkpoints.FORMATS.get(plan["engine"], plan["engine"]),
-            "plan_hash": record.get("plan_hash"),
-            "data_fingerprint": record["data"]["fingerprint"],
-            "identity": record.get("identity"),
-            "versions": {k: v for k, v in record.get("versions", {}).items() if k != "executable"},
+            "engine": record.strategy.engine,
+            "format": record.strategy.checkpoint_format,
+            "plan_hash": record.plan_hash,
+            "data_fingerprint": record.data.fingerprint,
+            "identity": record.identity,
+            "versions": {k: v for k, v in record.versions.items() if k != "executable"},
         }
 
 

@@ -1,0 +1,37 @@
+"""`ftlaunch data preview`: one tokenized example as training sees it, the trained tokens
+marked, and the token lengths of the whole set against --seq-len."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ftlaunch.data import tokenize
+
+
+def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assistant_only: bool,
+                  index: int, seq_len: int, show_tokens: bool, color: bool) -> Iterator[str]:
+    """The lines `ftlaunch data preview` prints for example `index` of `dataset` (a
+    data.read.Dataset) tokenized as `tokenized`. The last ones are notes from
+    data.tokenize.check, which raises a UserError, after the rest is printed, when
+    nothing could be trained."""
+    stats = tokenize.length_stats(tokenized, seq_len)
+    example = tokenized[index]
+    source = dataset.path
+    yield (f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
+           f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
+    yield (f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "
+           "(marked [+ +]):\n")
+    yield tokenize.render(tokenizer, example, seq_len, color=color)
+    if show_tokens:
+        yield "\n" + tokenize.token_table(tokenizer, example)
+    yield (f"\ntokens per example: shortest {stats.shortest}, median {stats.median}, "
+           f"95th percentile {stats.p95}, longest {stats.longest}; "
+           f"{stats.over_seq_len} longer than --seq-len {stats.seq_len}")
+    for note in tokenize.check(stats, str(source)):
+        yield f"note: {note}"
+
+
+def _loss_scope(kind: str, assistant_only: bool) -> str:
+    if kind == "conversational":
+        return "assistant turns only" if assistant_only else "whole conversations"
+    return "the completion only" if kind == "prompt_completion" else "all text"
