@@ -226,7 +226,7 @@ def plain_argv(variant: str, model_dir: str, rec: dict, the_plan: dict, steps: i
         argv += ["--chat-template", str(template)]
     if variant == "plain, matched":
         argv += ["--gradient-checkpointing", "on" if the_plan["gradient_checkpointing"] else "off",
-                 "--optim", "adamw_torch",  # ftlaunch's optimizer on CPU (train.py)
+                 "--optim", "adamw_torch",  # ftlaunch's optimizer on CPU (plan/trainer_args.py)
                  "--packing", "on" if rec["data"].get("packing", True) else "off",
                  "--save-steps", str(int(rec["training"].get("save_steps", 500)))]
     return argv

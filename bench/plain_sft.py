@@ -97,8 +97,9 @@ def recipe_flags(recipe: dict, plan: dict, steps: int) -> list[str]:
 class CountingCollator:
     """Measurement only: per collated batch, the tokens with a label (the ones the loss is
     on) and all input ids, and a SHA-256 of the input ids in order, as ftlaunch's
-    _BatchRecorder computes it. The dataloader collates one batch ahead of the step that
-    uses it, so the trained tokens are summed over the first global_step batches only."""
+    BatchRecorder (ftlaunch.worker.callbacks) computes it. The dataloader collates one
+    batch ahead of the step that uses it, so the trained tokens are summed over the first
+    global_step batches only."""
 
     def __init__(self, collator):
         self.collator = collator

@@ -101,7 +101,7 @@ def test_a_torn_leftover_of_the_same_step_is_set_aside_not_overwritten(tmp_path)
 def _plan(processes: int, global_batch: int = 4, engine: str = "auto", gpus: str = "cpu"):
     machine = hardware.parse_spec(gpus)
     spec = planner.TrainSpec(seq_len=64, global_batch_size=global_batch, method="lora",
-                             engine=engine, processes=processes)
+                             engine=engine, processes_per_node=processes)
     return planner.plan(machine, models.resolve("tiny"), spec)
 
 
@@ -190,7 +190,7 @@ def test_without_a_checkpoint_any_change_starts_the_run_over(tmp_path):
 def test_allow_changed_is_parsed_out_of_the_recipe_overrides():
     options = job_mod.Options(model="tiny", sets=("learning_rate=1e-4",
                                                   "resume.allow_changed=[data, seq_len]"))
-    parsed = job_mod._resume_settings(options)
+    parsed = job_mod.resolve(options, detect_output_dir=False).options
     assert parsed.sets == ("learning_rate=1e-4",) and parsed.allow_changed == ("data", "seq_len")
 
 

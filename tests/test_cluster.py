@@ -23,7 +23,8 @@ def test_slurm_gives_nodes_rank_first_host_and_a_job_derived_port():
 
 @pytest.mark.parametrize("nodelist, first", [
     ("gpu[07-09,12]", "gpu07"), ("node1,node2", "node1"), ("a-b-c[001-004]", "a-b-c001"),
-    ("single", "single")])
+    ("single", "single"), ("gpu[07-09]-ib", "gpu07-ib"), ("rack[1-2]-n[01-04]", "rack1-n01"),
+    ("x[3,5-6]-y,z1", "x3-y")])
 def test_first_host_of_a_nodelist(nodelist, first):
     assert cluster.first_host(nodelist) == first
 

@@ -7,7 +7,7 @@ import yaml
 from conftest import run_ftlaunch
 from ftlaunch.plan import job as job_mod
 from ftlaunch.launch import process as launch
-from ftlaunch.launch import start
+from ftlaunch.launch import run_files
 
 
 def _job(model: str, hardware: str, *sets: str):
@@ -16,12 +16,12 @@ def _job(model: str, hardware: str, *sets: str):
 
 
 def test_collective_timeout_grows_with_the_weights_a_rank_may_wait_for():
-    small = start.collective_timeout_s(_job("llama-8b", "8xH100-80GB"))
-    big = start.collective_timeout_s(_job("llama-70b", "8xH100-80GB"))
+    small = run_files.collective_timeout_s(_job("llama-8b", "8xH100-80GB"))
+    big = run_files.collective_timeout_s(_job("llama-70b", "8xH100-80GB"))
     assert small == 600  # 16 GB of weights: ten minutes are plenty
     # 70.6e9 parameters x 2 bytes, read twice at 100 MB/s: about 47 minutes.
     assert 2700 < big < 2900
-    assert start.collective_timeout_s(_job("llama-70b", "8xH100-80GB", "ddp_timeout=7200")) == 7200
+    assert run_files.collective_timeout_s(_job("llama-70b", "8xH100-80GB", "ddp_timeout=7200")) == 7200
 
 
 def test_nccl_defaults_for_gpu_jobs_and_the_environment_wins():
@@ -46,7 +46,7 @@ def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["distributed"] == {"timeout_s": 1234, "env": {"GLOO_SOCKET_IFNAME": "lo"}}
     from ftlaunch.run import record as run_record
-    from ftlaunch.worker import main as train
+    from ftlaunch.worker.setup import training_config
 
-    config = train.training_config(run_dir, run_record.load(run_dir))
+    config = training_config(run_dir, run_record.load(run_dir))
     assert config.ddp_timeout == 1234 and config.save_on_each_node is False

@@ -55,7 +55,7 @@ GOLDEN = [
     ("2x8xH100-80GB", "qwen2.5-72b", {}, "qlora", "fsdp", None, False, 16, 2, True),
     # No GPU: CPU worker processes.
     ("cpu", "tiny", {}, "lora", "cpu", None, False, 1, 1, True),
-    ("cpu", "tiny", {"processes": 2}, "lora", "cpu", None, False, 2, 1, True),
+    ("cpu", "tiny", {"processes_per_node": 2}, "lora", "cpu", None, False, 2, 1, True),
 ]
 
 

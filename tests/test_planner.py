@@ -105,7 +105,7 @@ def test_cpu_auto_tiny_picks_lora():
 
 
 def test_cpu_two_processes():
-    p = _plan("cpu", "tiny", processes=2)
+    p = _plan("cpu", "tiny", processes_per_node=2)
     assert p.engine == "cpu"
     assert p.num_processes == 2
     assert p.fits
@@ -113,8 +113,8 @@ def test_cpu_two_processes():
 
 
 def test_cpu_budget_is_shared_by_the_workers():
-    one = _plan("cpu", "tiny", processes=1)
-    two = _plan("cpu", "tiny", processes=2)
+    one = _plan("cpu", "tiny", processes_per_node=1)
+    two = _plan("cpu", "tiny", processes_per_node=2)
     assert two.budget_bytes < one.budget_bytes
 
 
@@ -275,7 +275,7 @@ def _check_contract(data: dict, contract: dict, where: str = "") -> None:
 
 @pytest.mark.parametrize("spec, model, train", [
     ("cpu", "tiny", {}),
-    ("cpu", "tiny", {"processes": 2}),
+    ("cpu", "tiny", {"processes_per_node": 2}),
     ("1xRTX4090-24GB", "llama-3.1-8b", {}),
     ("4xA100-80GB", "llama-3.1-70b", {"method": "lora"}),
     ("2x8xA100-80GB", "qwen2.5-0.5b", {}),
@@ -386,7 +386,7 @@ def test_gradient_checkpointing_flag_reaches_the_plan(tmp_path):
 
 def test_the_peak_at_a_shorter_row_length_is_what_unpadded_rows_need():
     """Unpacked data is padded to each batch's longest example: the launcher's note."""
-    spec = TrainSpec(seq_len=128, global_batch_size=8, processes=1)
+    spec = TrainSpec(seq_len=128, global_batch_size=8, processes_per_node=1)
     model = models.resolve("smollm2-135m")
     plan = planner.plan(hardware.parse_spec("cpu"), model, spec)
     assert planner.peak_at_row_length(plan, model, spec, 128) == plan.memory.total

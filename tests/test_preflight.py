@@ -46,7 +46,7 @@ def _tiny_run_plan(run_dir: Path) -> planner.Plan:
     --global-batch-size 4, the default recipe's LoRA), re-derived and checked against
     the run's run.yaml."""
     plan = planner.plan(hardware.detect(), TINY, TrainSpec(seq_len=128, global_batch_size=4,
-                                                           processes=1))
+                                                           processes_per_node=1))
     assert plan.to_json() == _record(run_dir)["plan"]
     return plan
 
@@ -95,8 +95,8 @@ def test_the_final_adapter_fits_in_what_disk_needed_reserves(tiny_run):
 # --- how many checkpoints coexist: the real retention code --------------------------------
 
 def _peak_checkpoints(root: Path, keep: int | None, saves: int, existing: int) -> int:
-    """Save `saves` checkpoints the way train._Checkpointing does (finalize, then retain)
-    after `existing` complete ones; the most new ones on disk at any moment."""
+    """Save `saves` checkpoints the way ftlaunch.worker.checkpointing does (finalize, then
+    retain) after `existing` complete ones; the most new ones on disk at any moment."""
     step = 0
     for _ in range(existing):
         step += 1
@@ -155,7 +155,7 @@ from ftlaunch.launch import preflight
 from ftlaunch.errors import UserError
 tiny = models.resolve("tiny")
 plan = planner.plan(hardware.parse_spec("cpu"), tiny, planner.TrainSpec(seq_len=128,
-                    global_batch_size=4, processes=1))
+                    global_batch_size=4, processes_per_node=1))
 needed, breakdown = preflight.disk_needed(plan, tiny, keep=2, max_steps=12, save_steps=6)
 try:
     preflight.check_disk(Path(sys.argv[1]) / "runs" / "not-yet", needed, breakdown)
@@ -225,7 +225,7 @@ def test_check_ram_compares_with_what_is_available():
 
 
 def test_ram_grows_with_the_processes_that_each_load_the_base():
-    plans = [_plan("8xA100-80GB", "llama-3.1-8b", processes=n) for n in (1, 2, 8)]
+    plans = [_plan("8xA100-80GB", "llama-3.1-8b", processes_per_node=n) for n in (1, 2, 8)]
     assert [p.engine for p in plans] == ["single", "ddp", "ddp"]
     assert _ram(plans[0]) < _ram(plans[1]) < _ram(plans[2])
     # A bigger base on the same strategy needs more.

@@ -121,3 +121,18 @@ def test_a_recipe_finds_its_files_beside_it_from_any_folder(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "elsewhere")
     recipe = recipes.load_recipe(str(recipe_file))
     assert recipe.data["eval_data"] == str(tmp_path / "proj" / "data" / "eval.jsonl")
+
+
+def test_a_recipe_without_lora_settings_trains_what_the_plan_counts(tmp_path):
+    """peft's own defaults (r 8, per-model targets) would train another adapter than the
+    plan's: a recipe that leaves LoRA out gets ftlaunch's, the bundled recipes' values."""
+    from ftlaunch.plan import job as job_mod
+
+    path = tmp_path / "bare.yaml"
+    path.write_text("description: no lora section\nmethod: lora\ntraining:\n  learning_rate: 1e-4\n")
+    recipe = recipes.load_recipe(str(path))
+    assert recipe.lora == recipes.LORA_DEFAULTS == recipes.load_recipe("default").lora
+    with_bare = job_mod.resolve(job_mod.Options(model="llama-8b", recipe=str(path),
+                                              hardware="1xH100-80GB"))
+    bundled = job_mod.resolve(job_mod.Options(model="llama-8b", hardware="1xH100-80GB"))
+    assert with_bare.plan.trainable_parameters == bundled.plan.trainable_parameters

@@ -32,7 +32,7 @@ CASES = {
 
 def _plan(spec, processes):
     return planner.plan(hardware.parse_spec(spec), models.resolve("tiny"),
-                        planner.TrainSpec(processes=processes))
+                        planner.TrainSpec(processes_per_node=processes))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -360,7 +360,7 @@ def test_deepspeed_config_path_is_absolute(tmp_path, monkeypatch):
 
 def _cpu_plan(engine: str, processes: int = 2):
     return planner.plan(hardware.parse_spec("cpu"), models.resolve("tiny"),
-                        planner.TrainSpec(method="qlora", engine=engine, processes=processes))
+                        planner.TrainSpec(method="qlora", engine=engine, processes_per_node=processes))
 
 
 def test_fsdp_on_cpu_processes_renders_an_fsdp_config_accelerate_reads(tmp_path):
@@ -381,7 +381,7 @@ def test_one_process_engines_are_the_engine_not_single():
                        planner.TrainSpec(engine="fsdp"))
     assert (gpu.engine, gpu.num_processes) == ("fsdp", 1)
     assert planner.plan(hardware.parse_spec("cpu"), models.resolve("tiny"),
-                        planner.TrainSpec(processes=2)).engine == "cpu"  # auto stays DDP
+                        planner.TrainSpec(processes_per_node=2)).engine == "cpu"  # auto stays DDP
 
 
 def test_deepspeed_buckets_fit_the_adapter_and_small_weights_are_partitioned():

@@ -166,14 +166,14 @@ def test_remote_code_is_off_unless_asked(tmp_path):
 
 
 def test_report_to_reaches_the_trainer(tiny_run, monkeypatch):
-    from ftlaunch.worker import main as train
+    from ftlaunch.worker.setup import training_config
 
     run_dir = tiny_run[1]
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     record = run_record.load(run_dir)
-    assert train.training_config(run_dir, record).report_to in ([], ["none"], "none")
+    assert training_config(run_dir, record).report_to in ([], ["none"], "none")
     record = dataclasses.replace(record, trainer={**record.trainer, "report_to": ["tensorboard"]})
-    assert train.training_config(run_dir, record).report_to == ["tensorboard"]
+    assert training_config(run_dir, record).report_to == ["tensorboard"]
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(run_dir / "tensorboard")
 
 

@@ -306,16 +306,16 @@ def preview(index, show_tokens, **kwargs):
     [+like this+], and token-length statistics of the whole set against --seq-len."""
     from ftlaunch.plan import job as job_mod
     from ftlaunch.data import tokenize
-    from ftlaunch.launch import start
+    from ftlaunch.launch import checks, run_files
     from ftlaunch.show.data_preview import preview_lines
 
     job = job_mod.resolve(_to_options(kwargs), detect_output_dir=False, validate=False)
-    dataset, _ = start.load_data(job)
+    dataset, _ = checks.load_data(job)
     if not 0 <= index < len(dataset):
         raise UserError(f"--index {index}: the data has {len(dataset)} examples (0-"
                         f"{len(dataset) - 1}).")
     tokenizer, tokenized, assistant_only = tokenize.tokenize_dataset(
-        start.model_record(job, materialize=True), dataset, job.recipe.data)
+        run_files.model_record(job, materialize=True), dataset, job.recipe.data)
     for line in preview_lines(dataset, tokenizer, tokenized, assistant_only, index,
                               job.plan.seq_len, show_tokens, color=sys.stdout.isatty()):
         click.echo(line)

@@ -1,5 +1,5 @@
 """A run's identity: the settings a resume must not change (the launcher records them in
-run.yaml's `identity`, launch.start._identity), and those `--set resume.allow_changed`
+run.yaml's `identity`, launch.run_files.run_identity), and those `--set resume.allow_changed`
 may let change. Shared by the option parsing (plan.job) and the run directory's check
 (run.directory.prepare)."""
 

@@ -68,7 +68,7 @@ _STAGING = ".building"  # a build in progress: splits are made here, then moved 
 # ---------------------------------------------------------------- launcher side
 
 def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_options: dict,
-          seq_len: int, num_proc: int = 1, seed: int = 42) -> dict:
+          seq_len: int, num_proc: int = 1, seed: int | None = None) -> dict:
     """Tokenize `dataset` (and `eval_dataset`, both `ftlaunch.data.read.Dataset`) into
     `cache_dir` as TRL's SFTTrainer would, or reuse the cache already there if it was
     built from the same rows with the same tokenizer, template and options. Without an
@@ -85,6 +85,8 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
     if eval_dataset is not None:
         splits["eval"] = eval_dataset
     elif data_options.get("eval_split"):
+        if seed is None:
+            raise ValueError("holding out data.eval_split needs the run's seed")
         splits = _held_out(dataset, float(data_options["eval_split"]), seed)
     key = _key(tokenizer, splits, dataset.kind, only_assistant)
     fingerprint = "sha256:" + hashlib.sha256(_canonical(key)).hexdigest()

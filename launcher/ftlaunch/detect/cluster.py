@@ -98,15 +98,18 @@ def from_env(env: Mapping[str, str]) -> ClusterContext | None:
 
 
 def first_host(nodelist: str) -> str | None:
-    """The first host of a SLURM nodelist: `gpu[07-09,12],cpu3` -> `gpu07`."""
-    match = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not match:
+    """The first host of a SLURM nodelist: `gpu[07-09,12],cpu3` -> `gpu07`,
+    `rack[1-2]-n[01-04]-ib` -> `rack1-n01-ib` (every bracket takes its first number)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first name: up to a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    name = nodelist[:end].strip()
+    if not name:
         return None
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], name)
 
 
 def _int(value: str | None) -> int | None:

@@ -159,7 +159,7 @@ def checkpoints_at_once(keep: int | None, saves: int | None, existing: int = 0) 
 def saves_ahead(max_steps: int | None, save_steps: float | None,
                 from_step: int = 0) -> int | None:
     """Checkpoints save_steps will write after `from_step`: the last step writes none
-    (adapter/ is written instead; see train._Checkpointing). A save_steps below 1 is a
+    (adapter/ is written instead; see worker.checkpointing.Checkpointing). A save_steps below 1 is a
     fraction of max_steps, as the Trainer reads it. None with no step limit (epochs) or
     no step interval."""
     if not max_steps or max_steps < 1 or not save_steps or save_steps <= 0:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ftlaunch.plan import memory
+from ftlaunch.plan import memory, recipe
 from ftlaunch.errors import UserError
 from ftlaunch.detect.hardware import Hardware
 from ftlaunch.units import format_gib
@@ -32,14 +32,14 @@ _MICRO_BATCHES = (16, 8, 4, 2, 1)
 
 @dataclass(frozen=True)
 class TrainSpec:
-    seq_len: int = 1024
-    global_batch_size: int = 16
+    seq_len: int = recipe.DEFAULT_SEQ_LEN
+    global_batch_size: int = recipe.DEFAULT_GLOBAL_BATCH
     method: str = "auto"  # auto | lora | qlora
     engine: str = "auto"  # auto | ddp | fsdp | deepspeed
-    processes: int | None = None  # None: every GPU (or 1 CPU process)
-    lora_rank: int = 16
+    processes_per_node: int | None = None  # --gpus N; None: every GPU (or 1 CPU process)
+    lora_rank: int = recipe.LORA_DEFAULTS["r"]
     lora_targets: tuple[str, ...] | str = "all-linear"
-    lora_dropout: float = 0.05
+    lora_dropout: float = recipe.LORA_DEFAULTS["lora_dropout"]
     # None: the plan decides (off while the batch fits without it); True/False: the user's.
     gradient_checkpointing: bool | None = None
     # TRL computes the whole logits (not its fused LM head) for label smoothing.
@@ -64,7 +64,7 @@ class Plan:
     engine: str
     zero_stage: int | None
     offload: bool
-    num_processes: int
+    processes_per_node: int  # what --gpus became: GPUs (or CPU processes) on each node
     per_device_batch_size: int
     gradient_accumulation_steps: int
     global_batch_size: int
@@ -92,8 +92,9 @@ class Plan:
         return self.hardware.nodes
 
     @property
-    def processes_per_node(self) -> int:
-        return self.num_processes // self.num_machines
+    def num_processes(self) -> int:
+        """The world size: every node's processes."""
+        return self.processes_per_node * self.num_machines
 
     @property
     def fits(self) -> bool:
@@ -147,8 +148,8 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
         for micro in _micro_batches(spec.global_batch_size, world):
             mem = memory.estimate(model, spec, candidate, micro, world,
                                   on_gpu=hardware.has_gpus, gradient_checkpointing=checkpointing)
-            last = _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
-                              checkpointing)
+            last = _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem,
+                              budget, checkpointing)
             if last.fits:
                 reasons.append(_why(candidate, hardware, world))
                 reasons.extend(_rejections(failed, last, budget))
@@ -162,8 +163,8 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
 
 
 def _processes_per_node(hardware: Hardware, spec: TrainSpec) -> int:
-    if spec.processes is not None:
-        return spec.processes
+    if spec.processes_per_node is not None:
+        return spec.processes_per_node
     return hardware.gpus_per_node if hardware.has_gpus else 1
 
 
@@ -263,8 +264,9 @@ def _rejections(failed: dict[Candidate, Plan], chosen: Plan | None, budget: int)
     return out
 
 
-def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
+def _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem, budget,
                checkpointing) -> Plan:
+    world = processes_per_node * hardware.nodes
     accumulation = max(spec.global_batch_size // (micro * world), 1)
     precision = "fp32" if not hardware.has_gpus else ("bf16" if hardware.gpu.bf16 else "fp16")
     return Plan(
@@ -276,7 +278,7 @@ def _make_plan(hardware, model, spec, candidate, micro, world, mem, budget,
         engine=candidate.engine,
         zero_stage=candidate.zero_stage,
         offload=candidate.offload,
-        num_processes=world,
+        processes_per_node=processes_per_node,
         per_device_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         global_batch_size=micro * accumulation * world,
@@ -366,13 +368,13 @@ def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> li
             if gpus <= hardware.gpus_per_node:
                 continue
             more = replace(hardware, gpus_per_node=gpus)
-            if plan(more, model, replace(spec, processes=None), _hints=False).fits:
+            if plan(more, model, replace(spec, processes_per_node=None), _hints=False).fits:
                 hints.append(f"would fit: {gpus} GPUs per node like these (--gpus {gpus})")
                 break
         else:
             for nodes in (2, 4, 8):
                 more = replace(hardware, nodes=hardware.nodes * nodes, gpus_per_node=8)
-                if plan(more, model, replace(spec, processes=None), _hints=False).fits:
+                if plan(more, model, replace(spec, processes_per_node=None), _hints=False).fits:
                     hints.append(f"would fit: {more.nodes} nodes of 8 such GPUs")
                     break
     return hints or ["nothing smaller fits either: use a smaller model or GPUs with more memory"]

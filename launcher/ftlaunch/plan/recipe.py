@@ -139,6 +139,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# What a recipe that leaves these out trains with (every bundled recipe states them): one
+# place for the planner's defaults (planner.TrainSpec) and the recipes'.
+DEFAULT_SEQ_LEN = 1024
+DEFAULT_GLOBAL_BATCH = 16
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                 "target_modules": "all-linear", "bias": "none"}
+
 # The seed when a recipe names none (TRL's default too): training, random init, and the
 # data cache's held-out split all take the run's seed from `seed`.
 DEFAULT_SEED = 42
@@ -183,10 +190,11 @@ def load_recipe(name_or_path: str) -> Recipe:
         name=path.stem,
         description=str(raw.get("description", "")),
         method=str(raw.get("method", "auto")),
-        seq_len=raw.get("seq_len", 1024),
-        global_batch_size=raw.get("global_batch_size", 16),
+        seq_len=raw.get("seq_len", DEFAULT_SEQ_LEN),
+        global_batch_size=raw.get("global_batch_size", DEFAULT_GLOBAL_BATCH),
         training=dict(raw.get("training") or {}),
-        lora=dict(raw.get("lora") or {}),
+        # peft's own defaults (r 8, its per-model targets) are not what the plan counts.
+        lora={**LORA_DEFAULTS, **(raw.get("lora") or {})},
         data=_recipe_relative(dict(raw.get("data") or {}), path),
     )
     _check_top_level(recipe, f"Recipe {path}")

@@ -19,7 +19,7 @@ REFRESH_S seconds; a lock is stale when its holder is gone:
     age is read against a file made just now, so clock skew between machines
     does not count).
 A stale lock is taken over with a note. Joining nodes of a multi-node launch share
-node 0's lock and take none (start.py).
+node 0's lock and take none (launch/multinode.py).
 
 No torch here.
 """

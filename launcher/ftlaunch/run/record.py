@@ -87,7 +87,7 @@ class RunRecord:
     written: str  # ISO time of this launch
     command: tuple[str, ...]  # the argv that started it (ftlaunch resume re-runs it)
     cwd: str
-    identity: dict = field(hash=False)  # what a resume must not change (launch.start)
+    identity: dict = field(hash=False)  # what a resume must not change (launch.run_files)
     model: ModelSource
     data: DataSource
     recipe: dict = field(hash=False)  # the resolved recipe, as plan.recipe.Recipe.to_json

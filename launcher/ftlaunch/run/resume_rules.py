@@ -5,7 +5,7 @@ scheduler's peak rate and step, the Trainer's logging/saving/evaluation interval
 RNG states and the place in the data. So a setting changed since the checkpoint could be
 used, be silently overridden by that state, or make the checkpoint mean something else.
 Here each one either takes effect from the resumed step (the worker makes sure of it where
-the Trainer alone would not: train._ResumedSettings) or is refused with exit 2 before
+the Trainer alone would not: worker.callbacks.ResumedSettings) or is refused with exit 2 before
 anything is written, so that run.yaml records only what is used. resume_notes
 compares run.yaml's recipe with the new one; docs/RESUME.md shows the same table.
 

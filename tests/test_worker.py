@@ -1,7 +1,7 @@
 """The shared SFT module on the tiny model: loss masking, packing, eval, QLoRA, recipes.
 
 Masking and packing are checked on the batches the real SFTTrainer builds
-(train.build on a run directory the real CLI wrote), token id by token id.
+(ftlaunch.worker.setup.build on a run directory the real CLI wrote), token id by token id.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _train(tmp_path: Path, name: str, data: Path, *extra: str) -> Path:
 
 
 def _first_batch(run_dir: Path):
-    from ftlaunch.worker import main as train
+    from ftlaunch.worker.setup import build
 
-    session = train.build(run_dir)
+    session = build(run_dir)
     batch = next(iter(session.trainer.get_train_dataloader()))
     return session, batch
 
@@ -321,10 +321,10 @@ def test_random_init_rebuilds_the_same_base_in_training_and_export(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert record["model"]["random_init"] is True and record["model"]["config"]
-    from ftlaunch.worker import main as train
+    from ftlaunch.worker.setup import build
     from ftlaunch.export.adapted import load_adapted
 
-    trained_base = train.build(run_dir).trainer.model.get_base_model().state_dict()
+    trained_base = build(run_dir).trainer.model.get_base_model().state_dict()
     exported_base = load_adapted(run_dir)[0].get_base_model().state_dict()
     import torch
 

@@ -1,0 +1,188 @@
+"""Starting a run on several nodes: node 0 meets the others (ftlaunch.launch.meeting) and
+writes the run files once they agree; a joining node (node rank > 0) checks itself,
+meets node 0, and starts its workers, with node 0's run directory or one of its own.
+With node-local run directories the nodes resume from a checkpoint every node holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftlaunch import __version__
+from ftlaunch.launch import checks
+from ftlaunch.launch import diskfull
+from ftlaunch.launch import meeting as nodes
+from ftlaunch.launch import render
+from ftlaunch.launch import run_files
+from ftlaunch.launch import workers
+from ftlaunch.run import record as run_record
+from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import directory as rundir
+from ftlaunch.run import lock as runlock
+from ftlaunch.errors import UserError
+from ftlaunch.plan.job import Job
+
+
+_FSDP_NEEDS_SHARED = (
+    "FSDP writes each checkpoint as shards of every rank plus one index, which a node can only "
+    "load when it sees all of them: node-local run directories cannot hold it. Put --output-dir "
+    "on a filesystem shared by every node (mounted at the same path), or use --engine "
+    "deepspeed, whose checkpoints can be kept per node.")
+
+
+def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
+               error: str | None = None) -> dict:
+    return nodes.hello(job.cluster.node_rank, job.hardware, run_files.plan_hash(job.plan),
+                       __version__, run_dir, data_fingerprint, shared, steps, error)
+
+
+def meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict, on_go,
+                      echo) -> nodes.Verdict:
+    """Node 0 of several: wait for the other nodes, check they match, agree on storage
+    and on the checkpoint to resume from; the run files are written (on_go) before any
+    node is told to start."""
+    cluster = job.cluster
+    launch_id = nodes.mark_launch(run_dir)
+    mine = _own_hello(job, run_dir, True, [c.step for c in state.complete], identity["data"])
+    storage_ok = {run_record.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
+    try:
+        verdict = nodes.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
+                              job.options.join_timeout_s,
+                              lambda others: nodes.decide([mine, *others], storage_ok), on_go,
+                              log=echo)
+    finally:
+        nodes.unmark_launch(run_dir, launch_id)
+    if not verdict.ok:
+        raise UserError(f"The nodes cannot train together: {verdict.message}")
+    echo(f"ftlaunch: {cluster.nnodes} nodes agree ({verdict.storage} run directory"
+         + (f", resuming from step {verdict.resume_step}" if verdict.resume_step else "") + ")")
+    return verdict
+
+
+def train_joining_node(job: Job, argv: list[str], echo) -> int:
+    """Node R > 0 of a multi-node job: preflight, meet node 0, then start this node's
+    workers. With node 0's run directory shared, nothing is written here but this
+    node's log, under node 0's lock; with a directory of its own, this node keeps a
+    full copy, under a lock of its own."""
+    local: dict = {}
+    try:
+        return _join_and_train(job, argv, echo, local)
+    finally:
+        if "lock" in local:
+            local["lock"].release()
+
+
+def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
+    cluster, options = job.cluster, job.options
+    run_dir = job.output_dir.expanduser().resolve()
+    # A failed preflight here is told to node 0 (so every node stops with exit 2) rather
+    # than ending this node alone and leaving the others waiting.
+    try:
+        checks.check_ram(job, echo)
+        node_error = None
+    except UserError as exc:
+        node_error = str(exc)
+    try:  # needed only with a run directory of this node's own; the error waits till then
+        dataset, eval_dataset = checks.load_data(job)
+        data_error = None
+    except UserError as exc:
+        dataset = eval_dataset = None
+        data_error = str(exc)
+    model = run_files.model_record(job, materialize=True)
+    port = cluster.master_port
+    rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
+                                   main_process_ip=cluster.master_addr, main_process_port=port)
+
+    def make_hello(launch_id: str) -> dict:
+        if node_error:
+            return _own_hello(job, run_dir, False, [], None, error=node_error)
+        if nodes.sees_launch(run_dir, launch_id):
+            return _own_hello(job, run_dir, True, None, None)
+        try:
+            if data_error:
+                raise UserError(data_error)
+            identity = run_files.run_identity(job, dataset, eval_dataset, model)
+            local["identity"] = identity
+            if "lock" not in local:
+                rundir.check_writable(run_dir)
+                try:
+                    local["lock"] = runlock.acquire(run_dir, argv)[0]
+                except UserError:
+                    # On NFS node 0's launch mark can show up late (cached lookups): its
+                    # lock is then this launch's, not another job's.
+                    if nodes.sees_launch(run_dir, launch_id):
+                        return _own_hello(job, run_dir, True, None, None)
+                    raise
+            if options.fresh:  # moved aside once the nodes agree, not before
+                rundir.check_writable(run_dir)
+                checks.check_disk(job, run_dir, (dataset, eval_dataset), model, None)
+                return _own_hello(job, run_dir, False, [], identity["data"])
+            state = checks.prepare_checked(job, run_dir, (dataset, eval_dataset), model,
+                                           identity, fresh=False)
+            if state.kind == "finished":
+                raise UserError(f"{run_dir} on node {cluster.node_rank} holds a finished run; "
+                                "pass --fresh on every node to train again")
+            local["state"] = state
+            return _own_hello(job, run_dir, False, [c.step for c in state.complete],
+                              identity["data"])
+        except UserError as exc:
+            return _own_hello(job, run_dir, False, [], None, error=str(exc))
+        except OSError as exc:  # the run directory cannot be locked or read: tell node 0
+            return _own_hello(job, run_dir, False, [], None,
+                              error=f"{run_dir} on node {cluster.node_rank}: {exc}")
+
+    verdict = nodes.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
+    if not verdict.ok:
+        raise UserError(f"The nodes cannot train together: {verdict.message}")
+    if verdict.storage == run_record.SHARED:
+        echo(f"ftlaunch: node {cluster.node_rank} joined; node 0 wrote the run files in {run_dir}")
+        resume_from = (run_dir / "checkpoints" / f"checkpoint-{verdict.resume_step}"
+                       if verdict.resume_step is not None else None)
+        record = run_record.load(run_dir)
+        return workers.run(job, run_dir, run_dir / f"train.node-{cluster.node_rank}.log",
+                           record, resume_from, port, rendezvous, echo)
+    # A run directory of this node's own: the same files node 0 writes in its own.
+    if options.fresh:
+        state = rundir.prepare(run_dir, local["identity"], fresh=True,
+                               allow_changed=options.allow_changed)
+        if state.moved_aside_to:
+            local["lock"].follow(state.moved_aside_to)
+    else:
+        state = local["state"]
+    with diskfull.told_as_full(run_dir):
+        cache = run_files.build_data_cache(job, run_dir, model, dataset, eval_dataset, echo,
+                                           local["lock"], state.moved_aside_to)
+    checkpoint, notes = agreed_checkpoint(job, run_dir, state, verdict.resume_step)
+    notes += rundir.set_aside_torn(run_dir, state)
+    if checkpoint is not None:
+        notes.insert(0, f"resuming {run_dir} from {checkpoint.path.name}")
+    with diskfull.told_as_full(run_dir):
+        record = run_files.write(job, run_dir, dataset, eval_dataset, local["identity"], argv,
+                                 rendezvous, model, nodes_record(job, verdict), cache)
+    rundir.clear_stop_record(run_dir)
+    workers.log_notes(run_dir, notes, echo)
+    return workers.run(job, run_dir, run_dir / "train.log", record,
+                       checkpoint.path if checkpoint else None, port, rendezvous, echo)
+
+
+def agreed_checkpoint(job: Job, run_dir: Path, state, step: int | None):
+    """Node-local run directories: (this node's copy of the checkpoint every node holds,
+    or None; notes). Newer ones are set aside: those steps are trained again."""
+    notes = rundir.set_aside_newer(run_dir, state, step)
+    checkpoint = next((c for c in state.complete if c.step == step), None)
+    if checkpoint is not None:
+        notes += resume_changes.resume_notes(checkpoint, job.plan, job.recipe, job.options.allow_changed)
+    return checkpoint, notes
+
+
+def nodes_record(job: Job, verdict: nodes.Verdict | None) -> dict:
+    """run.yaml's account of the nodes: how many, which this copy belongs to, where the
+    checkpoints live, and every node's hardware as it reported it."""
+    cluster = job.cluster
+    record = {"nnodes": cluster.nnodes, "node_rank": cluster.node_rank, "source": cluster.source,
+              "storage": verdict.storage if verdict else run_record.SHARED}
+    if cluster.nnodes > 1:
+        record["master"] = f"{cluster.master_addr}:{cluster.master_port}"
+    if verdict is not None:
+        record["nodes"] = [{"node_rank": h["node_rank"], "host": h["host"],
+                            "hardware": h["hardware"]} for h in verdict.nodes]
+    return record

@@ -1,0 +1,148 @@
+"""Everything a worker does before trainer.train(): the run record read, the tokenizer,
+the data cache, the base model, TRL's SFTTrainer with ftlaunch's callbacks (build).
+Tests use build to inspect the real batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ftlaunch.data import tokenize as preview
+from ftlaunch.errors import UserError
+from ftlaunch.models.load import load_base_model, precision_dtype
+from ftlaunch.models.source import ModelSource
+from ftlaunch.run import checkpoints
+from ftlaunch.run import directory as rundir
+from ftlaunch.run import record as run_record
+from ftlaunch.worker import fsdp_checkpoint
+from ftlaunch.worker import fsdp_cpu
+from ftlaunch.worker.callbacks import BatchRecorder, Heartbeat, MetricsCallback, ResumedSettings
+from ftlaunch.worker.checkpointing import Checkpointing
+from ftlaunch.worker.stopping import NonFiniteGuard, StopRequest
+
+
+@dataclasses.dataclass
+class Session:
+    """A trainer ready to train, with what the run needs around it."""
+    trainer: object
+    recorder: BatchRecorder
+    tokenizer: object
+    checkpointing: Checkpointing
+    heartbeat: Heartbeat
+
+
+def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
+    """Everything up to trainer.train(): also how tests inspect the real batches."""
+    record = run_record.load(run_dir)
+    strategy = record.strategy
+    fsdp_on_cpu = strategy.on_cpu and strategy.engine == "fsdp"
+    if strategy.engine == "fsdp":
+        fsdp_checkpoint.enable()  # or resume would lose the adapter and AdamW's state
+    if fsdp_on_cpu:
+        _adapt_fsdp_to_cpu(fsdp_cpu.enable)
+    train_set, eval_set = _load_datasets(run_dir, record)
+    # The training arguments come before the model: under DeepSpeed ZeRO-3 they are what
+    # makes from_pretrained build the model already partitioned (zero.Init).
+    config = training_config(run_dir, record)
+    # The training template (generation markers) also goes out with the adapter.
+    tokenizer = _load_tokenizer(record.model,
+                                preview.assistant_only(record.data.kind, record.data_options))
+    model = load_base_model(record.model, precision_dtype(record.strategy.precision),
+                            quantize_4bit=record.strategy.method == "qlora",
+                            seed=record.seed, for_training=True)
+    trainer, recorder = _build_trainer(run_dir, config, record.lora, model, tokenizer,
+                                       train_set, eval_set)
+    if fsdp_on_cpu:
+        _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
+    stop = stop or StopRequest()
+    # Gradients the guard can act on before the optimizer steps: not DeepSpeed's (its
+    # engine steps inside backward), not fp16's (an inf gradient under the GradScaler is
+    # routine: the scaler skips that step and lowers the scale).
+    guard = NonFiniteGuard(stop, checks_gradients=not trainer.is_deepspeed_enabled
+                            and getattr(trainer.accelerator, "scaler", None) is None)
+    checkpointing = Checkpointing(run_dir, record, stop, guard)
+    heartbeat = Heartbeat(run_dir)
+    trainer.add_callback(guard)  # before Checkpointing: its agreement sees the guard's finding
+    trainer.add_callback(checkpointing)
+    trainer.add_callback(heartbeat)
+    trainer.add_callback(ResumedSettings())
+    return Session(trainer, recorder, tokenizer, checkpointing, heartbeat)
+
+
+def _adapt_fsdp_to_cpu(step) -> None:
+    try:
+        step()
+    except fsdp_cpu.Unadaptable as exc:
+        raise UserError(fsdp_cpu.message(exc)) from None
+
+
+def _load_tokenizer(model: ModelSource, assistant_only: bool):
+    tokenizer, template = preview.load_tokenizer(model, assistant_only)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if template and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ftlaunch: chat template: {template}", flush=True)
+    return tokenizer
+
+
+def _load_datasets(run_dir: Path, record: run_record.RunRecord):
+    """(train, eval or None) from the data cache the launcher tokenized and split
+    (ftlaunch.data.cache): no rank tokenizes, and every rank reads the same rows."""
+    from ftlaunch.data import cache as data_cache
+
+    if record.data.cache is None or record.trainer is None:
+        raise UserError(f"{run_dir / rundir.RUN_FILE} names no data cache: it was written by "
+                        "`ftlaunch --dry-run`. Start the run with the same ftlaunch command "
+                        "without --dry-run; it tokenizes the data first.")
+    return data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
+
+
+def training_config(run_dir: Path, record: run_record.RunRecord):
+    """TRL's SFTConfig: the arguments the launcher resolved into the run record
+    (plan.trainer_args), writing into the run's checkpoint staging area."""
+    from trl import SFTConfig
+
+    config = SFTConfig(
+        # The Trainer writes into the staging area; Checkpointing moves each checkpoint
+        # into checkpoints/ once it is complete.
+        output_dir=str(run_dir / "checkpoints" / checkpoints.INCOMING),
+        **record.trainer)
+    # Trackers' local files belong to the run (transformers 5 reads these, not logging_dir).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    return config
+
+
+def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set):
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    lora = LoraConfig(task_type="CAUSAL_LM", **lora_settings)
+    callback = MetricsCallback(run_dir / "metrics.jsonl")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set,
+                         eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
+    _adapter_in_fp32(trainer.model)
+    # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
+    recorder = BatchRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    callback.recorder = recorder
+    return trainer, recorder
+
+
+def _adapter_in_fp32(model) -> None:
+    """Trainable (LoRA) weights in fp32, as PEFT makes them, for QLoRA too.
+
+    TRL casts a quantized model's LoRA weights to bf16 whatever the compute dtype. The
+    plan counts them in fp32 (memory.Stack.adapter_bytes: their gradients and AdamW
+    moments too), fp32 moments keep small updates, and under FSDP the wrapper computes
+    in the 4-bit storage dtype: a bf16 adapter beside an fp32 one fails on CPU ("expected
+    m1 and m2 to have the same dtype"). The cost is 2 bytes per adapter weight."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
