@@ -13,7 +13,7 @@ from ftlaunch.plan import job as job_mod
 from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.plan import recipe as recipes
-from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import resume_rules
 from ftlaunch.run import directory as rundir
 from ftlaunch.errors import UserError
 
@@ -117,17 +117,17 @@ def _recipe(max_steps: int = 12):
 
 
 def test_resume_on_another_process_count_says_what_changed(tmp_path):
-    notes = resume_changes.resume_notes(_checkpoint(tmp_path), _plan(1), _recipe(), ())
+    notes = resume_rules.check_resume(_checkpoint(tmp_path), _plan(1), _recipe(), ())
     assert notes == ["checkpoint-6 was written by 2 processes (micro-batch 2 x accumulation 1); "
                      "resuming on 1 (micro-batch 4 x accumulation 1), global batch 4, 24 samples "
                      "seen so far"]
-    assert resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(), ()) == []
+    assert resume_rules.check_resume(_checkpoint(tmp_path), _plan(2), _recipe(), ()) == []
 
 
 def test_resume_with_another_global_batch_is_refused_unless_allowed(tmp_path):
     with pytest.raises(UserError, match="global batch of 4 .* this plan's is 8"):
-        resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2, global_batch=8), _recipe(), ())
-    assert resume_changes.resume_notes(_checkpoint(tmp_path, world_size=2), _plan(2, global_batch=8),
+        resume_rules.check_resume(_checkpoint(tmp_path), _plan(2, global_batch=8), _recipe(), ())
+    assert resume_rules.check_resume(_checkpoint(tmp_path, world_size=2), _plan(2, global_batch=8),
                               _recipe(), ("global_batch",)) == []
 
 
@@ -136,7 +136,7 @@ def test_zero_partitions_cannot_change_process_count(tmp_path):
     shards = _checkpoint(tmp_path, format="deepspeed", engine="deepspeed", world_size=8,
                          global_batch_size=plan.global_batch_size)
     with pytest.raises(UserError, match="ZeRO partitions for 8 processes.*--gpus 8"):
-        resume_changes.resume_notes(shards, plan, _recipe(), ())
+        resume_rules.check_resume(shards, plan, _recipe(), ())
 
 
 def test_fsdp_checkpoints_reshard_to_another_process_count(tmp_path):
@@ -144,7 +144,7 @@ def test_fsdp_checkpoints_reshard_to_another_process_count(tmp_path):
     plan = _plan(4, engine="fsdp", gpus="1x4xA100-80GB")
     shards = _checkpoint(tmp_path, format="fsdp", engine="fsdp", world_size=8,
                          global_batch_size=plan.global_batch_size)
-    notes = resume_changes.resume_notes(shards, plan, _recipe(), ())
+    notes = resume_rules.check_resume(shards, plan, _recipe(), ())
     assert any("was written by 8 processes" in note and "resuming on 4" in note
                for note in notes)
 
@@ -152,12 +152,12 @@ def test_fsdp_checkpoints_reshard_to_another_process_count(tmp_path):
 def test_a_checkpoint_of_another_engine_family_is_refused(tmp_path):
     plan = _plan(4, engine="deepspeed", gpus="1x4xA100-80GB")
     with pytest.raises(UserError, match="written by a cpu run; this plan trains with deepspeed"):
-        resume_changes.resume_notes(_checkpoint(tmp_path), plan, _recipe(), ())
+        resume_rules.check_resume(_checkpoint(tmp_path), plan, _recipe(), ())
 
 
 def test_a_checkpoint_past_max_steps_is_refused(tmp_path):
     with pytest.raises(UserError, match="not before --max-steps 6"):
-        resume_changes.resume_notes(_checkpoint(tmp_path), _plan(2), _recipe(max_steps=6), ())
+        resume_rules.check_resume(_checkpoint(tmp_path), _plan(2), _recipe(max_steps=6), ())
 
 
 def test_identity_changes_are_refused_by_name_unless_allowed(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from ftlaunch.data import read as data_io
 from ftlaunch.data import cache as data_cache
-from ftlaunch.data import tokenize as preview
+from ftlaunch.data import tokenize
 from ftlaunch.data.read import Dataset as Data
 from ftlaunch.errors import UserError
 
@@ -86,7 +86,7 @@ def _data(kind: str, rows, folder: Path, name: str = "data.jsonl") -> Data:
 
 
 def _tokenizer(model_record, assistant_only: bool):
-    tokenizer, _ = preview.load_tokenizer(model_record, assistant_only)
+    tokenizer, _ = tokenize.load_tokenizer(model_record, assistant_only)
     if tokenizer.pad_token is None:  # as ftlaunch.worker.main does
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -139,7 +139,7 @@ def test_the_trainer_prepares_the_cache_exactly_as_the_raw_rows(kind, assistant_
     rows = ROWS[kind]
     train_rows, eval_rows = rows[6:], rows[:6]  # the odd ones (at the end) are trained on
     options = {"assistant_only_loss": assistant_only_loss, "packing": packing}
-    assistant_only = preview.assistant_only(kind, options)
+    assistant_only = tokenize.assistant_only(kind, options)
     meta = data_cache.build(tmp_path / "cache", model_record, _data(kind, train_rows, tmp_path),
                             _data(kind, eval_rows, tmp_path, "eval.jsonl"), options, MAX_LENGTH)
     cached_train, cached_eval = data_cache.load(tmp_path / "cache", meta["fingerprint"])
@@ -356,10 +356,10 @@ def test_length_stats_match_preview(kind, model_record, tmp_path):
     data = _data(kind, ROWS[kind], tmp_path)
     for seq_len in (12, 30, MAX_LENGTH):
         meta = data_cache.build(tmp_path / "cache", model_record, data, None, {}, seq_len)
-        _, tokenized, _ = preview.tokenize_dataset(model_record, data, {})
-        assert data_cache.length_stats(meta) == preview.length_stats(tokenized, seq_len)
+        _, tokenized, _ = tokenize.tokenize_dataset(model_record, data, {})
+        assert data_cache.length_stats(meta) == tokenize.length_stats(tokenized, seq_len)
     assert meta["reused"] is True
-    assert preview.length_stats(tokenized, 12).over_seq_len  # the cut was exercised
+    assert tokenize.length_stats(tokenized, 12).over_seq_len  # the cut was exercised
 
 
 def test_an_example_without_assistant_tokens_is_a_user_error(model_record, tmp_path):

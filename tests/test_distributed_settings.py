@@ -6,7 +6,7 @@ import yaml
 
 from conftest import run_ftlaunch
 from ftlaunch.plan import job as job_mod
-from ftlaunch.launch import process as launch
+from ftlaunch.launch import process
 from ftlaunch.launch import run_files
 
 
@@ -26,15 +26,15 @@ def test_collective_timeout_grows_with_the_weights_a_rank_may_wait_for():
 
 def test_nccl_defaults_for_gpu_jobs_and_the_environment_wins():
     gpus = _job("llama-8b", "8xH100-80GB").plan
-    assert launch.distributed_env(gpus, {}) == {"NCCL_DEBUG": "WARN",
+    assert process.distributed_env(gpus, {}) == {"NCCL_DEBUG": "WARN",
                                                  "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     mine = {"NCCL_DEBUG": "INFO", "NCCL_SOCKET_IFNAME": "ens5", "HOME": "/root"}
-    env = launch.distributed_env(gpus, mine)
+    env = process.distributed_env(gpus, mine)
     assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_SOCKET_IFNAME"] == "ens5"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and "HOME" not in env
     one_gpu = _job("llama-8b", "1xH100-80GB").plan
-    assert launch.distributed_env(one_gpu, {}) == {}  # nothing to communicate with
-    worker = launch.worker_env(8, 64, on_cpu=False, offline=False, distributed=env)
+    assert process.distributed_env(one_gpu, {}) == {}  # nothing to communicate with
+    worker = process.worker_env(8, 64, on_cpu=False, offline=False, distributed=env)
     assert worker["NCCL_SOCKET_IFNAME"] == "ens5" and worker["NCCL_DEBUG"] == "INFO"
 
 

@@ -112,12 +112,12 @@ def test_merge_of_an_unfinished_or_missing_run_exits_2(run_dir, tmp_path):
 
 
 def test_a_failed_check_saves_nothing(run_dir, tmp_path, monkeypatch):
-    from ftlaunch.export import merge as export
+    from ftlaunch.export import merge
     from ftlaunch.errors import UserError
 
-    monkeypatch.setitem(export.MERGE_RTOL, "float32", -1.0)  # no difference can pass
+    monkeypatch.setitem(merge.MERGE_RTOL, "float32", -1.0)  # no difference can pass
     with pytest.raises(UserError, match="largest logit difference on the probe is"):
-        export.merge(run_dir, tmp_path / "out")
+        merge.merge(run_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -127,12 +127,12 @@ def test_bf16_merge_uses_the_looser_tolerance(run_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftlaunch.export import adapted
-    from ftlaunch.export import merge as export
+    from ftlaunch.export import merge
 
     # What a GPU does (bf16), exercised on CPU.
     monkeypatch.setattr(adapted, "device_and_dtype", lambda: ("cpu", torch.bfloat16))
-    out = export.merge(run_dir, tmp_path / "bf16")
-    assert export.read_merge_record(out)["dtype"] == "bfloat16"
+    out = merge.merge(run_dir, tmp_path / "bf16")
+    assert merge.read_merge_record(out)["dtype"] == "bfloat16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
     # Independently: the saved folder against base + adapter, both run in bf16, on the
@@ -150,7 +150,7 @@ def test_bf16_merge_uses_the_looser_tolerance(run_dir, tmp_path, monkeypatch):
             got = plain(**inputs).logits.float()
             with adapted.disable_adapter():
                 before = adapted(**inputs).logits.float()
-            tolerance = export.MERGE_RTOL["bfloat16"] * max(1.0, want.abs().max().item())
+            tolerance = merge.MERGE_RTOL["bfloat16"] * max(1.0, want.abs().max().item())
             assert (got - want).abs().max().item() <= tolerance
             # A merge that lost the adapter would fail: it moves the logits past the tolerance.
             assert (want - before).abs().max().item() > 5 * tolerance

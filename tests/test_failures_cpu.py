@@ -87,13 +87,13 @@ def test_a_disk_that_fills_mid_run_is_reported_as_full_and_the_run_resumes(
 
 def test_the_disk_full_exit_code_is_documented():
     from ftlaunch.run import diskfull
-    from ftlaunch.launch import process as launch
+    from ftlaunch.launch import process
 
     assert diskfull.DISK_FULL_EXIT == DISK_FULL
     help_text = subprocess.run([FTLAUNCH, "train", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
     assert f"{DISK_FULL} the disk filled up" in help_text
-    assert f"DISK_FULL_EXIT ({DISK_FULL}" in launch.__doc__
+    assert f"DISK_FULL_EXIT ({DISK_FULL}" in process.__doc__
 
 
 @pytest.mark.slow
@@ -147,7 +147,7 @@ E1206 02:43:17.026000 4114 .venv/lib/python3.11/site-packages/torch/distributed/
 W1206 02:48:55.185000 8277 .venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 4117 closing signal SIGTERM
 Traceback (most recent call last):
   File "<frozen runpy>", line 198, in _run_module_as_main
-  File "/x/accelerate/commands/launch.py", line 1419, in main
+  File "/x/accelerate/commands/process.py", line 1419, in main
     launch_command(args)
            ^^^^^^^^^^^^^
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ftlaunch.detect import hardware as hw
-from ftlaunch.launch import meeting as nodes
+from ftlaunch.launch import meeting
 from ftlaunch.errors import UserError
 from ftlaunch.launch.process import free_port
 
@@ -19,21 +19,21 @@ A100 = hw.parse_spec("8xA100-80GB")
 
 def _hello(rank: int, hardware=H100, plan="sha256:aaa", version="0.1", shared=True,
            steps=None, data="sha256:data", run_dir="/shared/run", error=None) -> dict:
-    return nodes.hello(rank, hardware, plan, version, Path(run_dir), data, shared,
+    return meeting.hello(rank, hardware, plan, version, Path(run_dir), data, shared,
                        [] if steps is None and rank == 0 else steps, error)
 
 
 def test_matching_nodes_on_a_shared_directory_resume_from_node_0s_newest():
-    verdict = nodes.decide([_hello(0, steps=[100, 200]), _hello(1), _hello(2)])
-    assert verdict.ok and verdict.storage == nodes.SHARED and verdict.resume_step == 200
+    verdict = meeting.decide([_hello(0, steps=[100, 200]), _hello(1), _hello(2)])
+    assert verdict.ok and verdict.storage == meeting.SHARED and verdict.resume_step == 200
 
 
 def test_node_local_directories_resume_from_the_newest_step_every_node_holds():
-    verdict = nodes.decide([_hello(0, steps=[100, 200, 300]),
+    verdict = meeting.decide([_hello(0, steps=[100, 200, 300]),
                             _hello(1, shared=False, steps=[100, 200]),
                             _hello(2, shared=False, steps=[200, 300])])
-    assert verdict.ok and verdict.storage == nodes.NODE_LOCAL and verdict.resume_step == 200
-    none_common = nodes.decide([_hello(0, steps=[300]), _hello(1, shared=False, steps=[200])])
+    assert verdict.ok and verdict.storage == meeting.NODE_LOCAL and verdict.resume_step == 200
+    none_common = meeting.decide([_hello(0, steps=[300]), _hello(1, shared=False, steps=[200])])
     assert none_common.ok and none_common.resume_step is None
 
 
@@ -48,16 +48,16 @@ def test_node_local_directories_resume_from_the_newest_step_every_node_holds():
     (_hello(1, run_dir="/mnt/elsewhere/run"), "same path on every node"),
 ])
 def test_a_node_that_differs_is_refused_naming_it(other, needle):
-    verdict = nodes.decide([_hello(0), _hello(2), other])
+    verdict = meeting.decide([_hello(0), _hello(2), other])
     assert not verdict.ok
     assert needle in verdict.message
 
 
 def test_mixed_storage_and_fsdp_on_node_local_directories_are_refused():
-    mixed = nodes.decide([_hello(0), _hello(1), _hello(2, shared=False, steps=[])])
+    mixed = meeting.decide([_hello(0), _hello(1), _hello(2, shared=False, steps=[])])
     assert not mixed.ok and "node(s) 1 see" in mixed.message and "node(s) 2 do not" in mixed.message
-    fsdp = nodes.decide([_hello(0), _hello(1, shared=False, steps=[])],
-                        {nodes.NODE_LOCAL: "FSDP needs a shared filesystem"})
+    fsdp = meeting.decide([_hello(0), _hello(1, shared=False, steps=[])],
+                        {meeting.NODE_LOCAL: "FSDP needs a shared filesystem"})
     assert not fsdp.ok and fsdp.message == "FSDP needs a shared filesystem"
 
 
@@ -68,7 +68,7 @@ def _meet(nnodes: int, hellos: dict, on_go=lambda verdict: None, timeout: float 
 
     def other(rank):
         try:
-            answers[rank] = nodes.join("127.0.0.1", port, timeout,
+            answers[rank] = meeting.join("127.0.0.1", port, timeout,
                                        lambda launch_id: {**hellos[rank], "launch": launch_id},
                                        log=lambda _: None)
         except UserError as exc:
@@ -82,10 +82,10 @@ def _meet(nnodes: int, hellos: dict, on_go=lambda verdict: None, timeout: float 
 
     def decide(others):
         seen.extend(others)
-        return nodes.decide([hellos[0], *others])
+        return meeting.decide([hellos[0], *others])
 
     try:
-        verdict = nodes.serve("127.0.0.1", port, nnodes, "launch-1", timeout, decide, on_go,
+        verdict = meeting.serve("127.0.0.1", port, nnodes, "launch-1", timeout, decide, on_go,
                               log=lambda _: None)
     except UserError as exc:
         verdict = exc
@@ -125,7 +125,7 @@ def test_missing_nodes_and_a_missing_node_0_time_out_with_a_user_error():
     verdict, _, _, _ = _meet(3, {0: _hello(0), 1: _hello(1)}, timeout=2)
     assert isinstance(verdict, UserError) and "node(s) 2 did not join within 2 s" in str(verdict)
     with pytest.raises(UserError, match="node 0 did not answer"):
-        nodes.join("127.0.0.1", free_port(), 1.5, lambda launch_id: _hello(1), log=lambda _: None)
+        meeting.join("127.0.0.1", free_port(), 1.5, lambda launch_id: _hello(1), log=lambda _: None)
 
 
 def test_a_busy_port_on_node_0_is_a_user_error():
@@ -136,22 +136,22 @@ def test_a_busy_port_on_node_0_is_a_user_error():
         busy.listen(1)
         port = busy.getsockname()[1]
         with pytest.raises(UserError, match=f"--master-port {port} is already in use"):
-            nodes.serve("127.0.0.1", port, 2, "x", 1, lambda o: None, lambda v: None,
+            meeting.serve("127.0.0.1", port, 2, "x", 1, lambda o: None, lambda v: None,
                         log=lambda _: None)
 
 
 def test_a_launch_mark_tells_a_node_it_shares_the_directory(tmp_path):
-    launch_id = nodes.mark_launch(tmp_path)
-    assert nodes.sees_launch(tmp_path, launch_id)
-    assert not nodes.sees_launch(tmp_path, "another-launch")
-    second = nodes.mark_launch(tmp_path)
-    assert not nodes.sees_launch(tmp_path, launch_id)  # an earlier launch's mark is gone
-    nodes.unmark_launch(tmp_path, second)
+    launch_id = meeting.mark_launch(tmp_path)
+    assert meeting.sees_launch(tmp_path, launch_id)
+    assert not meeting.sees_launch(tmp_path, "another-launch")
+    second = meeting.mark_launch(tmp_path)
+    assert not meeting.sees_launch(tmp_path, launch_id)  # an earlier launch's mark is gone
+    meeting.unmark_launch(tmp_path, second)
     assert not any(tmp_path.iterdir())
 
 
 def test_loopback_rendezvous_listens_on_loopback_only():
-    assert nodes.bind_host("127.0.0.1") == "127.0.0.1"
-    assert nodes.bind_host("localhost") == "127.0.0.1"
-    assert nodes.bind_host(None) == "127.0.0.1"
-    assert nodes.bind_host("10.1.2.3") == ""  # a real address: every interface, like torchrun
+    assert meeting.bind_host("127.0.0.1") == "127.0.0.1"
+    assert meeting.bind_host("localhost") == "127.0.0.1"
+    assert meeting.bind_host(None) == "127.0.0.1"
+    assert meeting.bind_host("10.1.2.3") == ""  # a real address: every interface, like torchrun

@@ -9,7 +9,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from ftlaunch.detect import hardware
-from ftlaunch.launch import process as launch
+from ftlaunch.launch import process
 from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.launch import render
@@ -156,7 +156,7 @@ SINGLE_PROCESS = {
 @pytest.mark.parametrize("omp", [None, "3"])
 def test_a_single_process_starts_with_accelerate_launchs_environment(case, omp, tmp_path,
                                                                      monkeypatch):
-    """The worker of a one-process plan is started directly (launch.single_process_env):
+    """The worker of a one-process plan is started directly (process.single_process_env):
     it must get exactly what accelerate launch would have given it."""
     spec, method = SINGLE_PROCESS[case]
     plan = planner.plan(hardware.parse_spec(spec), models.resolve("tiny"),
@@ -165,10 +165,10 @@ def test_a_single_process_starts_with_accelerate_launchs_environment(case, omp, 
     path = render.write_accelerate_config(plan, render.Rendezvous(), tmp_path)
     base = {"PATH": "/usr/bin", "HOME": "/root", **({"OMP_NUM_THREADS": omp} if omp else {})}
     monkeypatch.setattr("os.environ", dict(base))
-    ours = launch.single_process_env(path, dict(base))
+    ours = process.single_process_env(path, dict(base))
     assert ours == _launch_env(path)
     assert ours["ACCELERATE_USE_CPU"] == str(plan.on_cpu)
-    argv = launch.command(path, tmp_path, None, None, direct=True)
+    argv = process.command(path, tmp_path, None, None, direct=True)
     assert argv[1:4] == ["-m", "ftlaunch.worker.main", "--run-dir"]
 
 
@@ -181,16 +181,16 @@ def test_a_single_process_starts_with_accelerate_launchs_environment(case, omp, 
 def test_other_configs_go_through_accelerate_launch(make, tmp_path):
     plan, rendezvous = make()
     path = render.write_accelerate_config(plan, rendezvous, tmp_path)
-    assert launch.single_process_env(path, {}) is None
+    assert process.single_process_env(path, {}) is None
 
 
 def test_a_config_key_it_does_not_know_leaves_it_to_accelerate(tmp_path):
     path = render.write_accelerate_config(_plan("cpu", None), render.Rendezvous(), tmp_path)
-    assert launch.single_process_env(path, {}) is not None
+    assert process.single_process_env(path, {}) is not None
     config = yaml.safe_load(path.read_text())
     config["dynamo_config"] = {"dynamo_backend": "INDUCTOR"}
     path.write_text(yaml.safe_dump(config))
-    assert launch.single_process_env(path, {}) is None
+    assert process.single_process_env(path, {}) is None
 
 
 def test_real_planner_builds_the_base_plans():

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import TINY_TRAIN, assert_user_error, run_ftlaunch, tree
-from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import resume_rules
 from ftlaunch.errors import UserError
 
 
@@ -113,7 +113,7 @@ def test_a_finished_run_still_refuses_a_changed_lora_shape(tiny_run, tmp_path):
 def test_the_table_says_each_change_or_refuses_it():
     before = {"learning_rate": 2e-4, "lr_scheduler_type": "cosine", "max_steps": 100,
               "logging_steps": 1, "optim": "adamw_torch", "weight_decay": 0.0}
-    notes = resume_changes.notes(before, {**before, "learning_rate": 1e-4, "max_steps": 200,
+    notes = resume_rules.notes(before, {**before, "learning_rate": 1e-4, "max_steps": 200,
                                           "logging_steps": 5}, step=40)
     assert notes == [
         "learning rate changed from 0.0002 to 0.0001: the schedule continues from step 40 "
@@ -122,22 +122,22 @@ def test_the_table_says_each_change_or_refuses_it():
         "max_steps changed from 100 to 200: the schedule now spans the new total, continuing "
         "from step 40"]
     with pytest.raises(UserError) as refused:
-        resume_changes.notes(before, {**before, "optim": "sgd", "weight_decay": 0.1}, step=40)
+        resume_rules.notes(before, {**before, "optim": "sgd", "weight_decay": 0.1}, step=40)
     message = str(refused.value)
     assert "optim (was 'adamw_torch', now 'sgd'" in message and "weight_decay (was 0.0" in message
     assert "--set optim=adamw_torch --set weight_decay=0.0" in message and "--fresh" in message
     with pytest.raises(UserError, match="reduce_lr_on_plateau"):
-        resume_changes.notes(before, {**before, "lr_scheduler_type": "reduce_lr_on_plateau"}, 40)
+        resume_rules.notes(before, {**before, "lr_scheduler_type": "reduce_lr_on_plateau"}, 40)
 
 
 def test_a_rate_set_only_now_is_said_and_a_stateful_schedule_refuses_a_new_rate():
     # A recipe file without learning_rate, resumed with --set learning_rate=...
-    assert resume_changes.notes({}, {"learning_rate": 1e-4}, step=10) == [
+    assert resume_rules.notes({}, {"learning_rate": 1e-4}, step=10) == [
         "learning_rate changed from None to 0.0001: the schedule continues from step 10 with "
         "peak 0.0001"]
     plateau = {"learning_rate": 1e-3, "lr_scheduler_type": "reduce_lr_on_plateau"}
     with pytest.raises(UserError, match="keeps its own rates"):
-        resume_changes.notes(plateau, {**plateau, "learning_rate": 1e-4}, step=10)
+        resume_rules.notes(plateau, {**plateau, "learning_rate": 1e-4}, step=10)
 
 
 def test_a_changed_chat_template_is_refused_like_the_data(tiny_run, tmp_path):

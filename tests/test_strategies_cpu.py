@@ -312,13 +312,13 @@ def test_zero3_offload_trains_and_resumes_bitwise(tmp_path, capsys):
                               output_dir=str(run_dir))
     job = job_mod.resolve(options)
     job = dataclasses.replace(job, plan=dataclasses.replace(job.plan, offload=True))
-    assert start.train(job, ["--model", "tiny"], print) == 0, capsys.readouterr().out[-3000:]
+    assert start.start_run(job, ["--model", "tiny"], print) == 0, capsys.readouterr().out[-3000:]
     zero = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]
     assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
     first = adapter(run_dir)
 
     shutil.rmtree(run_dir / "adapter")  # as if stopped after checkpoint-2 (the only one)
-    assert start.train(job, ["--model", "tiny"], print) == 0, capsys.readouterr().out[-3000:]
+    assert start.start_run(job, ["--model", "tiny"], print) == 0, capsys.readouterr().out[-3000:]
     assert f"resuming {run_dir} from checkpoint-2" in capsys.readouterr().out
     import torch
 

@@ -90,17 +90,17 @@ def test_assistant_only_loss_on_token_ids(chat_run):
 
 
 def test_preview_agrees_with_the_trainer(chat_run):
-    from ftlaunch.data import tokenize as preview
+    from ftlaunch.data import tokenize
 
     session, batch = _first_batch(chat_run)
     from ftlaunch.run import record as run_record
 
-    tokenizer, _ = preview.load_tokenizer(run_record.load(chat_run).model, assistant_only=True)
+    tokenizer, _ = tokenize.load_tokenizer(run_record.load(chat_run).model, assistant_only=True)
     row = batch["input_ids"][0].tolist()
     labels = batch["labels"][0].tolist()
     # Find which example is in row 0 by matching its tokenization.
     for chat in CHATS:
-        tokenized = preview.tokenize(tokenizer, chat, "conversational")
+        tokenized = tokenize.tokenize(tokenizer, chat, "conversational")
         n = len(tokenized.ids)
         if row[:n] == tokenized.ids:
             trained = [label != -100 for label in labels[:n]]

@@ -156,7 +156,7 @@ def _train(kwargs: dict, argv: list[str]) -> int:
     stop_settings(kwargs)
     job = job_mod.resolve(_to_options(kwargs))
     interrupts.echo(summaries.plan_summary(job.plan))
-    return start.train(job, argv, interrupts.echo)
+    return start.start_run(job, argv, interrupts.echo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

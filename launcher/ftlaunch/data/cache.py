@@ -41,7 +41,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftlaunch.data import tokenize as preview
+from ftlaunch.data import tokenize
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 from ftlaunch.files import atomic_write
@@ -76,11 +76,11 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
     once rather than on every rank.
 
     Returns the meta: "fingerprint" (what a worker passes to `load`), "key", "splits",
-    "stats" (preview.LengthStats fields over the whole train split at `seq_len`) and
+    "stats" (tokenize.LengthStats fields over the whole train split at `seq_len`) and
     "reused"."""
     cache_dir = Path(cache_dir)
-    only_assistant = preview.assistant_only(dataset.kind, data_options)
-    tokenizer, _ = preview.load_tokenizer(model, only_assistant)
+    only_assistant = tokenize.assistant_only(dataset.kind, data_options)
+    tokenizer, _ = tokenize.load_tokenizer(model, only_assistant)
     splits = {"train": dataset}
     if eval_dataset is not None:
         splits["eval"] = eval_dataset
@@ -101,7 +101,7 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
                 leftover.unlink()
         return _with_stats(cache_dir, meta, seq_len, reused=True)
 
-    preview.check_tokenizer(tokenizer, dataset.kind)
+    tokenize.check_tokenizer(tokenizer, dataset.kind)
     started = time.time()
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = cache_dir / _STAGING
@@ -147,9 +147,9 @@ def _held_out(dataset, fraction: float, seed: int) -> dict:
             for name, part in (("train", "train"), ("eval", "test"))}
 
 
-def length_stats(meta: dict) -> preview.LengthStats:
-    """The train split's length statistics `build` returned, as preview.check takes them."""
-    return preview.LengthStats(**meta["stats"])
+def length_stats(meta: dict) -> tokenize.LengthStats:
+    """The train split's length statistics `build` returned, as tokenize.check takes them."""
+    return tokenize.LengthStats(**meta["stats"])
 
 
 # ---------------------------------------------------------------- worker side
@@ -256,7 +256,7 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        preview.tokenize_batch, batched=True, batch_size=preview.BATCH, with_indices=True,
+        tokenize.tokenize_batch, batched=True, batch_size=tokenize.BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant},
         new_fingerprint=f"{digest[:24]}-{name}", desc=f"Tokenizing {name} data")
@@ -309,5 +309,5 @@ def _with_stats(cache_dir: Path, meta: dict, seq_len: int, reused: bool) -> dict
     import numpy as np
 
     lengths = np.load(cache_dir / _lengths_name("train"), allow_pickle=False)
-    stats = preview.stats_from_lengths(lengths[:, 0].tolist(), lengths[:, 1].tolist(), seq_len)
+    stats = tokenize.stats_from_lengths(lengths[:, 0].tolist(), lengths[:, 1].tolist(), seq_len)
     return {**meta, "stats": asdict(stats), "reused": reused}

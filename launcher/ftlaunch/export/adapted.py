@@ -67,8 +67,8 @@ def apply_adapter(base, run_dir: Path):
 
 def load_tokenizer(run_dir: Path, record: run_record.RunRecord):
     """The tokenizer saved with the adapter (with the chat template training used)."""
-    from ftlaunch.data import tokenize as preview
+    from ftlaunch.data import tokenize
 
-    tokenizer, _ = preview.load_tokenizer(record.model.with_tokenizer(run_dir / "adapter"),
+    tokenizer, _ = tokenize.load_tokenizer(record.model.with_tokenizer(run_dir / "adapter"),
                                           assistant_only=False)
     return tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ftlaunch.launch import preflight
 from ftlaunch.launch import run_files
-from ftlaunch.data import tokenize as preview
+from ftlaunch.data import tokenize
 from ftlaunch.models.source import ModelSource
 from ftlaunch.run import directory as rundir
 from ftlaunch.data import read as data_io
@@ -68,10 +68,10 @@ def token_preflight(job: Job, dataset, model: ModelSource) -> list[str]:
     sampled = len(rows) > _PREFLIGHT_SAMPLE
     if sampled:
         rows = random.Random(0).sample(rows, _PREFLIGHT_SAMPLE)
-    _, tokenized, _ = preview.tokenize_dataset(model, dataset, job.recipe.data, rows)
-    stats = preview.length_stats(tokenized, job.plan.seq_len)
+    _, tokenized, _ = tokenize.tokenize_dataset(model, dataset, job.recipe.data, rows)
+    stats = tokenize.length_stats(tokenized, job.plan.seq_len)
     source = f"--data {dataset.path}" + (f" (a sample of {len(rows)})" if sampled else "")
-    return preview.check(stats, source)
+    return tokenize.check(stats, source)
 
 
 def prepare_checked(job: Job, run_dir: Path, data: tuple, model: ModelSource, identity: dict,

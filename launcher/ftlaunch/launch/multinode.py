@@ -10,12 +10,12 @@ from pathlib import Path
 from ftlaunch import __version__
 from ftlaunch.launch import checks
 from ftlaunch.launch import diskfull
-from ftlaunch.launch import meeting as nodes
+from ftlaunch.launch import meeting
 from ftlaunch.launch import render
 from ftlaunch.launch import run_files
 from ftlaunch.launch import workers
 from ftlaunch.run import record as run_record
-from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import resume_rules
 from ftlaunch.run import directory as rundir
 from ftlaunch.run import lock as runlock
 from ftlaunch.errors import UserError
@@ -31,26 +31,26 @@ _FSDP_NEEDS_SHARED = (
 
 def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
                error: str | None = None) -> dict:
-    return nodes.hello(job.cluster.node_rank, job.hardware, run_files.plan_hash(job.plan),
+    return meeting.hello(job.cluster.node_rank, job.hardware, run_files.plan_hash(job.plan),
                        __version__, run_dir, data_fingerprint, shared, steps, error)
 
 
 def meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict, on_go,
-                      echo) -> nodes.Verdict:
+                      echo) -> meeting.Verdict:
     """Node 0 of several: wait for the other nodes, check they match, agree on storage
     and on the checkpoint to resume from; the run files are written (on_go) before any
     node is told to start."""
     cluster = job.cluster
-    launch_id = nodes.mark_launch(run_dir)
+    launch_id = meeting.mark_launch(run_dir)
     mine = _own_hello(job, run_dir, True, [c.step for c in state.complete], identity["data"])
     storage_ok = {run_record.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
     try:
-        verdict = nodes.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
+        verdict = meeting.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
                               job.options.join_timeout_s,
-                              lambda others: nodes.decide([mine, *others], storage_ok), on_go,
+                              lambda others: meeting.decide([mine, *others], storage_ok), on_go,
                               log=echo)
     finally:
-        nodes.unmark_launch(run_dir, launch_id)
+        meeting.unmark_launch(run_dir, launch_id)
     if not verdict.ok:
         raise UserError(f"The nodes cannot train together: {verdict.message}")
     echo(f"ftlaunch: {cluster.nnodes} nodes agree ({verdict.storage} run directory"
@@ -95,7 +95,7 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
     def make_hello(launch_id: str) -> dict:
         if node_error:
             return _own_hello(job, run_dir, False, [], None, error=node_error)
-        if nodes.sees_launch(run_dir, launch_id):
+        if meeting.sees_launch(run_dir, launch_id):
             return _own_hello(job, run_dir, True, None, None)
         try:
             if data_error:
@@ -109,7 +109,7 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
                 except UserError:
                     # On NFS node 0's launch mark can show up late (cached lookups): its
                     # lock is then this launch's, not another job's.
-                    if nodes.sees_launch(run_dir, launch_id):
+                    if meeting.sees_launch(run_dir, launch_id):
                         return _own_hello(job, run_dir, True, None, None)
                     raise
             if options.fresh:  # moved aside once the nodes agree, not before
@@ -130,7 +130,7 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
             return _own_hello(job, run_dir, False, [], None,
                               error=f"{run_dir} on node {cluster.node_rank}: {exc}")
 
-    verdict = nodes.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
+    verdict = meeting.join(cluster.master_addr, port, options.join_timeout_s, make_hello, log=echo)
     if not verdict.ok:
         raise UserError(f"The nodes cannot train together: {verdict.message}")
     if verdict.storage == run_record.SHARED:
@@ -170,11 +170,11 @@ def agreed_checkpoint(job: Job, run_dir: Path, state, step: int | None):
     notes = rundir.set_aside_newer(run_dir, state, step)
     checkpoint = next((c for c in state.complete if c.step == step), None)
     if checkpoint is not None:
-        notes += resume_changes.resume_notes(checkpoint, job.plan, job.recipe, job.options.allow_changed)
+        notes += resume_rules.check_resume(checkpoint, job.plan, job.recipe, job.options.allow_changed)
     return checkpoint, notes
 
 
-def nodes_record(job: Job, verdict: nodes.Verdict | None) -> dict:
+def nodes_record(job: Job, verdict: meeting.Verdict | None) -> dict:
     """run.yaml's account of the nodes: how many, which this copy belongs to, where the
     checkpoints live, and every node's hardware as it reported it."""
     cluster = job.cluster

@@ -13,10 +13,10 @@ from pathlib import Path
 from ftlaunch import __version__
 from ftlaunch.models import builtin as builtin_models
 from ftlaunch.run import checkpoints
-from ftlaunch.launch import process as launch
+from ftlaunch.launch import process
 from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
-from ftlaunch.data import tokenize as preview
+from ftlaunch.data import tokenize
 from ftlaunch.run import record as run_record
 from ftlaunch.plan import trainer_args
 from ftlaunch.models.source import ModelSource
@@ -48,9 +48,9 @@ def run_identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: ModelS
         "data_format": dataset.format,
         "system_prompt": job.recipe.data.get("system_prompt"),
         "packing": recipes.packing(job.recipe.data),
-        "assistant_only_loss": preview.assistant_only(dataset.kind, job.recipe.data),
+        "assistant_only_loss": tokenize.assistant_only(dataset.kind, job.recipe.data),
     }
-    template = preview.template_digest(model, dataset.kind, job.recipe.data)
+    template = tokenize.template_digest(model, dataset.kind, job.recipe.data)
     if template is not None:  # unknown before the tokenizer is built: left out, not None
         identity["chat_template"] = template
     return identity
@@ -104,7 +104,7 @@ def build_data_cache(job: Job, run_dir: Path, model: ModelSource, dataset, eval_
                                 job.plan.seq_len, num_proc=min(job.hardware.cpu_cores, 8),
                                 seed=recipes.seed(job.recipe.training))
         stats = data_cache.length_stats(meta)
-        for note in preview.check(stats, f"--data {dataset.path}"):
+        for note in tokenize.check(stats, f"--data {dataset.path}"):
             echo(f"Note: {note}.")
         if padded_note := _padded_rows_note(job, stats.longest):
             echo(f"Note: {padded_note}.")
@@ -175,7 +175,7 @@ def write(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
                                                grace_s=job.options.grace_s),
         nodes=nodes_record,
         distributed=run_record.Distributed(timeout_s=timeout_s,
-                                           env=launch.distributed_env(plan, os.environ)),
+                                           env=process.distributed_env(plan, os.environ)),
         strategy=run_record.Strategy(
             method=plan.method, engine=plan.engine, zero_stage=plan.zero_stage,
             offload=plan.offload, precision=plan.precision,

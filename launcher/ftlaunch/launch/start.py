@@ -16,13 +16,13 @@ from ftlaunch.launch import checks
 from ftlaunch.launch import diskfull
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import multinode
-from ftlaunch.launch import process as launch
-from ftlaunch.launch import meeting as nodes
+from ftlaunch.launch import process
+from ftlaunch.launch import meeting
 from ftlaunch.run import record as run_record
 from ftlaunch.models.source import ModelSource
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.launch import render
-from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import resume_rules
 from ftlaunch.run import directory as rundir
 from ftlaunch.run import lock as runlock
 from ftlaunch.launch import run_files
@@ -36,7 +36,7 @@ from ftlaunch.plan.job import Job
 from ftlaunch.resources import demo_data_path
 
 
-def train(job: Job, argv: list[str], echo) -> int:
+def start_run(job: Job, argv: list[str], echo) -> int:
     plan, options = job.plan, job.options
     interrupts.phase("before training started: nothing was trained, and the run directory "
                      "is as a re-run expects. Re-run the same command to start it (a data "
@@ -60,7 +60,7 @@ def train(job: Job, argv: list[str], echo) -> int:
         for note in checks.token_preflight(job, dataset, model):
             echo(f"Note: {note}.")
     if cluster.master_port is not None and cluster.node_rank == 0:
-        launch.check_port_free(cluster.master_port, nodes.bind_host(cluster.master_addr))
+        process.check_port_free(cluster.master_port, meeting.bind_host(cluster.master_addr))
 
     identity = run_files.run_identity(job, dataset, eval_dataset, model)
     checks.check_ram(job, echo)
@@ -98,9 +98,9 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
     notes += [f"no checkpoint to resume from, so this starts over with the new settings: {text}"
               for text in state.restarted_with]
     if state.checkpoint is not None:
-        notes += resume_changes.resume_notes(state.checkpoint, plan, job.recipe, options.allow_changed)
+        notes += resume_rules.check_resume(state.checkpoint, plan, job.recipe, options.allow_changed)
 
-    port = cluster.master_port or (launch.free_port() if plan.num_processes > 1 else None)
+    port = cluster.master_port or (process.free_port() if plan.num_processes > 1 else None)
     rendezvous = render.Rendezvous(machine_rank=cluster.node_rank,
                                    main_process_ip=cluster.master_addr or "127.0.0.1",
                                    main_process_port=port or DEFAULT_PORT)
@@ -115,14 +115,14 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
                             model, multinode.nodes_record(job, None))
             echo(f"Wrote {run_dir / 'accelerate.yaml'} and {run_dir / rundir.RUN_FILE}.")
         echo("Launch command (dry run, nothing trained):")
-        echo("  " + launch.printable(launch.command(
+        echo("  " + process.printable(process.command(
             run_dir / "accelerate.yaml", run_dir, resume_from, port,
             rendezvous if cluster.nnodes > 1 else None)))
         echo("(the same ftlaunch command without --dry-run first tokenizes the data into the "
              "run's cache, which the workers read)")
         return 0
 
-    def start_files(verdict: nodes.Verdict | None) -> tuple[run_record.RunRecord, Path | None]:
+    def start_files(verdict: meeting.Verdict | None) -> tuple[run_record.RunRecord, Path | None]:
         """The run files every worker reads, written once the nodes (if several) agreed.
         The data first: its refusal must find the checkpoints where they were."""
         with diskfull.told_as_full(run_dir):

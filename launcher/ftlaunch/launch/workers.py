@@ -11,7 +11,7 @@ from pathlib import Path
 from ftlaunch.run import checkpoints
 from ftlaunch.run import heartbeat
 from ftlaunch.launch import interrupts
-from ftlaunch.launch import process as launch
+from ftlaunch.launch import process
 from ftlaunch.run import rank_logs
 from ftlaunch.run import record as run_record
 from ftlaunch.plan import recipe as recipes
@@ -28,20 +28,20 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
         port: int | None, rendezvous: render.Rendezvous, echo) -> int:
     """Launch this node's workers, wait for them, and return the launcher's exit code."""
     plan = job.plan
-    env = launch.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
+    env = process.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu, offline=record.model.is_local,
                             distributed=record.distributed.env)
     config_path = run_dir / "accelerate.yaml"
-    direct_env = launch.single_process_env(config_path, env)
-    argv_launch = launch.command(config_path, run_dir, resume_from, port,
+    direct_env = process.single_process_env(config_path, env)
+    argv_launch = process.command(config_path, run_dir, resume_from, port,
                                  rendezvous if job.cluster.nnodes > 1 else None,
                                  direct=direct_env is not None)
     if direct_env is not None:
         env = direct_env
         echo("Launching (one process, with the environment accelerate launch would give it): "
-             + launch.printable(argv_launch))
+             + process.printable(argv_launch))
     else:
-        echo("Launching: " + launch.printable(argv_launch))
+        echo("Launching: " + process.printable(argv_launch))
     ranks = [job.cluster.node_rank * plan.processes_per_node + i
              for i in range(plan.processes_per_node)]
     interrupts.check()  # the last moment a stop means "nothing was trained"
@@ -49,7 +49,7 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
     watch = (heartbeat.Watch(run_dir, job.options.stall_timeout_s, ranks)
              if job.options.stall_timeout_s else None)
     started = time.time()  # error records and heartbeats of earlier launches do not count
-    code, received, stall, ended = launch.run(argv_launch, env, log_path, job.options.grace_s, watch)
+    code, received, stall, ended = process.run(argv_launch, env, log_path, job.options.grace_s, watch)
     interrupts.phase(f"after the workers ended: `ftlaunch resume {run_dir}` continues from "
                      "the last complete checkpoint.")
     if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
@@ -70,9 +70,9 @@ def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
     atomic_write(run_dir / heartbeat.STALL_FILE, json.dumps(stall.to_json()) + "\n")
     echo(f"Stalled: {stall.describe()} The job was stopped; the Python stacks of the ranks "
          f"that could still answer are in {log_path} and {run_dir / rundir.RANKS_DIR}/rank-*.log. "
-         f"Exit code {launch.STALLED_EXIT}: re-run the same command to resume from "
+         f"Exit code {process.STALLED_EXIT}: re-run the same command to resume from "
          f"{_resume_point(run_dir)}.")
-    return launch.STALLED_EXIT
+    return process.STALLED_EXIT
 
 
 def log_notes(run_dir: Path, notes: list[str], echo) -> None:
@@ -88,7 +88,7 @@ def log_notes(run_dir: Path, notes: list[str], echo) -> None:
 def _outcome(run_dir: Path, code: int, received: int | None, echo,
              log_path: Path | None = None, started: float = 0.0, ended=()) -> int:
     """The launcher's exit code: done, preempted with a checkpoint, stopped, failed (`ended`:
-    the workers that ended by themselves, launch.run's)."""
+    the workers that ended by themselves, process.run's)."""
     if rundir.is_finished(run_dir) and code == 0:
         echo(final_summary(run_dir))
         return 0
@@ -97,9 +97,9 @@ def _outcome(run_dir: Path, code: int, received: int | None, echo,
         raise UserError(_non_finite_message(run_dir, stop))
     if stop is not None and checkpoints.verify(Path(stop["checkpoint"]))[0] is None:
         echo(f"Preempted ({stop['why']}): stopped after step {stop['step']} with a complete "
-             f"checkpoint, {stop['checkpoint']}. Exit code {launch.PREEMPTED_EXIT}: re-run the "
+             f"checkpoint, {stop['checkpoint']}. Exit code {process.PREEMPTED_EXIT}: re-run the "
              f"same command (or `ftlaunch resume {run_dir}`) to continue from there.")
-        return launch.PREEMPTED_EXIT
+        return process.PREEMPTED_EXIT
     since = _resume_point(run_dir)
     if received is not None:
         code = 128 + received  # whatever torchrun made of it, this was a stop by signal

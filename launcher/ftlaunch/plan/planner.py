@@ -198,7 +198,7 @@ def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candida
         return [Candidate(methods[0], "cpu")]
     if world == 1 and spec.engine in ("fsdp", "deepspeed"):
         # Asked for on one device: nothing to shard, but the engine's checkpoints, so a run
-        # sharded over N processes can go on with one and back (see resume_changes).
+        # sharded over N processes can go on with one and back (see run.resume_rules).
         return [Candidate(m, spec.engine, 3 if spec.engine == "deepspeed" else None)
                 for m in methods]
     if world == 1:

@@ -6,7 +6,7 @@ RNG states and the place in the data. So a setting changed since the checkpoint 
 used, be silently overridden by that state, or make the checkpoint mean something else.
 Here each one either takes effect from the resumed step (the worker makes sure of it where
 the Trainer alone would not: worker.callbacks.ResumedSettings) or is refused with exit 2 before
-anything is written, so that run.yaml records only what is used. resume_notes
+anything is written, so that run.yaml records only what is used. check_resume
 compares run.yaml's recipe with the new one; docs/RESUME.md shows the same table.
 
 What the data becomes (model, LoRA shape, data, sequence length, system prompt, packing,
@@ -126,8 +126,9 @@ def take_effect(args, state, optimizer, lr_scheduler) -> str | None:
             f"was {old:g})")
 
 
-def resume_notes(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
-    """Whether a checkpoint can continue under this plan, and what differs.
+def check_resume(checkpoint, plan, recipe, allow_changed: tuple[str, ...]) -> list[str]:
+    """Whether a checkpoint can continue under this plan: a UserError (exit 2) when it
+    cannot, else the notes on what differs.
 
     The global batch (micro-batch x accumulation x processes) must stay what it was so
     that a step, the learning-rate schedule and the samples seen mean the same; the

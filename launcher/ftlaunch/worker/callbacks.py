@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ftlaunch.run import heartbeat as heartbeat_mod
-from ftlaunch.run import resume_rules as resume_changes
+from ftlaunch.run import resume_rules
 from ftlaunch.show.progress import progress_line
 from ftlaunch.worker import peak_memory
 
@@ -127,6 +127,6 @@ class ResumedSettings(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if state.global_step == 0:
             return  # a new run: nothing was restored
-        note = resume_changes.take_effect(args, state, optimizer, lr_scheduler)
+        note = resume_rules.take_effect(args, state, optimizer, lr_scheduler)
         if note and state.is_world_process_zero:
             print(f"ftlaunch: {note}", flush=True)

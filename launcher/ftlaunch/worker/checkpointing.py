@@ -125,8 +125,7 @@ class Checkpointing(TrainerCallback):
         import datetime as dt
 
         record = self.record
-        global_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                        * args.world_size)
+        global_batch = record.strategy.global_batch  # the world is the plan's (setup._check_world)
         return {
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "reason": self._reason,

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from ftlaunch.data import tokenize as preview
+from ftlaunch.data import tokenize
 from ftlaunch.errors import UserError
 from ftlaunch.models.load import load_base_model, precision_dtype
 from ftlaunch.models.source import ModelSource
@@ -47,7 +47,7 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
     config = training_config(run_dir, record)
     # The training template (generation markers) also goes out with the adapter.
     tokenizer = _load_tokenizer(record.model,
-                                preview.assistant_only(record.data.kind, record.data_options))
+                                tokenize.assistant_only(record.data.kind, record.data_options))
     model = load_base_model(record.model, precision_dtype(record.strategy.precision),
                             quantize_4bit=record.strategy.method == "qlora",
                             seed=record.seed, for_training=True)
@@ -55,6 +55,7 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
                                        train_set, eval_set)
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
+    _check_world(trainer.args, strategy)
     stop = stop or StopRequest()
     # Gradients the guard can act on before the optimizer steps: not DeepSpeed's (its
     # engine steps inside backward), not fp16's (an inf gradient under the GradScaler is
@@ -70,6 +71,15 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
     return Session(trainer, recorder, tokenizer, checkpointing, heartbeat)
 
 
+def _check_world(args, strategy) -> None:
+    """The processes that started are the plan's: a launch that gave each process a world
+    of its own (accelerate's MULTI_CPU type does this silently) would train N copies, each
+    with another global batch than the checkpoints and the schedule are made for."""
+    if args.world_size != strategy.world_size:
+        raise RuntimeError(f"this worker sees a world of {args.world_size} processes; the plan "
+                           f"has {strategy.world_size}. The launch did not start the plan's job.")
+
+
 def _adapt_fsdp_to_cpu(step) -> None:
     try:
         step()
@@ -78,7 +88,7 @@ def _adapt_fsdp_to_cpu(step) -> None:
 
 
 def _load_tokenizer(model: ModelSource, assistant_only: bool):
-    tokenizer, template = preview.load_tokenizer(model, assistant_only)
+    tokenizer, template = tokenize.load_tokenizer(model, assistant_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if template and int(os.environ.get("RANK", "0")) == 0:
