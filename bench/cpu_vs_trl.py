@@ -58,7 +58,8 @@ from pathlib import Path
 
 import plain_sft  # bench/, beside this script
 import psutil
-import yaml
+
+from ftlaunch.run import record as run_record
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -286,7 +287,7 @@ def ftlaunch_result(m: Measured, out: Path) -> dict:
     rank = json.loads((out / "ranks" / "rank-0.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [row for row in rows if "loss" in row]
-    record = yaml.safe_load((out / "run.yaml").read_text(encoding="utf-8"))
+    record = run_record.load(out)
     # The last step's log is written at the end of the last step: trainer.train() began
     # `seconds` before it (to within the few ms the Trainer takes after its last log).
     train_end = losses[-1]["time"] - m.start_epoch
@@ -314,7 +315,7 @@ def ftlaunch_result(m: Measured, out: Path) -> dict:
         "step_s": steady_step_s([row["time"] for row in losses], rank["global_step"]),
         "own_tokens_per_s": statistics.median(row["trained_tokens_per_s"] for row in losses
                                               if "trained_tokens_per_s" in row),
-        "plan": record["plan"],
+        "plan": record.plan,
     }
 
 
@@ -487,7 +488,7 @@ def main() -> None:
         warm = work / f"{model}-warmup"
         Measured(ftlaunch_argv(model, args.recipe, 1, seq_len, batch, seed, warm),
                  {**env, "HF_DATASETS_CACHE": str(warm / "hf-datasets")}, work / f"{model}-warmup.log")
-        model_dir = yaml.safe_load((warm / "run.yaml").read_text())["model"]["load_from"]
+        model_dir = run_record.load(warm).model.load_from
         template = training_template(model_dir, work)
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rep in range(args.repeat):

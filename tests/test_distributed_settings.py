@@ -50,3 +50,29 @@ def test_the_settings_are_recorded_and_reach_the_trainer(tmp_path):
 
     config = training_config(run_dir, run_record.load(run_dir))
     assert config.ddp_timeout == 1234 and config.save_on_each_node is False
+
+
+def test_a_node_with_the_other_transformers_names_checkpointing_its_own_way():
+    """The launcher names gradient checkpointing as its transformers does; a node whose
+    transformers has only the other name (5.2x renamed it) uses that one."""
+    import dataclasses
+
+    from ftlaunch.worker.setup import own_checkpointing_names
+
+    @dataclasses.dataclass
+    class Older:
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    @dataclasses.dataclass
+    class Newer:
+        activation_checkpointing: bool = False
+        activation_checkpointing_kwargs: dict | None = None
+
+    launcher_new = {"activation_checkpointing": True,
+                    "activation_checkpointing_kwargs": {"use_reentrant": False}, "seed": 3}
+    assert Older(**{k: v for k, v in own_checkpointing_names(launcher_new, Older).items()
+                    if k != "seed"}).gradient_checkpointing is True
+    launcher_old = {"gradient_checkpointing": True}
+    assert own_checkpointing_names(launcher_old, Newer) == {"activation_checkpointing": True}
+    assert own_checkpointing_names(launcher_new, Newer) == launcher_new

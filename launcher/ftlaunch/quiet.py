@@ -17,7 +17,7 @@ def silence_library_noise() -> None:
                             category=FutureWarning)
     # DeepSpeed, imported by accelerate when installed, warns on every CPU-only import that
     # it fell back to the CPU. Filtered, not avoided by setting DS_ACCELERATOR here: that
-    # guess would reach the workers, whose accelerator the plan decides (launch.worker_env).
+    # guess would reach the workers, whose accelerator the plan decides (launch.process.worker_env).
     logging.getLogger("DeepSpeed").addFilter(_NotTheCpuFallback())
 
 

@@ -1,6 +1,6 @@
 """How the launcher stops on a signal, and goes on when nobody reads its output.
 
-While workers train, launch.run owns SIGTERM/SIGINT (the workers checkpoint and exit).
+While workers train, launch.process.run owns SIGTERM/SIGINT (the workers checkpoint and exit).
 Before that (reading and tokenizing the data, which takes minutes on a large set,
 waiting for other nodes) and in the other commands, Python's defaults would print a
 KeyboardInterrupt traceback for Ctrl-C, and SIGTERM would kill the launcher alone,

@@ -31,6 +31,7 @@ from pathlib import Path
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import rank_deaths
 from ftlaunch.errors import UserError
+from ftlaunch.run import record as run_record
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped with a complete checkpoint, try again
 STALLED_EXIT = 3  # no rank made progress for --stall-timeout: killed, a re-run resumes
@@ -42,7 +43,7 @@ def command(config_path: Path, run_dir: Path, resume_from: Path | None,
     command line: on a shared run directory every node launches from node 0's
     accelerate.yaml, whose machine_rank is node 0's. `direct`: the worker itself, for a
     config that single_process_env can stand in for."""
-    worker = ["-m", "ftlaunch.worker.main", "--run-dir", str(run_dir)]
+    worker = ["-m", run_record.WORKER_MODULE, "--run-dir", str(run_dir)]
     if resume_from is not None:
         worker += ["--resume-from", str(resume_from)]
     if direct:
@@ -319,7 +320,7 @@ def _is_worker(proc) -> bool:
     except psutil.Error:
         return False
     # torchrun's agent is the `accelerate launch` process; its arguments name the module too.
-    return "ftlaunch.worker.main" in args and "accelerate.commands.launch" not in args
+    return run_record.is_worker_command(args) and "accelerate.commands.launch" not in args
 
 
 def _kill(proc, signum: int) -> None:

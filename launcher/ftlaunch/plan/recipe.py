@@ -59,8 +59,8 @@ PLAN_OWNED = {
     "ddp_backend": "the engine (nccl on GPUs, gloo on CPU)",
 }
 
-# ftlaunch's Trainer settings under a recipe's own: the worker's SFTConfig starts from
-# these, and so does validate's check of the settings with TRL itself.
+# ftlaunch's Trainer settings under a recipe's own: the Trainer's arguments
+# (plan.trainer_args) start from these, and so does validate's check with TRL itself.
 TRAINER_DEFAULTS = {"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,
                     "save_strategy": "steps", "dataloader_num_workers": 0,
                     # A NaN loss is logged as NaN, not as the average of the steps before it.

@@ -1,8 +1,10 @@
 """The Trainer's arguments (TRL's SFTConfig keywords) for a plan and a recipe, resolved
 by the launcher and written into the run record: the worker only adds its output_dir.
 
-Pure, no torch: what the workers will train with is visible in run.yaml before any of
-them starts, and every rank reads the same settings.
+Pure, no torch (config_fields reads its shipped table; only with other library versions
+does it ask trl): what the workers will train with is visible in run.yaml before any of
+them starts, and every rank reads the same settings. A worker renames only the
+checkpointing keys, to its own transformers' names (worker.setup).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ftlaunch.run import directory as rundir
+from ftlaunch.run import record as run_record
 from ftlaunch.errors import UserError
 
 LOCK = ".ftlaunch-lock"
@@ -316,7 +317,7 @@ def _workers_running(run_dir: Path) -> bool:
     target = str(run_dir.resolve())
     for proc in psutil.process_iter(["cmdline"]):
         args = proc.info.get("cmdline") or []
-        if "ftlaunch.worker.main" in args and "--run-dir" in args:
+        if run_record.is_worker_command(args) and "--run-dir" in args:
             at = args.index("--run-dir") + 1
             if at < len(args) and args[at] == target:
                 return True

@@ -186,7 +186,7 @@ def errors(run_dir: Path, since: float = 0.0) -> list[dict]:
 
 def failures(run_dir: Path, since: float = 0.0, ended=()) -> list[dict]:
     """This launch's failures, the one to name first first: error records, and workers
-    that ended without one (`ended`: launch.run's; kind "ended"). A failure a peer's
+    that ended without one (`ended`: launch.process.run's; kind "ended"). A failure a peer's
     explains comes after every other, whatever its time: the peer died first."""
     found = errors(run_dir, since)
     recorded = {e["rank"] for e in found}

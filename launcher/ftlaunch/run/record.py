@@ -2,8 +2,8 @@
 
 The launcher decides everything (model, data, plan, the Trainer's arguments, where
 checkpoints live) and writes it once per launch as run.yaml, readable YAML for people.
-The workers, export, `ftlaunch resume`, the resume rules and doctor read it back through
-`load` only, as these frozen dataclasses: nobody else indexes run.yaml by string keys.
+The workers, export, `ftlaunch resume`, the resume rules, the run directory and a
+joining node read it back through `load` only, as these frozen dataclasses: nobody else indexes run.yaml by string keys.
 Facts that follow from others (on CPU, processes per node, global batch, checkpoint
 format, node-local storage) are fields, computed once by the launcher.
 
@@ -31,8 +31,16 @@ SCHEMA = 1
 # Where a node's checkpoints live: one directory every node sees, or each node's own disk
 # (then every node keeps whole checkpoints: the Trainer's save_on_each_node).
 SHARED, NODE_LOCAL = "shared", "node-local"
-# The worker module `accelerate launch` (or the launcher itself, for one process) runs.
+# The worker module `accelerate launch` (or the launcher itself, for one process) runs,
+# and the name it had before version 0.2 (a worker of an older launch may still be writing
+# its last checkpoint when the upgraded launcher looks for it).
 WORKER_MODULE = "ftlaunch.worker.main"
+WORKER_MODULES = (WORKER_MODULE, "ftlaunch.train")
+
+
+def is_worker_command(args) -> bool:
+    """A command line (a list of arguments) that runs ftlaunch's worker module."""
+    return any(name in args for name in WORKER_MODULES)
 
 
 @dataclass(frozen=True)

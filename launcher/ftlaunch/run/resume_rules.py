@@ -10,7 +10,7 @@ anything is written, so that run.yaml records only what is used. check_resume
 compares run.yaml's recipe with the new one; docs/RESUME.md shows the same table.
 
 What the data becomes (model, LoRA shape, data, sequence length, system prompt, packing,
-format, loss mask) is the run's identity instead, compared by rundir.prepare.
+format, loss mask) is the run's identity instead, compared by run.directory.prepare.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def figure(curves: Curves, title: str | None = None):
 
 def write_loss_png(metrics_jsonl: Path, out_png: Path, *, title: str | None = None) -> Path | None:
     """Draw metrics.jsonl's curves into out_png (written atomically), titled `title` (e.g.
-    `run_title(model name, plan)`; a generic title when None).
+    `run_title(model name, strategy)`; a generic title when None).
 
     Returns out_png, or None, writing nothing, when fewer than 2 training-loss points
     were logged (a single point is no curve)."""

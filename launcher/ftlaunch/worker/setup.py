@@ -101,7 +101,11 @@ def _load_datasets(run_dir: Path, record: run_record.RunRecord):
     (ftlaunch.data.cache): no rank tokenizes, and every rank reads the same rows."""
     from ftlaunch.data import cache as data_cache
 
-    if record.data.cache is None or record.trainer is None:
+    if record.trainer is None:  # only a record from before schema 1 has none
+        raise UserError(f"{run_dir / rundir.RUN_FILE} was written by an older ftlaunch; re-run "
+                        "the ftlaunch command of this run (or `ftlaunch resume "
+                        f"{run_dir}`): it rewrites run.yaml before starting the workers.")
+    if record.data.cache is None:
         raise UserError(f"{run_dir / rundir.RUN_FILE} names no data cache: it was written by "
                         "`ftlaunch --dry-run`. Start the run with the same ftlaunch command "
                         "without --dry-run; it tokenizes the data first.")
@@ -117,11 +121,26 @@ def training_config(run_dir: Path, record: run_record.RunRecord):
         # The Trainer writes into the staging area; Checkpointing moves each checkpoint
         # into checkpoints/ once it is complete.
         output_dir=str(run_dir / "checkpoints" / checkpoints.INCOMING),
-        **record.trainer)
+        **own_checkpointing_names(record.trainer, SFTConfig))
     # Trackers' local files belong to the run (transformers 5 reads these, not logging_dir).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     return config
+
+
+def own_checkpointing_names(arguments: dict, config_class) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing. The
+    launcher names it as its own transformers does (plan.trainer_args); on a node of a
+    multi-node job with the other version the worker uses its own library's name."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    renamed = dict(arguments)
+    for old, new in (("gradient", "activation"), ("activation", "gradient")):
+        for suffix in ("_checkpointing", "_checkpointing_kwargs"):
+            if old + suffix in renamed and old + suffix not in fields and new + suffix in fields:
+                renamed[new + suffix] = renamed.pop(old + suffix)
+    return renamed
 
 
 def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set):
