@@ -6,8 +6,6 @@ Every import counts, also those inside functions: a lazy import is still an arro
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,15 +111,6 @@ def test_the_worker_reaches_no_launcher_module():
             todo.extend(_imports(MODULES[module]))
     reached = sorted(m for m in seen if _stage(m) in ("plan", "launch", "export", "cli"))
     assert not reached
-
-
-def test_the_planner_imports_no_torch():
-    code = ("import sys; import ftlaunch.plan.job, ftlaunch.plan.trainer_args, "
-            "ftlaunch.plan.estimate, ftlaunch.run.record; "
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
