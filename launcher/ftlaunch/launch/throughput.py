@@ -96,13 +96,8 @@ def lookup(plan: Plan, packing: bool, run_dir: Path) -> Measured | None:
     """The newest measurement of this plan: this run's own first, then any other run's."""
     wanted = key(plan, packing)
     own = other = None
-    try:
-        lines = history_path().read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for line in lines:
+    for entry in metrics_rows(history_path()):  # readable rows; a torn last line is skipped
         try:
-            entry = json.loads(line)
             if entry["key"] != wanted or not entry["tokens_per_s"] > 0:
                 continue
             found = Measured(float(entry["tokens_per_s"]), int(entry["logs"]),
