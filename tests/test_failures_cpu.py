@@ -99,13 +99,14 @@ def test_the_disk_full_exit_code_is_documented():
 @pytest.mark.slow
 @pytest.mark.skipif(cores() < 2, reason="two CPU workers need two cores")
 def test_a_rank_killed_by_a_signal_is_named_first(tmp_path):
-    """SIGKILL to rank 1 of 2 (what the OOM killer sends): rank 0 fails in the next
+    """SIGKILL to rank 1 of 2 (what the OOM killer sends), with --max-restarts 0 (the job
+    ends at its first failure, as before in-job restarts): rank 0 fails in the next
     collective ("Connection closed by peer"). The summary names rank 1 and the signal;
     rank 0's traceback and the agent's failure report stay in the files."""
     run_dir = tmp_path / "run"
     args = ["--model", "tiny", "--gpus", "2", "--global-batch-size", "4", "--seq-len", "64",
             "--max-steps", "100000", "--set", "logging_steps=1", "--set", "save_steps=3",
-            "--output-dir", str(run_dir)]
+            "--max-restarts", "0", "--output-dir", str(run_dir)]
     launcher = subprocess.Popen([FTLAUNCH, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     beats: list[dict] = []

@@ -4,7 +4,9 @@ Each node is started as its own launcher with the same command but its own
 --node-rank, as a scheduler starts them. They meet before any worker starts,
 train the tiny model as one 4-process job, stop together on SIGTERM with a
 checkpoint, and resume; with a run directory per node, each node keeps a full
-copy and the nodes resume from the checkpoint both hold.
+copy and the nodes resume from the checkpoint both hold. When a rank of node 1 dies,
+both nodes meet again and restart together; when node 1 is gone for good, node 0 stops
+waiting for it at --join-timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pytest
 import yaml
 
 from conftest import FTLAUNCH
+from test_restarts_cpu import _fault, _restart_lines
+from ftlaunch.run import checkpoints
 from ftlaunch.launch.process import free_port
 
 pytestmark = pytest.mark.slow
@@ -32,19 +36,22 @@ RUN = ("--model", "tiny", "--gpus", "2", "--global-batch-size", "8", "--seq-len"
        "--nnodes", "2", "--master-addr", "127.0.0.1", "--join-timeout", "120s")
 
 
-def _node(rank: int, port: int, run_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
+def _node(rank: int, port: int, run_dir: Path, log: Path, *extra: str,
+          env: dict | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([FTLAUNCH, *RUN, "--node-rank", str(rank), "--master-port",
                                  str(port), "--output-dir", str(run_dir), *extra],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
 
 def _both(port: int, dirs: tuple[Path, Path], logs: tuple[Path, Path], *extra: str,
-          node1_first: bool = False) -> tuple[subprocess.Popen, subprocess.Popen]:
+          node1_first: bool = False, env: dict | None = None
+          ) -> tuple[subprocess.Popen, subprocess.Popen]:
     order = (1, 0) if node1_first else (0, 1)
     procs = {}
     for rank in order:
-        procs[rank] = _node(rank, port, dirs[rank], logs[rank], *extra)
+        procs[rank] = _node(rank, port, dirs[rank], logs[rank], *extra, env=env)
         if node1_first and rank == 1:
             _wait_for_text(logs[1], "joining node 0", procs[1])
             # Node 1 is waiting for node 0 and has written nothing into the run directory.
@@ -217,3 +224,61 @@ def test_a_node_whose_own_preflight_fails_stops_every_node(tmp_path):
         assert "Launching" not in out
     for run_dir in dirs:
         assert not (run_dir / "run.yaml").exists()
+
+
+@pytest.mark.parametrize("storage", ["shared", "node-local"])
+def test_a_rank_that_dies_on_node_1_restarts_both_nodes_together(tmp_path, storage):
+    """Rank 3 (node 1's second worker) SIGKILLs itself once, at step 5. Every rank of both
+    nodes fails or is stopped; the nodes meet again on --master-port, agree on the newest
+    checkpoint both hold, and train on to the end: exit 0 on both, one restart each."""
+    if storage == "shared":
+        dirs = (tmp_path / "run",) * 2
+    else:
+        dirs = (tmp_path / "node0-disk" / "run", tmp_path / "node1-disk" / "run")
+    logs = (tmp_path / "node0.log", tmp_path / "node1.log")
+    procs = _both(free_port(), dirs, logs, "--max-steps", "8",
+                  env=_fault("sigkill", 5, once=tmp_path / "killed", rank=3))
+    assert _finish(procs, logs) == (0, 0), logs[0].read_text() + logs[1].read_text()
+    for run_dir, log in zip(dirs, logs):
+        out = log.read_text()
+        [line] = _restart_lines(out)
+        # Only node 1 saw rank 3 die; both nodes name it (node 0's ranks only lost a peer).
+        assert "rank 3 (pid " in line and "was killed by SIGKILL" in line, line
+        assert line.endswith("starts again from checkpoint-4."), line
+        record = yaml.safe_load((run_dir / "run.yaml").read_text())
+        assert record["nodes"]["storage"] == storage
+        assert [e["from"] for e in record["restarts"]["done"]] == ["checkpoint-4"]
+    reports = _ranks(set(dirs))
+    assert sorted(reports) == [0, 1, 2, 3]
+    assert {r["global_step"] for r in reports.values()} == {8}
+    assert len({r["adapter_checksum"] for r in reports.values()}) == 1
+    assert _logged_steps(dirs[0]) == list(range(1, 9))
+
+
+def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
+    """Node 1 loses power (its launcher and workers SIGKILLed) after a checkpoint: node 0's
+    workers fail, node 0 waits --join-timeout for node 1 to restart with it, then stops
+    with the failure's exit code and how to resume, instead of hanging."""
+    run_dir = tmp_path / "run"
+    logs = (tmp_path / "node0.log", tmp_path / "node1.log")
+    procs = _both(free_port(), (run_dir, run_dir), logs, "--max-steps", "100000",
+                  "--join-timeout", "20s")
+    _wait_for_text(logs[0], "checkpoint-2 complete", procs[0])
+    node1 = [psutil.Process(procs[1].pid), *psutil.Process(procs[1].pid).children(recursive=True)]
+    for proc in node1:
+        proc.kill()
+    procs[1].wait(timeout=30)
+    try:
+        code = procs[0].wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        raise AssertionError(logs[0].read_text()) from None
+    out = logs[0].read_text()
+    assert code == 1, out
+    assert ("ftlaunch: not restarted: the nodes did not meet to restart (node(s) 1 did not "
+            "join within 20 s (--join-timeout)); that node's machine or launcher is likely "
+            "gone.") in out, out
+    assert not _restart_lines(out)
+    newest = checkpoints.scan(run_dir / "checkpoints").newest.path.name
+    assert out.strip().splitlines()[-1].endswith(f"re-run the same command to resume from "
+                                                 f"{newest}."), out

@@ -1,6 +1,7 @@
 """Watchdogs on real tiny trainings: a NaN/inf loss stops the run with the last good
 weights checkpointed (exit 2); a run that stops making progress (a worker frozen with a
-real SIGSTOP) is reported with each rank's last step, killed, and resumes (exit 3)."""
+real SIGSTOP) is reported with each rank's last step, killed, and resumes (exit 3, with
+--max-restarts 0; with restarts left the job restarts itself: test_restarts_cpu)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def _stall(tmp_path: Path, gpus: int, frozen_rank: int) -> tuple[str, Path, list
     run_dir = tmp_path / "run"
     args = ["--model", "tiny", "--gpus", str(gpus), "--global-batch-size", "4", "--seq-len",
             "64", "--set", "logging_steps=1", "--set", "save_steps=3", "--stall-timeout", "8s",
-            "--output-dir", str(run_dir)]
+            "--max-restarts", "0", "--output-dir", str(run_dir)]
     launcher = subprocess.Popen([FTLAUNCH, *args, "--max-steps", _ENDLESS],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     beats: list[dict] = []

@@ -133,3 +133,7 @@ def test_a_failing_training_fails_the_launcher(tmp_path, tiny_run):
     assert error["rank"] == 0 and error["log"] == str(tmp_path / "run" / "train.log")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith(f"First error: rank 0 failed with {error['type']}")
+    # Restarted once (a file could have been cut by a transient fault), then stopped: it
+    # failed again before the first step, where it failed before.
+    assert proc.stdout.count("ftlaunch: restart ") == 1, proc.stdout
+    assert "ftlaunch: not restarted: it failed again after step 0" in proc.stdout

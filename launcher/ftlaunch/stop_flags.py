@@ -14,6 +14,13 @@ from ftlaunch.errors import UserError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
+# --max-restarts' default. Three: enough for the transient failures a rented node has
+# (one rank's OOM on an unlucky batch, an ECC error, a flaky NCCL link), while a failure
+# that repeats at the same step is stopped after one restart anyway (launch.restarts);
+# a job that fails three times in one launch more likely has a bad node, which a
+# scheduler should replace (torchrun's own examples use --max-restarts=3).
+DEFAULT_MAX_RESTARTS = 3
+
 
 def parse_duration(text: str, flag: str) -> float:
     """'90', '90s', '30m', '1h', '1h30m' -> seconds."""
@@ -32,11 +39,18 @@ def parse_duration(text: str, flag: str) -> float:
 
 def stop_options(func):
     """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
-    stops are timed, what watches the run."""
+    stops are timed, what watches the run, how often a failed job restarts."""
     func = click.option("--report-to", "report_to", metavar="TRACKER[,TRACKER]",
                         help="Also log to these trackers: tensorboard (into RUN_DIR/tensorboard), "
                              "wandb, mlflow, ... (their packages must be installed; credentials "
                              "come from the environment, e.g. WANDB_API_KEY).")(func)
+    func = click.option("--max-restarts", type=click.IntRange(min=0),
+                        default=DEFAULT_MAX_RESTARTS, show_default=True, metavar="N",
+                        help="When a worker fails (a crash, a killed rank, a hung collective), "
+                             "stop every worker and start them again from the newest complete "
+                             "checkpoint, up to N times in this launch. Not restarted: user "
+                             "errors, a NaN loss, a SIGTERM/SIGINT, a full disk, and a failure "
+                             "that repeats at the same step. 0: a failure ends the job.")(func)
     func = click.option("--stall-timeout", default="30m", show_default=True, metavar="DURATION",
                         help="Stop the job when no rank has made progress (a step, an eval "
                              "batch, a save) for this long: a hung collective or a stuck GPU is "

@@ -37,6 +37,7 @@ from ftlaunch.run.record import NODE_LOCAL, SHARED
 
 PROTOCOL = 1
 _LINE_LIMIT = 1 << 20
+_WELCOME_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,17 @@ class Verdict:
     storage: str = SHARED
     resume_step: int | None = None  # newest checkpoint complete on every node, or None
     nodes: tuple[dict, ...] = ()  # every node's hello, by node rank
+    cause: dict | None = None  # a restart's: the failure every node names (launch.restarts)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "message": self.message, "storage": self.storage,
-                "resume_step": self.resume_step, "nodes": list(self.nodes)}
+                "resume_step": self.resume_step, "nodes": list(self.nodes), "cause": self.cause}
 
     @classmethod
     def from_json(cls, data: dict) -> Verdict:
         return cls(ok=bool(data["ok"]), message=data.get("message", ""),
                    storage=data.get("storage", SHARED), resume_step=data.get("resume_step"),
-                   nodes=tuple(data.get("nodes", ())))
+                   nodes=tuple(data.get("nodes", ())), cause=data.get("cause"))
 
 
 def hello(node_rank: int, hardware, plan_hash: str, version: str, run_dir: Path,
@@ -271,9 +273,12 @@ def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print) -
             time.sleep(1.0)
             continue
         with conn, conn.makefile("rwb") as stream:
-            conn.settimeout(max(timeout_s, 60))
+            # Node 0 welcomes at once; silence is something else on the port (the store
+            # of a torchrun that is still ending, before a restart): try again.
+            conn.settimeout(_WELCOME_S)
             try:
                 welcome = _receive(stream)
+                conn.settimeout(max(timeout_s, 60))
                 _send(stream, make_hello(welcome["launch_id"]))
                 # No limit on the verdict: node 0 may be tokenizing a big dataset; if it
                 # dies, the connection closes and that ends the wait.

@@ -1,10 +1,13 @@
 """Starting a run on several nodes: node 0 meets the others (ftlaunch.launch.meeting) and
 writes the run files once they agree; a joining node (node rank > 0) checks itself,
 meets node 0, and starts its workers, with node 0's run directory or one of its own.
-With node-local run directories the nodes resume from a checkpoint every node holds."""
+With node-local run directories the nodes resume from a checkpoint every node holds.
+After a failure, the nodes meet again the same way to restart together (restart_agreement)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from ftlaunch import __version__
@@ -12,8 +15,10 @@ from ftlaunch.launch import checks
 from ftlaunch.launch import diskfull
 from ftlaunch.launch import meeting
 from ftlaunch.launch import render
+from ftlaunch.launch import restarts
 from ftlaunch.launch import run_files
 from ftlaunch.launch import workers
+from ftlaunch.run import checkpoints
 from ftlaunch.run import record as run_record
 from ftlaunch.run import resume_rules
 from ftlaunch.run import directory as rundir
@@ -139,7 +144,8 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
                        if verdict.resume_step is not None else None)
         record = run_record.load(run_dir)
         return workers.run(job, run_dir, run_dir / f"train.node-{cluster.node_rank}.log",
-                           record, resume_from, port, rendezvous, echo)
+                           record, resume_from, port, rendezvous, echo,
+                           restart_agreement(job, run_dir, port, run_record.SHARED, echo))
     # A run directory of this node's own: the same files node 0 writes in its own.
     if options.fresh:
         state = rundir.prepare(run_dir, local["identity"], fresh=True,
@@ -159,9 +165,10 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
         record = run_files.write(job, run_dir, dataset, eval_dataset, local["identity"], argv,
                                  rendezvous, model, nodes_record(job, verdict), cache)
     rundir.clear_stop_record(run_dir)
-    workers.log_notes(run_dir, notes, echo)
+    workers.log_notes(run_dir / "train.log", notes, echo)
     return workers.run(job, run_dir, run_dir / "train.log", record,
-                       checkpoint.path if checkpoint else None, port, rendezvous, echo)
+                       checkpoint.path if checkpoint else None, port, rendezvous, echo,
+                       restart_agreement(job, run_dir, port, run_record.NODE_LOCAL, echo))
 
 
 def agreed_checkpoint(job: Job, run_dir: Path, state, step: int | None):
@@ -186,3 +193,89 @@ def nodes_record(job: Job, verdict: meeting.Verdict | None) -> dict:
         record["nodes"] = [{"node_rank": h["node_rank"], "host": h["host"],
                             "hardware": h["hardware"]} for h in verdict.nodes]
     return record
+
+
+def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
+    """How this node agrees on an in-job restart with the others: the
+    `agree(refusal, failure)` -> restarts.Agreement that workers.run calls after a failure.
+
+    The nodes meet as they did before the first launch, on --master-port (torchrun's
+    store is gone with the workers). Every node whose workers failed says whether it
+    would restart (its hello's error is its refusal) and what failed there; node 0
+    restarts them only if all would, from the checkpoint every node holds, and names
+    the one failure that was not a peer's consequence (only node 1 sees its own rank
+    die). A node that does not come back within --join-timeout (its machine is gone)
+    ends the restart: every node stops with the failure's exit code, and a re-run (a
+    scheduler's requeue) resumes. No node hangs: node 0 stops waiting at the timeout,
+    and a joining node whose node 0 does not answer stops as well."""
+    cluster = job.cluster
+    timeout = job.options.join_timeout_s
+    tidies = storage == run_record.NODE_LOCAL or cluster.node_rank == 0
+
+    def own_hello(refusal: str | None, failure: restarts.Failure) -> dict:
+        shared = storage == run_record.SHARED
+        steps = None if shared and cluster.node_rank else [
+            c.step for c in checkpoints.scan(run_dir / "checkpoints").complete]
+        return {**_own_hello(job, run_dir, shared, steps, None, error=refusal),
+                "failure": failure.cause()}
+
+    def agreed(verdict: meeting.Verdict, refusal: str | None) -> restarts.Agreement:
+        if not verdict.ok:
+            return restarts.Agreement(False, notes=() if refusal else (verdict.message,))
+        checkpoint, notes = _restart_checkpoint(run_dir, verdict.resume_step, storage, tidies)
+        return restarts.Agreement(True, checkpoint, tuple(notes), verdict.cause)
+
+    def as_node_zero(refusal: str | None, failure: restarts.Failure) -> restarts.Agreement:
+        mine = own_hello(refusal, failure)
+        chosen: list[restarts.Agreement] = []
+
+        def decide(others: list[dict]) -> meeting.Verdict:
+            if refusal:
+                return meeting.Verdict(False, f"node 0 does not restart: {refusal}")
+            refusing = [f"node {o['node_rank']} does not restart: {o['error']}"
+                        for o in others if o.get("error")]
+            if refusing:
+                return meeting.Verdict(False, "; ".join(refusing))
+            cause = restarts.first_cause([h.get("failure") for h in [mine, *others]])
+            return dataclasses.replace(meeting.decide([mine, *others]), cause=cause)
+
+        try:
+            verdict = meeting.serve(cluster.master_addr, port, cluster.nnodes,
+                                    os.urandom(8).hex(), timeout, decide,
+                                    lambda v: chosen.append(agreed(v, refusal)), log=echo)
+        except UserError as exc:
+            return _not_met(exc)
+        return chosen[0] if verdict.ok else agreed(verdict, refusal)
+
+    def as_joining_node(refusal: str | None, failure: restarts.Failure) -> restarts.Agreement:
+        try:
+            verdict = meeting.join(cluster.master_addr, port, timeout,
+                                   lambda _launch: own_hello(refusal, failure), log=echo)
+        except UserError as exc:
+            return _not_met(exc)
+        return agreed(verdict, refusal)
+
+    return as_node_zero if cluster.node_rank == 0 else as_joining_node
+
+
+def _not_met(exc: UserError) -> restarts.Agreement:
+    """The meeting's own first sentence (which node did not come, or that node 0 did not
+    answer); its advice is about starting the nodes, not about a restart."""
+    first = str(exc).split(". ")[0].rstrip(".")
+    return restarts.Agreement(False, notes=(
+        f"the nodes did not meet to restart ({first}); that node's machine or launcher is "
+        "likely gone. Once every node is back, re-run the same command on each to resume",))
+
+
+def _restart_checkpoint(run_dir: Path, step: int | None, storage: str, tidy: bool):
+    """(this node's checkpoint at the agreed step, notes). `tidy`: this node sets aside
+    the torn checkpoints (node 0 of a shared run directory; every node with node-local
+    ones, which also set aside those newer than the agreed step)."""
+    found = checkpoints.scan(run_dir / "checkpoints")
+    notes: list[str] = []
+    if tidy:
+        notes += rundir.set_aside_torn(run_dir, found)
+    if storage == run_record.NODE_LOCAL:
+        notes += rundir.set_aside_newer(run_dir, found, step)
+    path = run_dir / "checkpoints" / f"checkpoint-{step}" if step is not None else None
+    return path, notes

@@ -174,6 +174,7 @@ def write(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
                                                save_every_s=job.options.save_every_s,
                                                grace_s=job.options.grace_s),
         nodes=nodes_record,
+        restarts=run_record.Restarts(max=job.options.max_restarts),
         distributed=run_record.Distributed(timeout_s=timeout_s,
                                            env=process.distributed_env(plan, os.environ)),
         strategy=run_record.Strategy(

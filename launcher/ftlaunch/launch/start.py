@@ -152,10 +152,12 @@ def _start_owned(job: Job, argv: list[str], echo, lock: runlock.RunLock, data: t
         record, resume_from = started[0]
     else:
         record, resume_from = start_files(None)
-    workers.log_notes(run_dir, notes, echo)
+    workers.log_notes(run_dir / "train.log", notes, echo)
     echo(_launch_table(job, run_dir, record.data.cache or {}, resume_from))
+    agree = (multinode.restart_agreement(job, run_dir, port, record.nodes["storage"], echo)
+             if cluster.nnodes > 1 else None)
     return workers.run(job, run_dir, run_dir / "train.log", record, resume_from, port,
-                       rendezvous, echo)
+                       rendezvous, echo, agree)
 
 
 def _launch_table(job: Job, run_dir: Path, cache: dict, resume_from: Path | None) -> str:

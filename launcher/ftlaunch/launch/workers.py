@@ -4,6 +4,7 @@ checkpoint, stopped by a signal, stalled, a non-finite loss, or failed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from ftlaunch.run import checkpoints
 from ftlaunch.run import heartbeat
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import process
+from ftlaunch.launch import restarts as restarts_mod
 from ftlaunch.run import rank_logs
 from ftlaunch.run import record as run_record
 from ftlaunch.plan import recipe as recipes
@@ -25,8 +27,47 @@ from ftlaunch.plan.job import Job
 
 def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
         resume_from: Path | None,
-        port: int | None, rendezvous: render.Rendezvous, echo) -> int:
-    """Launch this node's workers, wait for them, and return the launcher's exit code."""
+        port: int | None, rendezvous: render.Rendezvous, echo, agree=None) -> int:
+    """Launch this node's workers, restart them after a failure while --max-restarts
+    allows (launch.restarts), and return the launcher's exit code. `agree(refusal,
+    failure)` -> restarts.Agreement: how this node agrees on a restart with the others
+    (multinode.restart_agreement); one node decides alone."""
+    restarts = restarts_mod.Restarts(job.options.max_restarts)
+    agree = agree or restarts_mod.alone(run_dir)
+    writes_record = job.cluster.node_rank == 0 or record.strategy.node_local
+    while True:
+        attempt = _attempt(job, run_dir, log_path, record, resume_from, port, rendezvous, echo)
+        failure = restarts_mod.failure_of(run_dir, attempt) if restarts.limit else None
+        if failure is not None:
+            refusal = restarts.refusal(failure)
+            agreement = agree(refusal, failure)
+            if agreement.go:
+                event = restarts.add(failure, agreement)
+                record = dataclasses.replace(record, restarts=run_record.Restarts(
+                    restarts.limit, tuple(restarts.done)))
+                if writes_record:
+                    run_record.write(run_dir, record)
+                backoff = restarts.backoff_s()
+                log_notes(log_path, [restarts.announce(event, backoff), *agreement.notes], echo)
+                interrupts.phase("while waiting to restart the workers: `ftlaunch resume "
+                                 f"{run_dir}` continues from the last complete checkpoint.")
+                time.sleep(backoff)
+                resume_from = agreement.checkpoint
+                if job.cluster.master_port is None and port is not None:
+                    port = process.free_port()  # the last one may still be in TIME_WAIT
+                continue
+            log_notes(log_path, [f"not restarted: {why}"
+                                 for why in ([refusal] if refusal else agreement.notes)], echo)
+        if attempt.stall is not None:
+            return _stalled(run_dir, attempt.stall, log_path, echo)
+        return _outcome(run_dir, attempt.code, attempt.received, echo, log_path,
+                        attempt.started, attempt.ended)
+
+
+def _attempt(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
+             resume_from: Path | None, port: int | None, rendezvous: render.Rendezvous,
+             echo) -> restarts_mod.Attempt:
+    """One launch of this node's workers, until every one of them has ended."""
     plan = job.plan
     env = process.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
                             on_cpu=plan.on_cpu, offline=record.model.is_local,
@@ -54,9 +95,8 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
                      "the last complete checkpoint.")
     if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
         throughput.record(plan, recipes.packing(job.recipe.data), run_dir, run_dir / "metrics.jsonl", started)
-    if stall is not None:
-        return _stalled(run_dir, stall, log_path, echo)
-    return _outcome(run_dir, code, received, echo, log_path, started, ended)
+    resume_step = (checkpoints.step_of(resume_from) or 0) if resume_from is not None else 0
+    return restarts_mod.Attempt(code, received, stall, tuple(ended), started, resume_step)
 
 
 def _resume_point(run_dir: Path) -> str:
@@ -75,21 +115,29 @@ def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
     return process.STALLED_EXIT
 
 
-def log_notes(run_dir: Path, notes: list[str], echo) -> None:
-    """What the launcher decided, on the terminal and in train.log with the workers' lines."""
+def log_notes(log_path: Path, notes: list[str], echo) -> None:
+    """What the launcher decided, on the terminal and in this node's log (train.log) with
+    the workers' lines."""
     if not notes:
         return
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") as log:
         for note in notes:
-            echo(f"ftlaunch: {note}.")
-            log.write(f"ftlaunch: {note}.\n")
+            line = f"ftlaunch: {note.rstrip('.')}."
+            echo(line)
+            log.write(line + "\n")
 
 
 def _outcome(run_dir: Path, code: int, received: int | None, echo,
              log_path: Path | None = None, started: float = 0.0, ended=()) -> int:
     """The launcher's exit code: done, preempted with a checkpoint, stopped, failed (`ended`:
     the workers that ended by themselves, process.run's)."""
-    if rundir.is_finished(run_dir) and code == 0:
+    if rundir.is_finished(run_dir):
+        # The adapter is written whole and renamed into place after every rank's last
+        # collective: a rank that fails after that (seen: a C++ abort in a ZeRO-3 rank's
+        # interpreter exit) cannot take anything away from the run.
+        if code != 0:
+            echo(f"ftlaunch: note: the workers exited with code {code} after the adapter "
+                 "was complete; the run is finished (their output is in the logs).")
         echo(final_summary(run_dir))
         return 0
     stop = rundir.read_stop_record(run_dir)
@@ -146,8 +194,12 @@ def final_summary(run_dir: Path) -> str:
              ("metrics.jsonl", "one line per logged step: loss, lr, tokens/s, memory"),
              ("train.log", "the launcher's output and each node's first rank's"),
              (f"{rundir.RANKS_DIR}/", "each rank's report, and the other ranks' logs")]
-    lines = [f"Done. {_loss_summary(metrics, [loss for _, loss in losses])}",
-             f"Run directory: {run_dir}"]
+    lines = [f"Done. {_loss_summary(metrics, [loss for _, loss in losses])}"]
+    done = run_record.load(run_dir).restarts.done if run_record.exists(run_dir) else ()
+    if done:
+        lines += [f"Restarted after {len(done)} failure(s), each time from a complete checkpoint:",
+                  *restarts_mod.describe(done)]
+    lines += [f"Run directory: {run_dir}"]
     lines += [f"  {name:<14} {what}" for name, what in files if (run_dir / name.rstrip('/')).exists()]
     lines += ["Next:",
               f"  ftlaunch generate {here} --prompt 'your question'   try the adapter",

@@ -18,6 +18,7 @@ from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.identity import RESUME_CHANGEABLE
+from ftlaunch.stop_flags import DEFAULT_MAX_RESTARTS
 from ftlaunch.errors import UserError
 
 
@@ -53,6 +54,7 @@ class Options:
     save_every_s: float | None = None  # --save-every: a checkpoint at least this often
     join_timeout_s: float = 900.0  # --join-timeout: how long the nodes wait for each other
     stall_timeout_s: float | None = 1800.0  # --stall-timeout: no progress this long ends the job
+    max_restarts: int = DEFAULT_MAX_RESTARTS  # --max-restarts: in-job restarts after a failure
     report_to: tuple[str, ...] | None = None  # --report-to: None keeps the recipe's
     allow_changed: tuple[str, ...] = ()  # --set resume.allow_changed=...: accepted differences
 

@@ -194,7 +194,17 @@ def failures(run_dir: Path, since: float = 0.0, ended=()) -> list[dict]:
     return sorted(found, key=lambda e: (is_consequence(e), e["time"]))
 
 
-def _how_it_ended(death: dict) -> str:
+def in_one_line(failure: dict) -> str:
+    """A failure of failures(), told in one line: the rank and its first error line."""
+    if failure.get("kind") == "ended":
+        return f"rank {failure['rank']} (pid {failure['pid']}) {_how_it_ended(failure, brief=True)}"
+    message = failure.get("message") or ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    return f"rank {failure['rank']} failed with {failure['type']}" + (f": {message}" if message else "")
+
+
+def _how_it_ended(death: dict, brief: bool = False) -> str:
     code = death.get("exitcode")
     if code is None:
         return "ended without an error record (its exit status was not reported)"
@@ -206,7 +216,7 @@ def _how_it_ended(death: dict) -> str:
         except ValueError:
             name = f"signal {-code}"
         why = (" (the kernel's out-of-memory killer sends it, as do schedulers and `kill -9`; "
-               "`dmesg` shows the OOM killer's)" if -code == signal.SIGKILL else "")
+               "`dmesg` shows the OOM killer's)" if -code == signal.SIGKILL and not brief else "")
         return f"was killed by {name}{why}, with no Python error"
     return f"exited with code {code} without an error record"
 

@@ -90,6 +90,16 @@ class Distributed:
 
 
 @dataclass(frozen=True)
+class Restarts:
+    """In-job restarts (launch.restarts): how many --max-restarts allows this launch, and
+    each one done so far: when, which rank failed and its first error line, at which
+    step, and the checkpoint every worker started again from. The launcher rewrites
+    run.yaml with each one; workers do not read it."""
+    max: int = 0
+    done: tuple[dict, ...] = field(default=(), hash=False)
+
+
+@dataclass(frozen=True)
 class RunRecord:
     ftlaunch_version: str
     written: str  # ISO time of this launch
@@ -111,6 +121,7 @@ class RunRecord:
     # the recipe, the plan and ftlaunch's defaults; the worker adds only its output_dir.
     # None in a record written before schema 1.
     trainer: dict | None = field(default=None, hash=False)
+    restarts: Restarts = Restarts()
     schema: int = SCHEMA
 
     @property
@@ -157,6 +168,7 @@ class RunRecord:
             "distributed": dataclasses.asdict(self.distributed),
             "strategy": dataclasses.asdict(self.strategy),
             "trainer": self.trainer,
+            "restarts": {"max": self.restarts.max, "done": list(self.restarts.done)},
         }
 
 
@@ -208,6 +220,8 @@ def _from_json(raw: dict) -> RunRecord:
         distributed=Distributed(**raw["distributed"]),
         strategy=strategy,
         trainer=raw.get("trainer"),
+        restarts=Restarts(max=int((raw.get("restarts") or {}).get("max", 0)),
+                          done=tuple((raw.get("restarts") or {}).get("done") or ())),
     )
 
 

@@ -1,0 +1,42 @@
+"""Test-only fault injection. Python imports this module at start-up when tests/faults is
+on PYTHONPATH (a test sets it for the launcher; the workers inherit it); without
+FTLAUNCH_TEST_FAULT it does nothing.
+
+In a worker, rank FTLAUNCH_TEST_FAULT_RANK (default 0) meets its fault as soon as its
+heartbeat reaches step FTLAUNCH_TEST_FAULT_STEP:
+  raise    a RuntimeError, in every launch (deterministic, like a batch that always
+           runs out of memory);
+  sigkill  a real SIGKILL to itself (what the OOM killer sends);
+  sigstop  a real SIGSTOP to itself (frozen: a hung GPU, a stuck collective).
+With FTLAUNCH_TEST_FAULT_ONCE (a file path), only the launch that creates that file
+meets the fault: a transient failure."""
+
+import os
+import signal
+import sys
+
+_FAULT = os.environ.get("FTLAUNCH_TEST_FAULT")
+
+if _FAULT and "ftlaunch.worker.main" in sys.orig_argv:
+    from ftlaunch.run import heartbeat
+
+    _beat = heartbeat.Writer.beat
+    _STEP = int(os.environ["FTLAUNCH_TEST_FAULT_STEP"])
+    _RANK = int(os.environ.get("FTLAUNCH_TEST_FAULT_RANK", "0"))
+    _ONCE = os.environ.get("FTLAUNCH_TEST_FAULT_ONCE")
+
+    def _first_time() -> bool:
+        try:
+            os.close(os.open(_ONCE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+    def _faulty_beat(self, step, phase):
+        if step >= _STEP and self.rank == _RANK and (not _ONCE or _first_time()):
+            if _FAULT == "raise":
+                raise RuntimeError(f"injected fault at step {step}")
+            os.kill(os.getpid(), signal.SIGKILL if _FAULT == "sigkill" else signal.SIGSTOP)
+        return _beat(self, step, phase)
+
+    heartbeat.Writer.beat = _faulty_beat
