@@ -1,9 +1,11 @@
 """Running real ftlaunch jobs from tests: start one as a scheduler would, watch its files,
-stop it with real signals, and compare what it trained."""
+stop it with real signals (or have a worker meet a fault at a chosen step: fault_env),
+and compare what it trained."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -83,3 +85,23 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert sorted(left) == sorted(right)
     different = [name for name in left if not torch.equal(left[name], right[name])]
     assert not different, f"{len(different)} adapter tensors differ, e.g. {different[:3]}"
+
+
+FAULTS = str(Path(__file__).parent / "faults")
+
+
+def fault_env(kind: str, step: int, once: Path | None = None, rank: int = 0) -> dict:
+    """The environment that makes worker `rank` meet a fault (raise, sigkill, sigstop) at
+    `step`: tests/faults/sitecustomize.py, loaded by every process from PYTHONPATH. With
+    `once` (a file that must not exist yet), only the first launch meets it."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [FAULTS, os.environ.get("PYTHONPATH")])),
+           "FTLAUNCH_TEST_FAULT": kind, "FTLAUNCH_TEST_FAULT_STEP": str(step),
+           "FTLAUNCH_TEST_FAULT_RANK": str(rank)}
+    if once is not None:
+        env["FTLAUNCH_TEST_FAULT_ONCE"] = str(once)
+    return env
+
+
+def restart_lines(out: str) -> list[str]:
+    """The launcher's announcements of in-job restarts."""
+    return [line for line in out.splitlines() if line.startswith("ftlaunch: restart ")]

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import FTLAUNCH
-from test_restarts_cpu import _fault, _restart_lines
+from jobs import fault_env, restart_lines
 from ftlaunch.run import checkpoints
 from ftlaunch.launch.process import free_port
 
@@ -237,11 +237,11 @@ def test_a_rank_that_dies_on_node_1_restarts_both_nodes_together(tmp_path, stora
         dirs = (tmp_path / "node0-disk" / "run", tmp_path / "node1-disk" / "run")
     logs = (tmp_path / "node0.log", tmp_path / "node1.log")
     procs = _both(free_port(), dirs, logs, "--max-steps", "8",
-                  env=_fault("sigkill", 5, once=tmp_path / "killed", rank=3))
+                  env=fault_env("sigkill", 5, once=tmp_path / "killed", rank=3))
     assert _finish(procs, logs) == (0, 0), logs[0].read_text() + logs[1].read_text()
     for run_dir, log in zip(dirs, logs):
         out = log.read_text()
-        [line] = _restart_lines(out)
+        [line] = restart_lines(out)
         # Only node 1 saw rank 3 die; both nodes name it (node 0's ranks only lost a peer).
         assert "rank 3 (pid " in line and "was killed by SIGKILL" in line, line
         assert line.endswith("starts again from checkpoint-4."), line
@@ -278,7 +278,7 @@ def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
     assert ("ftlaunch: not restarted: the nodes did not meet to restart (node(s) 1 did not "
             "join within 20 s (--join-timeout)); that node's machine or launcher is likely "
             "gone.") in out, out
-    assert not _restart_lines(out)
+    assert not restart_lines(out)
     newest = checkpoints.scan(run_dir / "checkpoints").newest.path.name
     assert out.strip().splitlines()[-1].endswith(f"re-run the same command to resume from "
                                                  f"{newest}."), out

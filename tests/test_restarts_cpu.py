@@ -1,7 +1,9 @@
 """In-job restarts on real tiny trainings: a worker that dies (a real SIGKILL from outside,
 or one it sends itself at a chosen step), a worker that freezes (SIGSTOP: the stall
 watch ends it), and a worker that fails at the same step every time. Faults at a chosen
-step come from tests/faults/sitecustomize.py, which the workers load from PYTHONPATH."""
+step come from tests/faults/sitecustomize.py, which the workers load from PYTHONPATH
+(jobs.fault_env). The restart of FSDP-QLoRA and ZeRO-3 QLoRA jobs is in
+test_strategies_cpu; of two nodes, in test_multinode_cpu."""
 
 from __future__ import annotations
 
@@ -16,27 +18,11 @@ import pytest
 import yaml
 
 from conftest import FTLAUNCH, TINY_TRAIN, cores, run_ftlaunch, wait_for
-from jobs import assert_same_adapter
+from jobs import assert_same_adapter, fault_env, restart_lines
 from ftlaunch.run import heartbeat
-
-FAULTS = str(Path(__file__).parent / "faults")
-
-
-def _fault(kind: str, step: int, once: Path | None = None, rank: int = 0) -> dict:
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [FAULTS, os.environ.get("PYTHONPATH")])),
-           "FTLAUNCH_TEST_FAULT": kind, "FTLAUNCH_TEST_FAULT_STEP": str(step),
-           "FTLAUNCH_TEST_FAULT_RANK": str(rank)}
-    if once is not None:
-        env["FTLAUNCH_TEST_FAULT_ONCE"] = str(once)
-    return env
-
 
 def _restarts(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "run.yaml").read_text())["restarts"]
-
-
-def _restart_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("ftlaunch: restart ")]
 
 
 def _finished_at(run_dir: Path, step: int) -> None:
@@ -54,10 +40,10 @@ def test_a_worker_killed_once_is_restarted_and_trains_what_an_uninterrupted_run_
     _, reference = tiny_run
     run_dir = tmp_path / "run"
     proc = run_ftlaunch(*TINY_TRAIN, "--output-dir", str(run_dir),
-                        env=_fault("sigkill", 8, once=tmp_path / "killed"))
+                        env=fault_env("sigkill", 8, once=tmp_path / "killed"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    [line] = _restart_lines(out)
+    [line] = restart_lines(out)
     assert line.startswith("ftlaunch: restart 1 of 3 in 5 s: rank 0 (pid "), line
     assert "was killed by SIGKILL" in line and line.endswith("starts again from checkpoint-6."), line
     [event] = _restarts(run_dir)["done"]
@@ -72,10 +58,10 @@ def test_a_failure_at_the_same_step_is_restarted_once_then_ends_the_job(tmp_path
     proc = run_ftlaunch("--model", "tiny", "--gpus", "1", "--global-batch-size", "4",
                         "--seq-len", "64", "--max-steps", "8", "--set", "logging_steps=1",
                         "--set", "save_steps=3", "--output-dir", str(run_dir),
-                        env=_fault("raise", 5))
+                        env=fault_env("raise", 5))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    [line] = _restart_lines(out)
+    [line] = restart_lines(out)
     assert ("rank 0 failed with RuntimeError: injected fault at step 5, after step 4; every "
             "worker starts again from checkpoint-3.") in line, line
     assert ("ftlaunch: not restarted: it failed again after step 4, as before restart 1: a "
@@ -93,10 +79,10 @@ def test_max_restarts_0_ends_the_job_at_the_first_failure(tmp_path):
     proc = run_ftlaunch("--model", "tiny", "--gpus", "1", "--global-batch-size", "4",
                         "--seq-len", "64", "--max-steps", "8", "--set", "save_steps=3",
                         "--max-restarts", "0", "--output-dir", str(run_dir),
-                        env=_fault("raise", 5))
+                        env=fault_env("raise", 5))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert not _restart_lines(out) and "not restarted" not in out, out
+    assert not restart_lines(out) and "not restarted" not in out, out
     assert _restarts(run_dir) == {"max": 0, "done": []}
     assert proc.stdout.strip().splitlines()[-1].startswith("First error: rank 0 failed with "
                                                            "RuntimeError: injected fault")
@@ -108,10 +94,10 @@ def test_a_frozen_worker_is_ended_by_the_stall_watch_and_restarted(tiny_run, tmp
     _, reference = tiny_run
     run_dir = tmp_path / "run"
     proc = run_ftlaunch(*TINY_TRAIN, "--stall-timeout", "6s", "--output-dir", str(run_dir),
-                        env=_fault("sigstop", 8, once=tmp_path / "frozen"))
+                        env=fault_env("sigstop", 8, once=tmp_path / "frozen"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    [line] = _restart_lines(out)
+    [line] = restart_lines(out)
     assert "no rank made progress for " in line and "(a hung collective or a stuck device" in line
     assert line.endswith("starts again from checkpoint-6."), line
     assert not (run_dir / heartbeat.STALL_FILE).exists()
@@ -149,7 +135,7 @@ def test_a_rank_killed_from_outside_restarts_every_rank_and_the_job_finishes(tmp
                 child.kill()
             launcher.kill()
     assert launcher.returncode == 0, out
-    [line] = _restart_lines(out)
+    [line] = restart_lines(out)
     assert line.startswith(f"ftlaunch: restart 1 of 3 in 5 s: rank 1 (pid {killed['pid']}) "
                            "was killed by SIGKILL"), line
     [event] = _restarts(run_dir)["done"]

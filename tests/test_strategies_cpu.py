@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from conftest import assert_user_error, run_ftlaunch, tree
-from jobs import (adapter, assert_same_adapter, job_processes, logged_steps, losses, power_loss,
-                  start, wait)
+from jobs import (adapter, assert_same_adapter, fault_env, job_processes, logged_steps, losses,
+                  power_loss, restart_lines, start, wait)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
@@ -236,6 +236,24 @@ def test_sigkill_then_sigterm_then_resume_is_bitwise_the_uninterrupted_run(
     if strategy == "ddp-qlora":
         again = run_ftlaunch("resume", str(run_dir))
         assert again.returncode == 0 and "already finished" in again.stdout
+
+
+@pytest.mark.parametrize("strategy", ["fsdp-qlora", "zero3-qlora"])
+def test_a_rank_that_dies_mid_run_is_restarted_in_the_job_bitwise(strategy, reference, tmp_path):
+    """Rank 1 SIGKILLs itself once at step 5, after checkpoint-4: the launcher stops rank
+    0, starts both again from checkpoint-4 (FSDP's shards, ZeRO-3's partitions), and the
+    job ends by itself with the uninterrupted run's adapter."""
+    expected = reference(strategy)
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch(*args(strategy, run_dir),
+                        env=fault_env("sigkill", 5, once=tmp_path / "killed", rank=1))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    [line] = restart_lines(out)
+    assert "rank 1 (pid " in line and "killed by SIGKILL" in line, line
+    assert line.endswith("starts again from checkpoint-4."), line
+    assert_same_adapter(run_dir, expected)
+    assert logged_steps(run_dir) == 8
 
 
 def _continue_elsewhere(source: Path, run_dir: Path, last: str) -> None:
