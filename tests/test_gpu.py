@@ -15,6 +15,9 @@ LoRA on a bf16 base, single QLoRA, FSDP, DeepSpeed ZeRO-3):
                       transformers loads and runs (tiny: every strategy; 1B: LoRA)
     test_resume       adapter/ deleted, the same command resumes from checkpoint-2 and
                       finishes (tiny: every strategy)
+    test_restart      the worker SIGKILLs itself at step 3 (jobs.fault_env); the launcher
+                      restarts it in the job from checkpoint-2 on the same GPU, and it
+                      finishes with exit 0 (tiny: QLoRA and ZeRO-3)
 
 Each (model, strategy) trains once (4 steps, a checkpoint at step 2, a log row every
 step) and the later tests use that run, in this order: merge writes outside the run
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -38,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FTLAUNCH
+from jobs import fault_env, restart_lines
 
 pytestmark = pytest.mark.gpu
 
@@ -63,17 +68,18 @@ MODELS = ("tiny", "1b")
 RUNS = [(m, s) for m in MODELS for s in STRATEGIES]
 MERGES = [("tiny", s) for s in STRATEGIES] + [("1b", "lora")]
 RESUMES = [("tiny", s) for s in STRATEGIES]
+RESTARTS = [("tiny", "qlora"), ("tiny", "deepspeed")]
 TRAIN_TIMEOUT = {"tiny": 240, "1b": 420}
 
 
-def ftlaunch(*args: str, timeout: int) -> subprocess.CompletedProcess:
+def ftlaunch(*args: str, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
     """`ftlaunch ARGS` as conftest.run_ftlaunch runs it (the console script beside this
     python; where pip put it elsewhere, as an image's own python3 does, the same command
     line as `python -m ftlaunch`). Out of time, the launcher gets SIGTERM, so that its
     workers stop and free the GPU for the next test, and the result is a failure."""
     argv = [FTLAUNCH] if Path(FTLAUNCH).exists() else [sys.executable, "-m", "ftlaunch"]
     with subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
+                          text=True, env={**os.environ, **(env or {})}) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -331,3 +337,20 @@ def test_resume(trained, model, strategy):
     assert rank_report(run.run_dir)["global_step"] == STEPS
     steps = [r["step"] for r in metrics(run.run_dir) if "loss" in r]
     assert steps == list(range(1, STEPS + 1))  # steps 3 and 4 again, none logged twice
+
+
+@pytest.mark.parametrize("model,strategy", RESTARTS, ids=_ids(RESTARTS))
+def test_restart(trained, model_args, work, model, strategy):
+    trained(model, strategy)  # the same plan trains uninterrupted first
+    run_dir = work / f"{model}-{strategy}-restarted"
+    args = (*model_args(model, strategy), *STRATEGIES[strategy], *COMMON,
+            "--output-dir", str(run_dir))
+    proc = ftlaunch(*args, timeout=TRAIN_TIMEOUT[model],
+                    env=fault_env("sigkill", 3, once=work / f"{model}-{strategy}-killed"))
+    assert proc.returncode == 0, explain(proc, run_dir)
+    [line] = restart_lines(proc.stdout)
+    print(f"{model}-{strategy}: {line}")
+    assert "was killed by SIGKILL" in line and line.endswith(f"starts again from {CHECKPOINT}.")
+    assert rank_report(run_dir)["global_step"] == STEPS
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))

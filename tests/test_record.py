@@ -32,6 +32,8 @@ def test_a_launch_writes_a_record_that_reads_back_typed(tmp_path):
     assert record.trainer["eval_strategy"] == "steps" and record.trainer["use_cpu"] is True
     assert record.trainer["seed"] == record.seed == raw["recipe"]["training"]["seed"]
     assert record.model.random_init is False and record.model.is_builtin  # a dry run builds nothing
+    # In-job restarts: the budget of this launch, none done yet (the launcher adds each).
+    assert record.restarts == run_record.Restarts(max=3, done=())
     # Written back, the same YAML: nothing is lost on the way through the types.
     assert record.to_json() == raw
 
@@ -39,8 +41,8 @@ def test_a_launch_writes_a_record_that_reads_back_typed(tmp_path):
 def test_a_record_from_before_schema_1_loads_for_resume_and_export(tmp_path):
     write_run_record(tmp_path, {"seq_len": 64})
     raw = yaml.safe_load((tmp_path / "run.yaml").read_text())
-    for key in ("schema", "strategy", "trainer"):
-        del raw[key]
+    for key in ("schema", "strategy", "trainer", "restarts"):
+        raw.pop(key, None)
     raw["plan"] = {"method": "qlora", "engine": "fsdp", "precision": "bf16", "zero_stage": None,
                    "offload": False, "num_processes": 8, "num_machines": 2,
                    "per_device_batch_size": 2, "gradient_accumulation_steps": 4,
@@ -52,6 +54,7 @@ def test_a_record_from_before_schema_1_loads_for_resume_and_export(tmp_path):
     assert record.schema == 0 and record.trainer is None and record.seed == 7
     assert record.strategy.processes_per_node == 4 and record.strategy.checkpoint_format == "fsdp"
     assert record.strategy.on_cpu is False and record.identity == {"seq_len": 64}
+    assert record.restarts == run_record.Restarts(max=0, done=())  # written before restarts
 
 
 @pytest.mark.parametrize("damage", ["missing", "not yaml", "no model", "newer schema"])

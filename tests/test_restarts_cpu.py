@@ -53,12 +53,18 @@ def test_a_worker_killed_once_is_restarted_and_trains_what_an_uninterrupted_run_
     assert_same_adapter(run_dir, reference)
 
 
+def _failing_at_step_5(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """8 steps, a checkpoint every 3; rank 0 raises once its heartbeat reaches step 5, in
+    every launch."""
+    return run_ftlaunch("--model", "tiny", "--gpus", "1", "--global-batch-size", "4",
+                        "--seq-len", "64", "--max-steps", "8", "--set", "logging_steps=1",
+                        "--set", "save_steps=3", "--output-dir", str(run_dir), *extra,
+                        env=fault_env("raise", 5))
+
+
 def test_a_failure_at_the_same_step_is_restarted_once_then_ends_the_job(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_ftlaunch("--model", "tiny", "--gpus", "1", "--global-batch-size", "4",
-                        "--seq-len", "64", "--max-steps", "8", "--set", "logging_steps=1",
-                        "--set", "save_steps=3", "--output-dir", str(run_dir),
-                        env=fault_env("raise", 5))
+    proc = _failing_at_step_5(run_dir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     [line] = restart_lines(out)
@@ -76,10 +82,7 @@ def test_a_failure_at_the_same_step_is_restarted_once_then_ends_the_job(tmp_path
 
 def test_max_restarts_0_ends_the_job_at_the_first_failure(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_ftlaunch("--model", "tiny", "--gpus", "1", "--global-batch-size", "4",
-                        "--seq-len", "64", "--max-steps", "8", "--set", "save_steps=3",
-                        "--max-restarts", "0", "--output-dir", str(run_dir),
-                        env=fault_env("raise", 5))
+    proc = _failing_at_step_5(run_dir, "--max-restarts", "0")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert not restart_lines(out) and "not restarted" not in out, out

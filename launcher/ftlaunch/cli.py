@@ -136,8 +136,13 @@ def train(**kwargs):
     last complete checkpoint; a finished run is left alone.
 
     \b
-    Exit codes: 0 done; 1 training failed; 2 user error (a NaN/inf loss too: it stops
-    with the last good weights checkpointed); 3 stalled (no progress for --stall-timeout;
+    A failed worker (a crash, a killed rank, a hung collective) restarts every worker
+    from the newest complete checkpoint, up to --max-restarts times.
+
+    \b
+    Exit codes: 0 done; 1 training failed (no restart left, or it failed again after
+    the same step); 2 user error (a NaN/inf loss too: it stops with the last good
+    weights checkpointed); 3 stalled (no progress for --stall-timeout, no restart left;
     re-run to resume); 74 the disk filled up (free space, then re-run to resume); 75
     stopped by a signal after writing a complete checkpoint (re-run to resume); 128+N stopped by
     signal N before a checkpoint was completed (a re-run resumes from the last one).

@@ -8,8 +8,9 @@ The workers run in a session of their own: a Ctrl-C or a scheduler's signal
 reaches the launcher, which decides what the workers get (see run). Their
 output is streamed live and also kept in train.log.
 
-Exit codes of `ftlaunch train`: 0 done (adapter/ written); 1 training failed;
-2 user error; STALLED_EXIT (3) no progress for --stall-timeout, the job was killed
+Exit codes of `ftlaunch train` (after any in-job restarts: launch.restarts): 0 done
+(adapter/ written); 1 training failed; 2 user error; STALLED_EXIT (3) no progress for
+--stall-timeout, the job was killed
 (re-run to resume from the last complete checkpoint); PREEMPTED_EXIT (75) stopped on a signal after a complete
 checkpoint, re-run to resume; DISK_FULL_EXIT (74, ftlaunch.run.diskfull) the disk filled up
 mid-run: free space there, then re-run to resume from the last complete checkpoint;
