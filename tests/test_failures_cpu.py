@@ -15,6 +15,7 @@ import time
 import pytest
 
 import psutil
+import yaml
 
 from conftest import FTLAUNCH, cores, fill_disk_when, in_tmpfs, wait_for
 from ftlaunch.run import heartbeat
@@ -126,6 +127,8 @@ def test_a_rank_killed_by_a_signal_is_named_first(tmp_path):
             if psutil.pid_exists(beat["pid"]):
                 os.kill(beat["pid"], signal.SIGKILL)
     assert launcher.returncode == 1, out
+    assert "ftlaunch: restart " not in out and "not restarted" not in out, out
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["restarts"] == {"max": 0, "done": []}
     summary = next(line for line in out.splitlines() if line.startswith("First "))
     assert summary.startswith(f"First failure: rank 1 (pid {killed['pid']}) was killed by "
                               "SIGKILL"), summary

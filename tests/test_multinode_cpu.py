@@ -226,15 +226,14 @@ def test_a_node_whose_own_preflight_fails_stops_every_node(tmp_path):
         assert not (run_dir / "run.yaml").exists()
 
 
-@pytest.mark.parametrize("storage", ["shared", "node-local"])
-def test_a_rank_that_dies_on_node_1_restarts_both_nodes_together(tmp_path, storage):
+def test_a_rank_that_dies_on_node_1_restarts_both_nodes_together(tmp_path):
     """Rank 3 (node 1's second worker) SIGKILLs itself once, at step 5. Every rank of both
     nodes fails or is stopped; the nodes meet again on --master-port, agree on the newest
-    checkpoint both hold, and train on to the end: exit 0 on both, one restart each."""
-    if storage == "shared":
-        dirs = (tmp_path / "run",) * 2
-    else:
-        dirs = (tmp_path / "node0-disk" / "run", tmp_path / "node1-disk" / "run")
+    checkpoint both hold (node-local run directories: each node its own copy), and train
+    on to the end: exit 0 on both, one restart each. (A shared run directory's restart
+    meeting: test_when_node_1_is_gone_node_0_stops_at_the_join_timeout.)"""
+    storage = "node-local"
+    dirs = (tmp_path / "node0-disk" / "run", tmp_path / "node1-disk" / "run")
     logs = (tmp_path / "node0.log", tmp_path / "node1.log")
     procs = _both(free_port(), dirs, logs, "--max-steps", "8",
                   env=fault_env("sigkill", 5, once=tmp_path / "killed", rank=3))
@@ -262,7 +261,7 @@ def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
     run_dir = tmp_path / "run"
     logs = (tmp_path / "node0.log", tmp_path / "node1.log")
     procs = _both(free_port(), (run_dir, run_dir), logs, "--max-steps", "100000",
-                  "--join-timeout", "20s")
+                  "--join-timeout", "15s")
     _wait_for_text(logs[0], "checkpoint-2 complete", procs[0])
     node1 = [psutil.Process(procs[1].pid), *psutil.Process(procs[1].pid).children(recursive=True)]
     for proc in node1:
@@ -276,7 +275,7 @@ def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
     out = logs[0].read_text()
     assert code == 1, out
     assert ("ftlaunch: not restarted: the nodes did not meet to restart (node(s) 1 did not "
-            "join within 20 s (--join-timeout)); that node's machine or launcher is likely "
+            "join within 15 s (--join-timeout)); that node's machine or launcher is likely "
             "gone.") in out, out
     assert not restart_lines(out)
     newest = checkpoints.scan(run_dir / "checkpoints").newest.path.name

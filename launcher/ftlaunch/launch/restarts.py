@@ -34,9 +34,11 @@ from ftlaunch.run import heartbeat
 from ftlaunch.run import rank_logs
 
 # The first restart waits this long, each further one twice as long, at most
-# BACKOFF_MAX_S: time for the dead processes' GPU memory and ports to be released
-# (and for a flaky link to settle), short against the work a restart saves.
-BACKOFF_S = 5.0
+# BACKOFF_MAX_S. The dead processes have been reaped by then (process.run waits for
+# them: their GPU memory is freed) and a single node picks a new port, so the wait is
+# for what settles by itself (a flaky link, a filesystem's view of the checkpoint);
+# a failure that keeps coming back waits longer each time.
+BACKOFF_S = 2.0
 BACKOFF_MAX_S = 60.0
 
 

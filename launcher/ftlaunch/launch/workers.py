@@ -1,6 +1,7 @@
-"""Run this node's workers and tell how they ended: the launch itself, the notes the
-launcher logs beside the workers' lines, and the outcome (finished, preempted with a
-checkpoint, stopped by a signal, stalled, a non-finite loss, or failed)."""
+"""Run this node's workers and tell how they ended: the launch itself, its restarts after
+a failure (launch.restarts decides which), the notes the launcher logs beside the
+workers' lines, and the outcome (finished, preempted with a checkpoint, stopped by a
+signal, stalled, a non-finite loss, or failed)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ftlaunch.run import checkpoints
 from ftlaunch.run import heartbeat
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import process
-from ftlaunch.launch import restarts as restarts_mod
+from ftlaunch.launch import restarts
 from ftlaunch.run import rank_logs
 from ftlaunch.run import record as run_record
 from ftlaunch.plan import recipe as recipes
@@ -32,23 +33,23 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
     allows (launch.restarts), and return the launcher's exit code. `agree(refusal,
     failure)` -> restarts.Agreement: how this node agrees on a restart with the others
     (multinode.restart_agreement); one node decides alone."""
-    restarts = restarts_mod.Restarts(job.options.max_restarts)
-    agree = agree or restarts_mod.alone(run_dir)
+    budget = restarts.Restarts(job.options.max_restarts)
+    agree = agree or restarts.alone(run_dir)
     writes_record = job.cluster.node_rank == 0 or record.strategy.node_local
     while True:
         attempt = _attempt(job, run_dir, log_path, record, resume_from, port, rendezvous, echo)
-        failure = restarts_mod.failure_of(run_dir, attempt) if restarts.limit else None
+        failure = restarts.failure_of(run_dir, attempt) if budget.limit else None
         if failure is not None:
-            refusal = restarts.refusal(failure)
+            refusal = budget.refusal(failure)
             agreement = agree(refusal, failure)
             if agreement.go:
-                event = restarts.add(failure, agreement)
+                event = budget.add(failure, agreement)
                 record = dataclasses.replace(record, restarts=run_record.Restarts(
-                    restarts.limit, tuple(restarts.done)))
+                    budget.limit, tuple(budget.done)))
                 if writes_record:
                     run_record.write(run_dir, record)
-                backoff = restarts.backoff_s()
-                log_notes(log_path, [restarts.announce(event, backoff), *agreement.notes], echo)
+                backoff = budget.backoff_s()
+                log_notes(log_path, [budget.announce(event, backoff), *agreement.notes], echo)
                 interrupts.phase("while waiting to restart the workers: `ftlaunch resume "
                                  f"{run_dir}` continues from the last complete checkpoint.")
                 time.sleep(backoff)
@@ -66,7 +67,7 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
 
 def _attempt(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
              resume_from: Path | None, port: int | None, rendezvous: render.Rendezvous,
-             echo) -> restarts_mod.Attempt:
+             echo) -> restarts.Attempt:
     """One launch of this node's workers, until every one of them has ended."""
     plan = job.plan
     env = process.worker_env(plan.processes_per_node, job.hardware.cpu_cores,
@@ -96,7 +97,7 @@ def _attempt(job: Job, run_dir: Path, log_path: Path, record: run_record.RunReco
     if job.cluster.node_rank == 0:  # rank 0, which logs the rates, runs on node 0
         throughput.record(plan, recipes.packing(job.recipe.data), run_dir, run_dir / "metrics.jsonl", started)
     resume_step = (checkpoints.step_of(resume_from) or 0) if resume_from is not None else 0
-    return restarts_mod.Attempt(code, received, stall, tuple(ended), started, resume_step)
+    return restarts.Attempt(code, received, stall, tuple(ended), started, resume_step)
 
 
 def _resume_point(run_dir: Path) -> str:
@@ -198,7 +199,7 @@ def final_summary(run_dir: Path) -> str:
     done = run_record.load(run_dir).restarts.done if run_record.exists(run_dir) else ()
     if done:
         lines += [f"Restarted after {len(done)} failure(s), each time from a complete checkpoint:",
-                  *restarts_mod.describe(done)]
+                  *restarts.describe(done)]
     lines += [f"Run directory: {run_dir}"]
     lines += [f"  {name:<14} {what}" for name, what in files if (run_dir / name.rstrip('/')).exists()]
     lines += ["Next:",
