@@ -3,8 +3,9 @@
 An uninterrupted tiny run is the reference; the same run stopped by SIGKILL at
 random moments (one of them while a checkpoint is being written) or by SIGTERM,
 and resumed until done, must end with bitwise-equal adapter weights and the same
-logged loss sequence. (SIGTERM's stop checkpoint on every rank, exit 75 and its exact
-resume are tests/test_strategies_cpu.py's, for every strategy.)
+logged loss sequence; so must a run whose rank 1 is killed mid-run and which the
+launcher restarts in the job. (SIGTERM's stop checkpoint on every rank, exit 75 and its
+exact resume are tests/test_strategies_cpu.py's, for every strategy.)
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from conftest import run_ftlaunch
-from jobs import assert_same_adapter, losses
+from jobs import assert_same_adapter, fault_env, losses, restart_lines
 from jobs import job_processes as _job
 from jobs import logged_steps as _logged_steps
 from jobs import power_loss as _power_loss
@@ -120,6 +122,28 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_the_uninterrupted_run(
     assert "is not a complete checkpoint (it was being written when the run stopped)" in output
     assert losses(run_dir) == losses(reference[gpus]), f"seed {seed}"
     assert_same_adapter(run_dir, reference[gpus])
+
+
+def test_a_rank_killed_mid_run_is_restarted_in_the_job_bitwise(reference, tmp_path):
+    """`--gpus 2`: rank 1 gets a real SIGKILL (its own, at step 5, after checkpoint-3).
+    Rank 0 fails in its next collective; the launcher starts both again from
+    checkpoint-3, and the job ends by itself, exit 0, with the uninterrupted run's
+    losses and adapter (dropout on: every rank's RNG state is restored too)."""
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch(*RUN, "--gpus", "2", "--output-dir", str(run_dir),
+                        env=fault_env("sigkill", 5, once=tmp_path / "killed", rank=1))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    [line] = restart_lines(out)
+    assert line.startswith("ftlaunch: restart 1 of 3 in 2 s: rank 1 (pid "), line
+    assert "was killed by SIGKILL" in line and line.endswith("starts again from checkpoint-3."), line
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert [(e["rank"], e["from"]) for e in record["restarts"]["done"]] == [(1, "checkpoint-3")]
+    assert "restart 1: rank 1 (pid " in out  # in the final summary
+    assert [json.loads(p.read_text())["global_step"]
+            for p in sorted((run_dir / "ranks").glob("rank-*.json"))] == [12, 12]
+    assert losses(run_dir) == losses(reference["2"])
+    assert_same_adapter(run_dir, reference["2"])
 
 
 def test_a_second_signal_stops_at_once_and_leaves_no_process(tmp_path):

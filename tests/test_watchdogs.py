@@ -1,7 +1,8 @@
 """Watchdogs on real tiny trainings: a NaN/inf loss stops the run with the last good
 weights checkpointed (exit 2); a run that stops making progress (a worker frozen with a
-real SIGSTOP) is reported with each rank's last step, killed, and resumes (exit 3, with
---max-restarts 0; with restarts left the job restarts itself: test_restarts_cpu)."""
+real SIGSTOP) is killed and restarted in the job, and when it freezes again after the
+same step it is reported with each rank's last step and the job ends (exit 3); a
+re-run resumes. With --max-restarts 0 the first stall ends the job."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 
 import psutil
 
-from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, cores, wait_for
+from conftest import FTLAUNCH, TINY_TRAIN, assert_user_error, cores, run_ftlaunch, wait_for
+from jobs import fault_env, restart_lines
 from ftlaunch.run import checkpoints
 from ftlaunch.run import heartbeat
 from ftlaunch.run import directory as rundir
@@ -109,13 +111,27 @@ def _assert_all_gone(run_dir: Path) -> None:
     assert all(map(_gone, pids)), pids
 
 
-def test_a_frozen_worker_is_reported_killed_and_the_run_resumes(tmp_path):
-    out, run_dir, args = _stall(tmp_path, gpus=1, frozen_rank=0)
+def test_a_frozen_worker_is_restarted_then_reported_killed_and_the_run_resumes(tmp_path):
+    """The worker freezes itself (a real SIGSTOP) once its heartbeat reaches step 5, in
+    every launch. The stall watch kills it and the launcher restarts it from
+    checkpoint-3; frozen again after the same step, the job is stopped with exit 3 and
+    where it was. The same command, without the fault, resumes and finishes."""
+    run_dir = tmp_path / "run"
+    args = ["--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
+            "--set", "logging_steps=1", "--set", "save_steps=3", "--stall-timeout", "6s",
+            "--output-dir", str(run_dir)]
+    proc = run_ftlaunch(*args, "--max-steps", _ENDLESS, env=fault_env("sigstop", 5))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == STALLED, out
+    [line] = restart_lines(out)
+    assert "no rank made progress for " in line and "(a hung collective or a stuck device" in line
+    assert line.endswith("after step 4; every worker starts again from checkpoint-3."), line
+    assert "ftlaunch: not restarted: it failed again after step 4, as before restart 1" in out
     _assert_all_gone(run_dir)
     recorded = json.loads((run_dir / heartbeat.STALL_FILE).read_text())
-    assert recorded["timeout_s"] == 8 and recorded["seconds"] >= 8
+    assert recorded["timeout_s"] == 6 and recorded["seconds"] >= 6
     [rank] = recorded["ranks"]
-    assert (rank["rank"], rank["process"]) == (0, "stopped") and rank["step"] >= 4
+    assert (rank["rank"], rank["process"], rank["step"]) == (0, "stopped", 4)
     report = next(line for line in out.splitlines() if line.startswith("Stalled:"))
     newest = checkpoints.scan(run_dir / "checkpoints").newest
     assert newest is not None and f"resume from {newest.path.name}" in report

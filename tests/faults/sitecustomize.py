@@ -9,7 +9,10 @@ heartbeat reaches step FTLAUNCH_TEST_FAULT_STEP:
   sigkill  a real SIGKILL to itself (what the OOM killer sends);
   sigstop  a real SIGSTOP to itself (frozen: a hung GPU, a stuck collective).
 With FTLAUNCH_TEST_FAULT_ONCE (a file path), only the launch that creates that file
-meets the fault: a transient failure."""
+meets the fault: a transient failure.
+  abort_at_exit (no step): the rank calls abort() when its interpreter exits, after
+           everything else: a C++ "terminate called without an active exception" in a
+           library's shutdown, once the adapter is written."""
 
 import os
 import signal
@@ -17,7 +20,12 @@ import sys
 
 _FAULT = os.environ.get("FTLAUNCH_TEST_FAULT")
 
-if _FAULT and "ftlaunch.worker.main" in sys.orig_argv:
+if _FAULT == "abort_at_exit" and "ftlaunch.worker.main" in sys.orig_argv:
+    import atexit
+
+    if os.environ.get("RANK", "0") == os.environ.get("FTLAUNCH_TEST_FAULT_RANK", "0"):
+        atexit.register(os.abort)  # registered first: runs last
+elif _FAULT and "ftlaunch.worker.main" in sys.orig_argv:
     from ftlaunch.run import heartbeat
 
     _beat = heartbeat.Writer.beat
