@@ -18,9 +18,10 @@ A100 = hw.parse_spec("8xA100-80GB")
 
 
 def _hello(rank: int, hardware=H100, plan="sha256:aaa", version="0.1", shared=True,
-           steps=None, data="sha256:data", run_dir="/shared/run", error=None) -> dict:
+           steps=None, data="sha256:data", run_dir="/shared/run", error=None,
+           max_restarts=3) -> dict:
     return meeting.hello(rank, hardware, plan, version, Path(run_dir), data, shared,
-                       [] if steps is None and rank == 0 else steps, error)
+                       [] if steps is None and rank == 0 else steps, error, max_restarts)
 
 
 def test_matching_nodes_on_a_shared_directory_resume_from_node_0s_newest():
@@ -46,6 +47,7 @@ def test_node_local_directories_resume_from_the_newest_step_every_node_holds():
     (_hello(1, data="sha256:other"), "different training data"),
     (_hello(1, error="data.jsonl line 3: not JSON"), "failed its own preflight: data.jsonl line 3"),
     (_hello(1, run_dir="/mnt/elsewhere/run"), "same path on every node"),
+    (_hello(1, max_restarts=0), "has --max-restarts 0, node 0 3: the nodes restart together"),
 ])
 def test_a_node_that_differs_is_refused_naming_it(other, needle):
     verdict = meeting.decide([_hello(0), _hello(2), other])

@@ -12,6 +12,7 @@ import pytest
 from conftest import assert_user_error, run_ftlaunch
 from ftlaunch.errors import UserError
 from ftlaunch.launch import restarts
+from ftlaunch.run import checkpoints
 from ftlaunch.run import directory as rundir
 from ftlaunch.run import heartbeat
 from ftlaunch.run import rank_logs
@@ -42,7 +43,7 @@ def test_a_rank_killed_by_a_signal_is_named_with_the_last_step_reported(tmp_path
     killed = {"rank": 1, "pid": 4118, "time": time.time(), "exitcode": -9}
     failure = restarts.failure_of(tmp_path, _attempt(ended=(killed,)))
     assert failure.what == "rank 1 (pid 4118) was killed by SIGKILL, with no Python error"
-    assert (failure.step, failure.rank, failure.never, failure.consequence) == (7, 1, None, False)
+    assert (failure.step, failure.rank, failure.never_because, failure.consequence) == (7, 1, None, False)
 
 
 def test_without_a_heartbeat_of_this_attempt_the_failure_is_at_its_resume_step(tmp_path, monkeypatch):
@@ -74,13 +75,24 @@ def test_a_long_error_line_is_cut(tmp_path, monkeypatch):
 def test_user_errors_and_a_full_disk_are_never_restarted(tmp_path, monkeypatch, exc, never):
     _failed(tmp_path, monkeypatch, 0, exc)
     failure = restarts.failure_of(tmp_path, _attempt())
-    assert failure.never == never
-    assert restarts.Restarts(3).refusal(failure) == never
+    assert failure.never_because == never
+    assert restarts.RestartBudget(3).refusal(failure) == never
 
 
 def test_a_worker_exiting_2_is_a_user_error(tmp_path):
-    failure = restarts.failure_of(tmp_path, _attempt(code=2))
-    assert failure.never == "a user error fails the same way every time"
+    failure = restarts.failure_of(tmp_path, _attempt(code=2))  # the launcher's own child
+    assert failure.never_because == "a user error fails the same way every time"
+    # Under accelerate launch: the agent exits 1, and reports the worker's 2.
+    ended = ({"rank": 1, "pid": 9, "time": time.time(), "exitcode": 2},)
+    failure = restarts.failure_of(tmp_path, _attempt(code=1, ended=ended))
+    assert failure.never_because == "a user error fails the same way every time"
+
+
+def test_a_full_disk_anywhere_among_the_failures_is_never_restarted(tmp_path, monkeypatch):
+    _failed(tmp_path, monkeypatch, 0, RuntimeError("a CUDA error"))
+    _failed(tmp_path, monkeypatch, 1, OSError(28, "No space left on device"))
+    failure = restarts.failure_of(tmp_path, _attempt())
+    assert failure.never_because == "the disk is full; a restart would fill it again"
 
 
 def test_a_finished_run_a_stop_and_a_signal_are_not_failures(tmp_path, monkeypatch):
@@ -110,7 +122,7 @@ def _failure(step: int) -> restarts.Failure:
 
 
 def test_restarts_until_the_budget_is_spent():
-    budget = restarts.Restarts(2)
+    budget = restarts.RestartBudget(2)
     assert budget.refusal(_failure(5)) is None
     budget.add(_failure(5), restarts.Agreement(True, Path("/r/checkpoints/checkpoint-4")))
     assert budget.refusal(_failure(9)) is None
@@ -120,7 +132,7 @@ def test_restarts_until_the_budget_is_spent():
 
 
 def test_a_failure_after_the_same_step_as_before_the_last_restart_is_not_restarted():
-    budget = restarts.Restarts(3)
+    budget = restarts.RestartBudget(3)
     budget.add(_failure(7), restarts.Agreement(True, None))
     assert budget.refusal(_failure(7)).startswith(
         "it failed again after step 7, as before restart 1: a failure that repeats")
@@ -128,7 +140,7 @@ def test_a_failure_after_the_same_step_as_before_the_last_restart_is_not_restart
 
 
 def test_the_backoff_doubles_up_to_a_minute():
-    budget = restarts.Restarts(10)
+    budget = restarts.RestartBudget(10)
     waits = []
     for step in range(7):
         budget.add(_failure(step), restarts.Agreement(True, None))
@@ -137,7 +149,7 @@ def test_the_backoff_doubles_up_to_a_minute():
 
 
 def test_a_restart_is_announced_and_recorded_with_the_cause_the_nodes_agreed_on():
-    budget = restarts.Restarts(3)
+    budget = restarts.RestartBudget(3)
     cause = {"rank": 3, "what": "rank 3 (pid 77) was killed by SIGKILL", "consequence": False}
     peer = restarts.Failure("rank 0 failed with RuntimeError: Connection closed by peer", 5, 0,
                             consequence=True)
@@ -152,13 +164,26 @@ def test_a_restart_is_announced_and_recorded_with_the_cause_the_nodes_agreed_on(
         "  restart 1: rank 3 (pid 77) was killed by SIGKILL, after step 5; resumed from checkpoint-4"]
 
 
+def _complete(root: Path, step: int) -> Path:
+    staging = root / checkpoints.INCOMING / f"checkpoint-{step}"
+    staging.mkdir(parents=True)
+    (staging / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+    return checkpoints.finalize(staging, root, {"world_size": 1})
+
+
 def test_one_node_sets_torn_checkpoints_aside_and_restarts_from_the_newest_complete(tmp_path):
-    torn = tmp_path / "checkpoints" / "checkpoint-6"
+    root = tmp_path / "checkpoints"
+    torn = root / "checkpoint-6"
     torn.mkdir(parents=True)  # no manifest: being written when the rank died
     agreement = restarts.alone(tmp_path)(None, _failure(7))
     assert agreement.go and agreement.checkpoint is None  # nothing complete: from the start
     assert not torn.exists() and any("checkpoint-6 is not a complete checkpoint" in n
                                      for n in agreement.notes)
+    for step in (2, 4):
+        _complete(root, step)
+    (root / "checkpoint-6").mkdir()  # torn again
+    agreement = restarts.alone(tmp_path)(None, _failure(7))
+    assert agreement.checkpoint == root / "checkpoint-4" and not (root / "checkpoint-6").exists()
     assert restarts.alone(tmp_path)("a refusal", _failure(7)) == restarts.Agreement(False)
 
 

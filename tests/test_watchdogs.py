@@ -118,7 +118,7 @@ def test_a_frozen_worker_is_restarted_then_reported_killed_and_the_run_resumes(t
     where it was. The same command, without the fault, resumes and finishes."""
     run_dir = tmp_path / "run"
     args = ["--model", "tiny", "--gpus", "1", "--global-batch-size", "4", "--seq-len", "64",
-            "--set", "logging_steps=1", "--set", "save_steps=3", "--stall-timeout", "6s",
+            "--set", "logging_steps=1", "--set", "save_steps=3", "--stall-timeout", "8s",
             "--output-dir", str(run_dir)]
     proc = run_ftlaunch(*args, "--max-steps", _ENDLESS, env=fault_env("sigstop", 5))
     out = proc.stdout + proc.stderr
@@ -129,7 +129,7 @@ def test_a_frozen_worker_is_restarted_then_reported_killed_and_the_run_resumes(t
     assert "ftlaunch: not restarted: it failed again after step 4, as before restart 1" in out
     _assert_all_gone(run_dir)
     recorded = json.loads((run_dir / heartbeat.STALL_FILE).read_text())
-    assert recorded["timeout_s"] == 6 and recorded["seconds"] >= 6
+    assert recorded["timeout_s"] == 8 and recorded["seconds"] >= 8
     [rank] = recorded["ranks"]
     assert (rank["rank"], rank["process"], rank["step"]) == (0, "stopped", 4)
     report = next(line for line in out.splitlines() if line.startswith("Stalled:"))

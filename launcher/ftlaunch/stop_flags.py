@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-import click
-
 from ftlaunch.errors import UserError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -40,6 +38,8 @@ def parse_duration(text: str, flag: str) -> float:
 def stop_options(func):
     """The flags `train` and `resume` share: how the nodes meet, how checkpoints and
     stops are timed, what watches the run, how often a failed job restarts."""
+    import click  # here: plan.job takes DEFAULT_MAX_RESTARTS without the command line
+
     func = click.option("--report-to", "report_to", metavar="TRACKER[,TRACKER]",
                         help="Also log to these trackers: tensorboard (into RUN_DIR/tensorboard), "
                              "wandb, mlflow, ... (their packages must be installed; credentials "

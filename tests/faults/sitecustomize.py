@@ -1,6 +1,6 @@
 """Test-only fault injection. Python imports this module at start-up when tests/faults is
-on PYTHONPATH (a test sets it for the launcher; the workers inherit it); without
-FTLAUNCH_TEST_FAULT it does nothing.
+on PYTHONPATH (a test sets it for the launcher; the workers inherit it), in place of
+any site-wide sitecustomize; without FTLAUNCH_TEST_FAULT it does nothing.
 
 In a worker, rank FTLAUNCH_TEST_FAULT_RANK (default 0) meets its fault as soon as its
 heartbeat reaches step FTLAUNCH_TEST_FAULT_STEP:
@@ -19,13 +19,15 @@ import signal
 import sys
 
 _FAULT = os.environ.get("FTLAUNCH_TEST_FAULT")
+# A worker, not the `accelerate launch` agent whose arguments name the worker module too.
+_WORKER = "ftlaunch.worker.main" in sys.orig_argv and "accelerate.commands.launch" not in sys.orig_argv
 
-if _FAULT == "abort_at_exit" and "ftlaunch.worker.main" in sys.orig_argv:
+if _FAULT == "abort_at_exit" and _WORKER:
     import atexit
 
     if os.environ.get("RANK", "0") == os.environ.get("FTLAUNCH_TEST_FAULT_RANK", "0"):
         atexit.register(os.abort)  # registered first: runs last
-elif _FAULT and "ftlaunch.worker.main" in sys.orig_argv:
+elif _FAULT and _WORKER:
     from ftlaunch.run import heartbeat
 
     _beat = heartbeat.Writer.beat

@@ -62,7 +62,7 @@ class Verdict:
 
 def hello(node_rank: int, hardware, plan_hash: str, version: str, run_dir: Path,
           data_fingerprint: str | None, shared: bool, steps: list[int] | None,
-          error: str | None = None) -> dict:
+          error: str | None = None, max_restarts: int | None = None) -> dict:
     """What a node says about itself. `hardware` is a Hardware; only what the plan
     depends on is compared (GPU model, count and memory), not RAM or free disk.
     `steps`: the complete checkpoints in this node's own run directory (None when it
@@ -80,6 +80,7 @@ def hello(node_rank: int, hardware, plan_hash: str, version: str, run_dir: Path,
         "shared": shared,
         "steps": None if steps is None else sorted(steps),
         "error": error,
+        "max_restarts": max_restarts,
     }
 
 
@@ -113,6 +114,10 @@ def decide(hellos: list[dict], storage_ok: dict[str, str | None] | None = None) 
             problems.append(f"{name} made a different plan ({other['plan_hash']}, node 0 "
                             f"{mine['plan_hash']}): run the same command, with the same "
                             "flags, recipe and --gpus, on every node")
+        if other.get("max_restarts") != mine.get("max_restarts"):
+            problems.append(f"{name} has --max-restarts {other.get('max_restarts')}, node 0 "
+                            f"{mine.get('max_restarts')}: the nodes restart together, so give "
+                            "every node the same")
         if other.get("data") and mine.get("data") and other["data"] != mine["data"]:
             problems.append(f"{name} reads different training data ({other['data']}, node 0 "
                             f"{mine['data']}): give every node the same file")
@@ -256,9 +261,12 @@ def serve(master_addr: str, port: int, nnodes: int, launch_id: str, timeout_s: f
         listener.close()
 
 
-def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print) -> Verdict:
+def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print,
+         verdict_timeout_s: float | None = None) -> Verdict:
     """Node R: connect to node 0 (retrying until it listens), say hello, get the verdict.
-    `make_hello(launch_id)` builds the hello once this node knows which launch it joins."""
+    `make_hello(launch_id)` builds the hello once this node knows which launch it joins.
+    `verdict_timeout_s`: how long to wait for the verdict once the hello is sent (None:
+    as long as node 0 keeps the connection open)."""
     deadline = time.monotonic() + timeout_s
     log(f"ftlaunch: joining node 0 at {master_addr}:{port} (up to {timeout_s:.0f} s)")
     while True:
@@ -280,9 +288,10 @@ def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print) -
                 welcome = _receive(stream)
                 conn.settimeout(max(timeout_s, 60))
                 _send(stream, make_hello(welcome["launch_id"]))
-                # No limit on the verdict: node 0 may be tokenizing a big dataset; if it
-                # dies, the connection closes and that ends the wait.
-                conn.settimeout(None)
+                # No limit on the first start's verdict: node 0 may be tokenizing a big
+                # dataset; if it dies, the connection closes and that ends the wait. A
+                # restart's has one: a node 0 that lost power closes nothing.
+                conn.settimeout(verdict_timeout_s)
                 return Verdict.from_json(_receive(stream))
             except (OSError, ValueError, KeyError):
                 # node 0 stopped listening between its launches, or refused us mid-way

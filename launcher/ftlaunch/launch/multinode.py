@@ -37,7 +37,8 @@ _FSDP_NEEDS_SHARED = (
 def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
                error: str | None = None) -> dict:
     return meeting.hello(job.cluster.node_rank, job.hardware, run_files.plan_hash(job.plan),
-                       __version__, run_dir, data_fingerprint, shared, steps, error)
+                       __version__, run_dir, data_fingerprint, shared, steps, error,
+                       job.options.max_restarts)
 
 
 def meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict, on_go,
@@ -140,7 +141,7 @@ def _join_and_train(job: Job, argv: list[str], echo, local: dict) -> int:
         raise UserError(f"The nodes cannot train together: {verdict.message}")
     if verdict.storage == run_record.SHARED:
         echo(f"ftlaunch: node {cluster.node_rank} joined; node 0 wrote the run files in {run_dir}")
-        resume_from = (run_dir / "checkpoints" / f"checkpoint-{verdict.resume_step}"
+        resume_from = (checkpoints.path_at(run_dir / "checkpoints", verdict.resume_step)
                        if verdict.resume_step is not None else None)
         record = run_record.load(run_dir)
         return workers.run(job, run_dir, run_dir / f"train.node-{cluster.node_rank}.log",
@@ -209,7 +210,11 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
     scheduler's requeue) resumes. No node hangs: node 0 stops waiting at the timeout,
     and a joining node whose node 0 does not answer stops as well."""
     cluster = job.cluster
-    timeout = job.options.join_timeout_s
+    # A node's ranks may notice a peer's death only when their collective times out
+    # (NCCL, with async error handling) or the stall watch ends them, whichever is first:
+    # the nodes wait that long for each other, plus --join-timeout.
+    noticed = min(run_files.collective_timeout_s(job), job.options.stall_timeout_s or float("inf"))
+    timeout = job.options.join_timeout_s + noticed
     tidies = storage == run_record.NODE_LOCAL or cluster.node_rank == 0
 
     def own_hello(refusal: str | None, failure: restarts.Failure) -> dict:
@@ -250,7 +255,8 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
     def as_joining_node(refusal: str | None, failure: restarts.Failure) -> restarts.Agreement:
         try:
             verdict = meeting.join(cluster.master_addr, port, timeout,
-                                   lambda _launch: own_hello(refusal, failure), log=echo)
+                                   lambda _launch: own_hello(refusal, failure), log=echo,
+                                   verdict_timeout_s=timeout + _DECIDING_S)
         except UserError as exc:
             return _not_met(exc)
         return agreed(verdict, refusal)
@@ -258,10 +264,17 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
     return as_node_zero if cluster.node_rank == 0 else as_joining_node
 
 
+# How long node 0 may take, once every node has come, to verify the checkpoints it
+# restarts from (a SHA-256 of each file) before it answers.
+_DECIDING_S = 600.0
+
+
 def _not_met(exc: UserError) -> restarts.Agreement:
     """The meeting's own first sentence (which node did not come, or that node 0 did not
     answer); its advice is about starting the nodes, not about a restart."""
-    first = str(exc).split(". ")[0].rstrip(".")
+    first = str(exc).split(". ")[0].rstrip(".").replace(
+        "(--join-timeout)", "(--join-timeout, plus the time a node's ranks may need to "
+        "notice the failure: the stall or collective timeout)")
     return restarts.Agreement(False, notes=(
         f"the nodes did not meet to restart ({first}); that node's machine or launcher is "
         "likely gone. Once every node is back, re-run the same command on each to resume",))
@@ -271,11 +284,11 @@ def _restart_checkpoint(run_dir: Path, step: int | None, storage: str, tidy: boo
     """(this node's checkpoint at the agreed step, notes). `tidy`: this node sets aside
     the torn checkpoints (node 0 of a shared run directory; every node with node-local
     ones, which also set aside those newer than the agreed step)."""
-    found = checkpoints.scan(run_dir / "checkpoints")
+    root = run_dir / "checkpoints"
     notes: list[str] = []
-    if tidy:
+    if tidy:  # only then is it worth a scan (it verifies every file's checksum)
+        found = checkpoints.scan(root)
         notes += rundir.set_aside_torn(run_dir, found)
-    if storage == run_record.NODE_LOCAL:
-        notes += rundir.set_aside_newer(run_dir, found, step)
-    path = run_dir / "checkpoints" / f"checkpoint-{step}" if step is not None else None
-    return path, notes
+        if storage == run_record.NODE_LOCAL:
+            notes += rundir.set_aside_newer(run_dir, found, step)
+    return (checkpoints.path_at(root, step) if step is not None else None), notes

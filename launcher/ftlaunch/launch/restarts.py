@@ -60,7 +60,7 @@ class Failure:
     step: int  # the last step a rank reported in the attempt (its resume step if none):
     # the failure came after it
     rank: int | None
-    never: str | None = None  # why no restart can heal it (a user error, a full disk)
+    never_because: str | None = None  # why no restart can heal it (a user error, a full disk)
     consequence: bool = False  # a peer's death explains it (multinode: another node's is the cause)
 
     def cause(self) -> dict:
@@ -96,12 +96,13 @@ def failure_of(run_dir: Path, attempt: Attempt) -> Failure | None:
     first = found[0] if found else None
     what = (rank_logs.in_one_line(first) if first
             else f"the workers exited with code {attempt.code}")
-    never = None
-    if first is not None and first.get("kind") == "disk_full":
-        never = "the disk is full; a restart would fill it again"
-    elif attempt.code == USER_ERROR_EXIT or any(f.get("type") == "UserError" for f in found):
-        never = "a user error fails the same way every time"
-    return Failure(what, step, first["rank"] if first else None, never,
+    never_because = None
+    if any(f.get("kind") == "disk_full" for f in found):
+        never_because = "the disk is full; a restart would fill it again"
+    elif (attempt.code == USER_ERROR_EXIT or any(f.get("type") == "UserError" for f in found)
+          or any(e.get("exitcode") == USER_ERROR_EXIT for e in attempt.ended)):
+        never_because = "a user error fails the same way every time"
+    return Failure(what, step, first["rank"] if first else None, never_because,
                    consequence=bool(first) and rank_logs.is_consequence(first))
 
 
@@ -111,7 +112,7 @@ def _furthest_step(run_dir: Path, attempt: Attempt) -> int:
     return max(steps, default=attempt.resume_step)
 
 
-class Restarts:
+class RestartBudget:
     """One launch's restarts: the budget, and each restart done."""
 
     def __init__(self, limit: int):
@@ -120,8 +121,8 @@ class Restarts:
 
     def refusal(self, failure: Failure) -> str | None:
         """Why this failure is not restarted; None: it is."""
-        if failure.never:
-            return f"{failure.never}"
+        if failure.never_because:
+            return failure.never_because
         if self.done and self.done[-1]["step"] == failure.step:
             return (f"it failed again after step {failure.step}, as before restart "
                     f"{len(self.done)}: a failure that repeats at the same step is not healed "

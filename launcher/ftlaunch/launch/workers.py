@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ftlaunch.run import checkpoints
 from ftlaunch.run import heartbeat
+from ftlaunch.launch import diskfull
 from ftlaunch.launch import interrupts
 from ftlaunch.launch import process
 from ftlaunch.launch import restarts
@@ -33,7 +34,7 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
     allows (launch.restarts), and return the launcher's exit code. `agree(refusal,
     failure)` -> restarts.Agreement: how this node agrees on a restart with the others
     (multinode.restart_agreement); one node decides alone."""
-    budget = restarts.Restarts(job.options.max_restarts)
+    budget = restarts.RestartBudget(job.options.max_restarts)
     agree = agree or restarts.alone(run_dir)
     writes_record = job.cluster.node_rank == 0 or record.strategy.node_local
     while True:
@@ -41,18 +42,21 @@ def run(job: Job, run_dir: Path, log_path: Path, record: run_record.RunRecord,
         failure = restarts.failure_of(run_dir, attempt) if budget.limit else None
         if failure is not None:
             refusal = budget.refusal(failure)
-            agreement = agree(refusal, failure)
+            with diskfull.told_as_full(run_dir):  # it sets torn checkpoints aside
+                agreement = agree(refusal, failure)
             if agreement.go:
                 event = budget.add(failure, agreement)
-                record = dataclasses.replace(record, restarts=run_record.Restarts(
-                    budget.limit, tuple(budget.done)))
-                if writes_record:
-                    run_record.write(run_dir, record)
                 backoff = budget.backoff_s()
                 log_notes(log_path, [budget.announce(event, backoff), *agreement.notes], echo)
                 interrupts.phase("while waiting to restart the workers: `ftlaunch resume "
                                  f"{run_dir}` continues from the last complete checkpoint.")
                 time.sleep(backoff)
+                # Recorded once it happens: a stop during the backoff leaves none listed.
+                record = dataclasses.replace(record, restarts=run_record.Restarts(
+                    budget.limit, tuple(budget.done)))
+                if writes_record:
+                    with diskfull.told_as_full(run_dir):
+                        run_record.write(run_dir, record)
                 resume_from = agreement.checkpoint
                 if job.cluster.master_port is None and port is not None:
                     port = process.free_port()  # the last one may still be in TIME_WAIT

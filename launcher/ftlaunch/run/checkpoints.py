@@ -63,6 +63,11 @@ class Scan:
         return self.complete[-1] if self.complete else None
 
 
+def path_at(root: Path, step: int) -> Path:
+    """Where the complete checkpoint of `step` lives under `root` (checkpoints/)."""
+    return root / f"checkpoint-{step}"
+
+
 def step_of(path: Path) -> int | None:
     match = _NAME.match(path.name)
     return int(match.group(1)) if match else None

@@ -161,7 +161,7 @@ def fail(run_dir: Path, exc: BaseException) -> int | None:
         _say(f"ftlaunch: rank {rank}: the disk is full ({record['filesystem']}: "
              f"{record['message']}); traceback in {own}")
         return diskfull.DISK_FULL_EXIT
-    cause = record["message"] if len(record["message"]) <= 160 else record["message"][:157] + "..."
+    cause = cut(record["message"])
     _say(f"ftlaunch: rank {rank} stopped because a peer failed ({cause}); traceback in {own}")
     return 1
 
@@ -198,10 +198,13 @@ def in_one_line(failure: dict) -> str:
     """A failure of failures(), told in one line: the rank and its first error line."""
     if failure.get("kind") == "ended":
         return f"rank {failure['rank']} (pid {failure['pid']}) {_how_it_ended(failure, brief=True)}"
-    message = failure.get("message") or ""
-    if len(message) > 160:
-        message = message[:157] + "..."
+    message = cut(failure.get("message") or "")
     return f"rank {failure['rank']} failed with {failure['type']}" + (f": {message}" if message else "")
+
+
+def cut(text: str, limit: int = 160) -> str:
+    """A message for one line of the terminal: at most `limit` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _how_it_ended(death: dict, brief: bool = False) -> str:
@@ -256,6 +259,8 @@ def failure_summary(run_dir: Path, main_log: Path, since: float, ended, code: in
         return (diskfull.message(found[0], run_dir, resume_point,
                                  newest.path if newest else None), diskfull.DISK_FULL_EXIT)
     code = code or 1  # the workers claimed success but left no adapter
+    if found and found[0].get("type") == "UserError":
+        code = USER_ERROR_EXIT  # a worker's own refusal; accelerate launch reports it as 1
     first = first_error_text(run_dir, main_log, since, ended)
     return ((first + " " if first else "")
             + f"Training failed with exit code {code} (see {main_log}); after fixing the cause, "

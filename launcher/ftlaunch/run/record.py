@@ -94,7 +94,7 @@ class Restarts:
     """In-job restarts (launch.restarts): how many --max-restarts allows this launch, and
     each one done so far: when, which rank failed and its first error line, at which
     step, and the checkpoint every worker started again from. The launcher rewrites
-    run.yaml with each one; workers do not read it."""
+    run.yaml with each one; workers do not use this section."""
     max: int = 0
     done: tuple[dict, ...] = field(default=(), hash=False)
 
