@@ -185,7 +185,7 @@ def bind_host(master_addr: str | None) -> str:
 
 
 def serve(master_addr: str, port: int, nnodes: int, launch_id: str, timeout_s: float,
-          decide_with, on_go, log=print) -> Verdict:
+          decide_with, on_go, log=print, timeout_name: str = "--join-timeout") -> Verdict:
     """Node 0: wait for nodes 1..nnodes-1, decide with `decide_with(hellos_of_others)`;
     on a go, run `on_go(verdict)` (it writes the run files the other nodes' workers
     will read) before telling the nodes, so none starts before they exist. A UserError
@@ -211,7 +211,7 @@ def serve(master_addr: str, port: int, nnodes: int, launch_id: str, timeout_s: f
                 missing = sorted(set(range(1, nnodes)) - set(connections))
                 raise UserError(
                     f"node(s) {', '.join(map(str, missing))} did not join within "
-                    f"{timeout_s:.0f} s (--join-timeout). Start the same command on every node "
+                    f"{timeout_s:.0f} s ({timeout_name}). Start the same command on every node "
                     f"with --nnodes {nnodes} and a --node-rank of its own, and check that they "
                     f"reach {master_addr}:{port} (firewall, --master-addr).")
             listener.settimeout(min(remaining, 5.0))
@@ -262,7 +262,7 @@ def serve(master_addr: str, port: int, nnodes: int, launch_id: str, timeout_s: f
 
 
 def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print,
-         verdict_timeout_s: float | None = None) -> Verdict:
+         verdict_timeout_s: float | None = None, timeout_name: str = "--join-timeout") -> Verdict:
     """Node R: connect to node 0 (retrying until it listens), say hello, get the verdict.
     `make_hello(launch_id)` builds the hello once this node knows which launch it joins.
     `verdict_timeout_s`: how long to wait for the verdict once the hello is sent (None:
@@ -276,7 +276,7 @@ def join(master_addr: str, port: int, timeout_s: float, make_hello, log=print,
             if time.monotonic() > deadline:
                 raise UserError(
                     f"node 0 did not answer at {master_addr}:{port} within {timeout_s:.0f} s "
-                    "(--join-timeout). Is the same ftlaunch command running there with "
+                    f"({timeout_name}). Is the same ftlaunch command running there with "
                     "--node-rank 0? Its output says why it stopped if it did.") from None
             time.sleep(1.0)
             continue

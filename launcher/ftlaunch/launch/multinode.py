@@ -217,21 +217,26 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
     timeout = job.options.join_timeout_s + noticed
     tidies = storage == run_record.NODE_LOCAL or cluster.node_rank == 0
 
-    def own_hello(refusal: str | None, failure: restarts.Failure) -> dict:
+    def own_checkpoints():
+        """This node's checkpoints, scanned (every file's checksum) once per restart, by
+        the nodes that report their steps or tidy: all but a shared directory's joiners."""
+        return checkpoints.scan(run_dir / "checkpoints") if tidies else None
+
+    def own_hello(refusal: str | None, failure: restarts.Failure, found) -> dict:
         shared = storage == run_record.SHARED
-        steps = None if shared and cluster.node_rank else [
-            c.step for c in checkpoints.scan(run_dir / "checkpoints").complete]
+        steps = None if found is None else [c.step for c in found.complete]
         return {**_own_hello(job, run_dir, shared, steps, None, error=refusal),
                 "failure": failure.cause()}
 
-    def agreed(verdict: meeting.Verdict, refusal: str | None) -> restarts.Agreement:
+    def agreed(verdict: meeting.Verdict, refusal: str | None, found) -> restarts.Agreement:
         if not verdict.ok:
             return restarts.Agreement(False, notes=() if refusal else (verdict.message,))
-        checkpoint, notes = _restart_checkpoint(run_dir, verdict.resume_step, storage, tidies)
+        checkpoint, notes = _restart_checkpoint(run_dir, verdict.resume_step, storage, found)
         return restarts.Agreement(True, checkpoint, tuple(notes), verdict.cause)
 
     def as_node_zero(refusal: str | None, failure: restarts.Failure) -> restarts.Agreement:
-        mine = own_hello(refusal, failure)
+        found = own_checkpoints()
+        mine = own_hello(refusal, failure, found)
         chosen: list[restarts.Agreement] = []
 
         def decide(others: list[dict]) -> meeting.Verdict:
@@ -247,19 +252,22 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
         try:
             verdict = meeting.serve(cluster.master_addr, port, cluster.nnodes,
                                     os.urandom(8).hex(), timeout, decide,
-                                    lambda v: chosen.append(agreed(v, refusal)), log=echo)
+                                    lambda v: chosen.append(agreed(v, refusal, found)),
+                                    log=echo, timeout_name=_RESTART_WAIT)
         except UserError as exc:
             return _not_met(exc)
-        return chosen[0] if verdict.ok else agreed(verdict, refusal)
+        return chosen[0] if verdict.ok else agreed(verdict, refusal, found)
 
     def as_joining_node(refusal: str | None, failure: restarts.Failure) -> restarts.Agreement:
+        found = own_checkpoints()
         try:
             verdict = meeting.join(cluster.master_addr, port, timeout,
-                                   lambda _launch: own_hello(refusal, failure), log=echo,
-                                   verdict_timeout_s=timeout + _DECIDING_S)
+                                   lambda _launch: own_hello(refusal, failure, found), log=echo,
+                                   verdict_timeout_s=timeout + _DECIDING_S,
+                                   timeout_name=_RESTART_WAIT)
         except UserError as exc:
             return _not_met(exc)
-        return agreed(verdict, refusal)
+        return agreed(verdict, refusal, found)
 
     return as_node_zero if cluster.node_rank == 0 else as_joining_node
 
@@ -267,27 +275,28 @@ def restart_agreement(job: Job, run_dir: Path, port: int, storage: str, echo):
 # How long node 0 may take, once every node has come, to verify the checkpoints it
 # restarts from (a SHA-256 of each file) before it answers.
 _DECIDING_S = 600.0
+# What a restart meeting's timeout is made of, as its messages name it.
+_RESTART_WAIT = ("--join-timeout, plus the time a node's ranks may need to notice the "
+                 "failure: the stall or collective timeout")
 
 
 def _not_met(exc: UserError) -> restarts.Agreement:
     """The meeting's own first sentence (which node did not come, or that node 0 did not
     answer); its advice is about starting the nodes, not about a restart."""
-    first = str(exc).split(". ")[0].rstrip(".").replace(
-        "(--join-timeout)", "(--join-timeout, plus the time a node's ranks may need to "
-        "notice the failure: the stall or collective timeout)")
+    first = str(exc).split(". ")[0].rstrip(".")
     return restarts.Agreement(False, notes=(
         f"the nodes did not meet to restart ({first}); that node's machine or launcher is "
         "likely gone. Once every node is back, re-run the same command on each to resume",))
 
 
-def _restart_checkpoint(run_dir: Path, step: int | None, storage: str, tidy: bool):
-    """(this node's checkpoint at the agreed step, notes). `tidy`: this node sets aside
-    the torn checkpoints (node 0 of a shared run directory; every node with node-local
-    ones, which also set aside those newer than the agreed step)."""
+def _restart_checkpoint(run_dir: Path, step: int | None, storage: str, found):
+    """(this node's checkpoint at the agreed step, notes). `found`: this node's scan of
+    its checkpoints when it tidies them (node 0 of a shared run directory; every node
+    with node-local ones): it sets aside the torn ones, and with node-local ones those
+    newer than the agreed step."""
     root = run_dir / "checkpoints"
     notes: list[str] = []
-    if tidy:  # only then is it worth a scan (it verifies every file's checksum)
-        found = checkpoints.scan(root)
+    if found is not None:
         notes += rundir.set_aside_torn(run_dir, found)
         if storage == run_record.NODE_LOCAL:
             notes += rundir.set_aside_newer(run_dir, found, step)

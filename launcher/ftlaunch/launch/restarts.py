@@ -16,7 +16,7 @@ Not restarted, because a restart cannot help:
   - a full disk: it is still full;
   - a failure at the same step as the failure before the last restart: deterministic
     (a batch that always runs out of memory, a kernel bug); restarting would loop.
-A job on several nodes restarts only when every node agrees (multinode.agree_as_*).
+A job on several nodes restarts only when every node agrees (multinode.restart_agreement).
 
 No torch here.
 """
@@ -40,6 +40,8 @@ from ftlaunch.run import rank_logs
 # a failure that keeps coming back waits longer each time.
 BACKOFF_S = 2.0
 BACKOFF_MAX_S = 60.0
+# Where a job with no complete checkpoint resumes, as the launcher's messages say it.
+FROM_THE_START = "the start (no checkpoint was completed)"
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class RestartBudget:
         return min(BACKOFF_S * 2 ** max(len(self.done) - 1, 0), BACKOFF_MAX_S)
 
     def announce(self, event: dict, backoff_s: float) -> str:
-        start = event["from"] or "the start (no checkpoint was completed)"
+        start = event["from"] or FROM_THE_START
         return (f"restart {event['restart']} of {self.limit} in {backoff_s:.0f} s: "
                 f"{event['error']}, after step {event['step']}; every worker starts again "
                 f"from {start}")

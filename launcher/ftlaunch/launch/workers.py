@@ -106,7 +106,7 @@ def _attempt(job: Job, run_dir: Path, log_path: Path, record: run_record.RunReco
 
 def _resume_point(run_dir: Path) -> str:
     last = checkpoints.scan(run_dir / "checkpoints").newest
-    return last.path.name if last else "the start (no checkpoint was completed)"
+    return last.path.name if last else restarts.FROM_THE_START
 
 
 def _stalled(run_dir: Path, stall, log_path: Path, echo) -> int:
