@@ -20,7 +20,7 @@ ALLOWED = {
     SHARED: set(),
     "detect": set(),
     "models": {"data.demo"},  # the tiny model's tokenizer is trained on the demo data
-    "plan": {"detect", "models", "data.formats"},  # recipes name the data formats
+    "plan": {"detect", "models", "data.formats", "data.read"},  # recipes name the data formats; --objective auto peeks at the data
     "data": {"models"},
     "run": {"detect", "models", "data"},
     "show": {"detect", "models", "plan", "data", "run"},

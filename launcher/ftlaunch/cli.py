@@ -20,6 +20,7 @@ from ftlaunch.launch import interrupts
 from ftlaunch.errors import USER_ERROR_EXIT, UserError, exit_quickly
 from ftlaunch.plan.planner import ENGINES
 from ftlaunch.plan.recipe import METHODS
+from ftlaunch.plan.objectives import CHOICES as OBJECTIVE_CHOICES
 from ftlaunch.show import summaries
 from ftlaunch.stop_flags import stop_options, stop_settings
 
@@ -45,7 +46,8 @@ def _job_options(func):
                      help="Training data: .jsonl/.json/.csv/.parquet, a folder of them, a "
                           "datasets.save_to_disk folder or a hub dataset id. Formats: messages, "
                           "ShareGPT, Alpaca, prompt/completion, '### Human/### Assistant' "
-                          "text, plain text (auto-detected; data.format=... overrides). "
+                          "text, plain text, preference pairs (auto-detected; data.format=... "
+                          "overrides). "
                           "Default: the bundled demo dataset."),
         click.option("--eval-split", type=float, metavar="FRACTION",
                      help="Hold out this fraction of --data for eval loss and perplexity."),
@@ -56,8 +58,16 @@ def _job_options(func):
                      help="Prepended as the system turn of chat examples that have none."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow the model's own Python code from the hub (off unless asked)."),
-        click.option("--recipe", default="default", show_default=True, metavar="NAME|PATH",
-                     help="Training recipe: a bundled name or a YAML file."),
+        click.option("--recipe", metavar="NAME|PATH",
+                     help="Training recipe: a bundled name or a YAML file. Default: the "
+                          "objective's (default for SFT, dpo for DPO)."),
+        click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto",
+                     show_default=True,
+                     help="sft, or dpo on preference pairs (prompt/chosen/rejected); auto: "
+                          "dpo when the data holds preference pairs."),
+        click.option("--adapter", metavar="RUN_DIR|PATH",
+                     help="Start from this LoRA adapter: a finished run's (e.g. SFT before "
+                          "DPO; DPO's reference is then that adapter, frozen) or a folder."),
         click.option("--output-dir", metavar="DIR",
                      help="Run directory. Default: runs/<model>. Re-running resumes it."),
         click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,

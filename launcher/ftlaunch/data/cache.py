@@ -18,12 +18,15 @@ way (`trl/trainer/sft_trainer.py`, `SFTTrainer._prepare_dataset`, TRL 1.16):
                         the completion starts where the two diverge
     text                text + EOS unless it already ends with it
 with the `labels` column TRL would build from those masks (-100 where no loss).
+Preference pairs are cached as DPOTrainer tokenizes them (data/preference.py): its
+prompt_ids, chosen_ids and rejected_ids columns, which its collator takes as they are.
 Truncation and packing are not done here: TRL does them after tokenization
 with the run's seq_len and packing settings, and still does them on the cached
 set, so they stay TRL's and a changed seq_len or packing reuses the cache.
 
 Layout of a cache directory:
-    train/, eval/          `datasets.save_to_disk` folders: input_ids, labels
+    train/, eval/          `datasets.save_to_disk` folders: input_ids, labels (or the
+                           preference columns)
     train.lengths.npy ...  per example: token count, index of the first trained token
     meta.json              written last, atomically: only a folder with it is complete
     .building/             a build in progress (moved into place once tokenized)
@@ -41,7 +44,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftlaunch.data import tokenize
+from ftlaunch.data import preference, tokenize
+from ftlaunch.data.formats import PREFERENCE_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 from ftlaunch.files import atomic_write
@@ -52,7 +56,7 @@ if TYPE_CHECKING:
 DIRECTORY = "data-cache"  # in the run directory
 FORMAT_VERSION = 1  # bump when what is cached or how it is keyed changes
 META = "meta.json"
-COLUMNS = ("input_ids", "labels")
+COLUMNS = ("input_ids", "labels")  # SFT's; preference pairs have preference.COLUMNS
 _STATS_COLUMNS = ("_length", "_first_trained")
 # Below this many rows per process, starting processes costs more than it saves.
 _ROWS_PER_PROC = 256
@@ -178,11 +182,17 @@ def load(cache_dir: Path, expected_fingerprint: str) -> tuple[Dataset, Dataset |
             loaded.append(None)
             continue
         split = load_from_disk(str(cache_dir / name))
-        if len(split) != meta["splits"][name]["examples"] or list(split.column_names) != list(COLUMNS):
+        columns = columns_of(meta["key"]["kind"])
+        if len(split) != meta["splits"][name]["examples"] or list(split.column_names) != list(columns):
             raise UserError(f"{cache_dir / name} does not hold what {META} describes; start the "
                             "run again with ftlaunch, which tokenizes the data again.")
         loaded.append(split)
     return loaded[0], loaded[1]
+
+
+def columns_of(kind: str) -> tuple[str, ...]:
+    """The columns a cache of this kind of data holds."""
+    return preference.COLUMNS if kind in PREFERENCE_KINDS else COLUMNS
 
 
 # ---------------------------------------------------------------- key
@@ -256,13 +266,14 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        tokenize.tokenize_batch, batched=True, batch_size=tokenize.BATCH, with_indices=True,
+        preference.tokenize_batch if data.kind in PREFERENCE_KINDS else tokenize.tokenize_batch,
+        batched=True, batch_size=tokenize.BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant},
         new_fingerprint=f"{digest[:24]}-{name}", desc=f"Tokenizing {name} data")
     table = tokenized.data
     lengths = np.stack([table.column(c).to_numpy() for c in _STATS_COLUMNS], axis=1)
-    tokenized = tokenized.select_columns(list(COLUMNS), new_fingerprint=f"{digest[:24]}-{name}-ids")
+    tokenized = tokenized.select_columns(list(columns_of(data.kind)), new_fingerprint=f"{digest[:24]}-{name}-ids")
 
     # One process: writing Arrow is quick, and save_to_disk's pool would spawn (re-import
     # everything) rather than fork.

@@ -8,11 +8,19 @@ Source formats, told apart by the first example's keys unless data.format says:
     prompt_completion  {"prompt", "completion"}
     human_assistant    {"text": "### Human: ... ### Assistant: ..."}     (guanaco style)
     text               {"text"}
-Every example comes out in one of three canonical kinds (Dataset.kind):
+    preference         {"prompt", "chosen", "rejected"}: strings                (DPO pairs)
+    chat_preference    {"prompt", "chosen", "rejected"}: message lists, or {"chosen",
+                       "rejected"} as whole conversations sharing the prompt (TRL's
+                       conversational and implicit-prompt preference formats)
+Every example comes out in one of these canonical kinds (Dataset.kind):
     conversational     {"messages": [{"role", "content"}, ...]}   messages, sharegpt, alpaca,
                                                                     human_assistant
     prompt_completion  {"prompt": str, "completion": str}
     text               {"text": str}
+    preference         {"prompt": str, "chosen": str, "rejected": str}
+    chat_preference    {"prompt": [turns], "chosen": [assistant turns], "rejected": [...]}:
+                       the prompt always explicit
+The preference kinds train with DPO (PREFERENCE_KINDS), the others with SFT.
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ KINDS = {
     "prompt_completion": "prompt_completion",
     "human_assistant": "conversational",
     "text": "text",
+    "preference": "preference",
+    "chat_preference": "chat_preference",
 }
+PREFERENCE_KINDS = ("preference", "chat_preference")
+CHAT_KINDS = ("conversational", "chat_preference")  # rendered by a chat template
 DATA_FORMATS = tuple(KINDS)
 # What data.format may be set to: a source format, or "auto" to tell it from the data.
 DATA_FORMAT_CHOICES = ("auto", *DATA_FORMATS)
@@ -47,6 +59,8 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "human_assistant": ("text",),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "chat_preference": ("chosen", "rejected"),
 }
 _SHOWN_PROBLEMS = 3
 
@@ -61,6 +75,9 @@ class Row:
 def detect(first: Row) -> str:
     """The source format the keys of the first example say."""
     row = first.data
+    if "chosen" in row or "rejected" in row:
+        pair = row.get("chosen", row.get("rejected"))
+        return "chat_preference" if isinstance(pair, list) else "preference"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -76,7 +93,8 @@ def detect(first: Row) -> str:
         return "text"
     raise UserError(f"{first.where}: cannot tell the data format from keys {sorted(row)}; "
                     "expected `messages` (chat), `conversations` (sharegpt), `instruction` + "
-                    "`output` (alpaca), `prompt` + `completion`, or `text`. Set it with "
+                    "`output` (alpaca), `prompt` + `completion`, `text`, or `chosen` + `rejected` "
+                    "(preference pairs). Set it with "
                     f"--set data.format={'|'.join(DATA_FORMATS)}.")
 
 
@@ -99,11 +117,11 @@ def canonicalize(label: str, columns: set[str] | None, rows: list[Row], format: 
     if columns is not None:
         check_columns(label, columns, detected, flag)
     kind = KINDS[detected]
-    if system_prompt and kind != "conversational":
+    if system_prompt and kind not in CHAT_KINDS:
         raise UserError(f"data.system_prompt is set, but {flag} {label} holds {detected} data, "
                         "not conversations; system prompts apply to chat data only (formats "
-                        "messages, sharegpt, alpaca, human_assistant). Remove data.system_prompt "
-                        "or convert the data to chat messages.")
+                        "messages, sharegpt, alpaca, human_assistant, chat_preference). Remove "
+                        "data.system_prompt or convert the data to chat messages.")
     convert = _CONVERTERS[detected]
     checked, problems, count = [], [], 0
     for row in rows:
@@ -114,7 +132,7 @@ def canonicalize(label: str, columns: set[str] | None, rows: list[Row], format: 
             if len(problems) <= _SHOWN_PROBLEMS:
                 problems.append(f"{row.where} (format {detected}): {problem}")
             continue
-        turns = canonical.get("messages")
+        turns = canonical.get("messages", canonical.get("prompt"))
         if system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": system_prompt})
         checked.append(canonical)
@@ -247,6 +265,48 @@ def _text(row: dict) -> dict:
     return {"text": _string(row, "text", nonempty=True)}
 
 
+def _preference(row: dict) -> dict:
+    _missing(row, "preference")
+    return _distinct({"prompt": _string(row, "prompt", nonempty=False),
+                      "chosen": _string(row, "chosen", nonempty=True),
+                      "rejected": _string(row, "rejected", nonempty=True)})
+
+
+def _chat_preference(row: dict) -> dict:
+    """Explicit prompt, or TRL's implicit one: the turns `chosen` and `rejected` share
+    (trl.data_utils.extract_prompt), so the canonical row always names its prompt."""
+    _missing(row, "chat_preference")
+    roles = {role: role for role in ROLES}
+    chosen = _turns(row["chosen"], "chosen", "role", "content", roles)
+    rejected = _turns(row["rejected"], "rejected", "role", "content", roles)
+    if row.get("prompt") is None:
+        shared = 0
+        while (shared < min(len(chosen), len(rejected))
+               and chosen[shared] == rejected[shared]):
+            shared += 1
+        if shared == 0:
+            raise _Problem("`chosen` and `rejected` share no first turn, so the prompt cannot "
+                           "be told from them; give it as `prompt`")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        prompt = _turns(row["prompt"], "prompt", "role", "content", roles)
+    if prompt[-1]["role"] == "assistant":
+        raise _Problem("the prompt ends with an assistant turn; it must end where the answer "
+                       "starts (a user turn)")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns:
+            raise _Problem(f"`{name}` holds nothing after the prompt")
+        if turns[0]["role"] != "assistant" or not turns[0]["content"].strip():
+            raise _Problem(f"`{name}` must answer with a non-empty assistant turn")
+    return _distinct({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def _distinct(pair: dict) -> dict:
+    if pair["chosen"] == pair["rejected"]:
+        raise _Problem("`chosen` and `rejected` are the same, so the pair prefers nothing")
+    return pair
+
+
 _CONVERTERS = {
     "messages": _messages,
     "sharegpt": _sharegpt,
@@ -254,4 +314,6 @@ _CONVERTERS = {
     "prompt_completion": _prompt_completion,
     "human_assistant": _human_assistant,
     "text": _text,
+    "preference": _preference,
+    "chat_preference": _chat_preference,
 }

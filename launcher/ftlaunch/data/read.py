@@ -62,6 +62,27 @@ def _flag() -> str:
     return _FLAG.get()
 
 
+def peek_kind(source: str | Path, format: str = "auto") -> str:
+    """The canonical kind (formats.KINDS) of `source`'s data, from its first example: of a
+    .jsonl file only its first line is read; anything else is read whole (and checked)."""
+    if format != "auto":
+        if format not in formats.KINDS:
+            raise UserError(f"data.format {format!r} is not one of "
+                            f"{', '.join(DATA_FORMAT_CHOICES)}.")
+        return formats.KINDS[format]
+    path = Path(str(source)).expanduser()
+    if path.is_file() and path.suffix == ".jsonl":
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "")
+            row = json.loads(first)
+            if isinstance(row, dict):
+                return formats.KINDS[formats.detect(Row(f"{path}, line 1", row))]
+        except (OSError, ValueError, UserError):
+            pass  # reading it whole says what is wrong, with its line
+    return load(source, format).kind
+
+
 def load(source: str | Path, format: str = "auto", system_prompt: str | None = None,
          flag: str = "--data") -> Dataset:
     """Read, check and canonicalize every example of `source`; any problem is a UserError
@@ -290,15 +311,19 @@ def _read_csv(path: Path) -> tuple[set[str], list[Row]]:
 
 
 def _csv_cells(record: dict) -> dict:
-    """Cells are strings; chat columns may hold their list as JSON text."""
+    """Cells are strings; chat columns may hold their list as JSON text (a preference
+    column only when it is a list of messages: its text may start with "[" too)."""
     row = dict(record)
-    for key in ("messages", "conversations"):
+    for key in ("messages", "conversations", "prompt", "chosen", "rejected"):
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
-                row[key] = json.loads(cell)
+                value = json.loads(cell)
             except ValueError:
-                pass  # the format check reports it is not a list
+                continue  # the format check reports it is not a list
+            if key in ("messages", "conversations") or (
+                    isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+                row[key] = value
     return row
 
 

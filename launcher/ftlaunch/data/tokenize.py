@@ -5,7 +5,8 @@ empty and too-long examples before any worker starts. Tokenization follows
 what TRL's SFTTrainer does with each data kind, so the counts are the ones
 training sees: a conversation through the (training) chat template with its
 assistant mask, a prompt/completion pair as prompt + completion + EOS with the
-loss on the completion, plain text + EOS with the loss on all of it.
+loss on the completion, plain text + EOS with the loss on all of it. Preference pairs
+are tokenized as DPOTrainer does (data/preference.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
+from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 
@@ -25,6 +27,13 @@ BATCH = 256  # rows per call into the tokenizer
 class Tokenized:
     ids: list[int]
     trained: list[bool]  # True where the token is a label (carries the loss)
+    # A preference pair: this is prompt + chosen, `rejected` is prompt + rejected.
+    rejected: "Tokenized | None" = None
+
+    @property
+    def length(self) -> int:
+        """Its tokens; a pair's longer sequence (the one truncation cuts first)."""
+        return max(len(self.ids), len(self.rejected.ids) if self.rejected else 0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,10 @@ class LengthStats:
 
 def assistant_only(kind: str, data_options: dict) -> bool:
     """Whether the loss is limited to the assistant's turns (conversational data, unless
-    the recipe says data.assistant_only_loss: false)."""
+    the recipe says data.assistant_only_loss: false; chat preference pairs always): the
+    training chat template (chat_templates.apply) renders them."""
+    if kind == "chat_preference":
+        return True
     return kind == "conversational" and bool(data_options.get("assistant_only_loss", True))
 
 
@@ -87,7 +99,7 @@ def template_digest(model: ModelSource, kind: str, data_options: dict) -> str | 
     import json
 
     path = Path(model.tokenizer)
-    if kind != "conversational":
+    if kind not in CHAT_KINDS:
         return NO_TEMPLATE
     if path.is_absolute() and not path.exists():
         return None
@@ -107,11 +119,25 @@ def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None)
     for start in range(0, len(rows), BATCH):
         chunk = rows[start:start + BATCH]
         batch = {key: [row[key] for row in chunk] for key in chunk[0]}
-        out = tokenize_batch(batch, list(range(start, start + len(chunk))), tokenizer,
-                             dataset.kind, only_assistant)
+        indices = list(range(start, start + len(chunk)))
+        if dataset.kind in PREFERENCE_KINDS:
+            tokenized += _pairs(tokenizer, batch, indices, dataset.kind)
+            continue
+        out = tokenize_batch(batch, indices, tokenizer, dataset.kind, only_assistant)
         tokenized += [Tokenized(list(ids), [label != -100 for label in labels])
                       for ids, labels in zip(out["input_ids"], out["labels"])]
     return tokenizer, tokenized, only_assistant
+
+
+def _pairs(tokenizer, batch: dict, indices: list[int], kind: str) -> list[Tokenized]:
+    from ftlaunch.data import preference
+
+    out = preference.tokenize_batch(batch, indices, tokenizer, kind)
+    pairs = []
+    for row in zip(*(out[name] for name in preference.COLUMNS)):
+        both = preference.sequences(dict(zip(preference.COLUMNS, row)))
+        pairs.append(Tokenized(*both["chosen"], rejected=Tokenized(*both["rejected"])))
+    return pairs
 
 
 def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> Tokenized:
@@ -124,14 +150,14 @@ def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> To
 
 def check_tokenizer(tokenizer, kind: str) -> None:
     """What tokenize_batch needs of the tokenizer for this kind of data."""
-    if kind == "conversational" and not tokenizer.chat_template:
+    if kind in CHAT_KINDS and not tokenizer.chat_template:
         raise UserError(
             "The model's tokenizer has no chat template, so conversations cannot be rendered. "
             "Use data.assistant_only_loss: true (ftlaunch then supplies a template) or "
             "give the tokenizer a chat template.")
-    if kind != "conversational" and tokenizer.eos_token is None:
+    if kind not in CHAT_KINDS and tokenizer.eos_token is None:
         raise UserError(
-            "The model's tokenizer has no EOS token, which SFT appends to every text and "
+            "The model's tokenizer has no EOS token, which training appends to every text and "
             "completion so the model learns to stop. Use a tokenizer that defines one.")
 
 
@@ -165,7 +191,7 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, kind: str,
         # across the boundary (trl.data_utils.common_prefix_length).
         masks = []
         for prompt, full in zip(prompt_ids, ids):
-            start = _common_prefix_length(prompt, full)
+            start = common_prefix_length(prompt, full)
             masks.append([0] * start + [1] * (len(full) - start))
     else:
         texts = [t if t.endswith(eos) else t + eos for t in batch["text"]]
@@ -181,7 +207,7 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, kind: str,
             "_first_trained": first}
 
 
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
     """trl.data_utils.common_prefix_length, without importing TRL (seconds) for it."""
     length = 0
     for a, b in zip(ids, other):
@@ -192,7 +218,7 @@ def _common_prefix_length(ids: list[int], other: list[int]) -> int:
 
 
 def length_stats(tokenized: list[Tokenized], seq_len: int) -> LengthStats:
-    return stats_from_lengths([len(t.ids) for t in tokenized],
+    return stats_from_lengths([t.length for t in tokenized],
                               [t.trained.index(True) if True in t.trained else -1
                                for t in tokenized], seq_len)
 

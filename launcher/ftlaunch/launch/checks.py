@@ -14,6 +14,7 @@ from ftlaunch.models.source import ModelSource
 from ftlaunch.run import directory as rundir
 from ftlaunch.data import read as data_io
 from ftlaunch.errors import UserError
+from ftlaunch.plan import objectives
 from ftlaunch.plan.job import Job
 from ftlaunch.resources import demo_data_path
 
@@ -23,6 +24,8 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     options = job.recipe.data
     source = Path(job.options.data).expanduser() if job.options.data else demo_data_path()
     dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
+    objectives.check_data(objectives.get(job.recipe.objective), dataset.kind, dataset.format,
+                          source)
     eval_dataset = None
     if options.get("eval_data"):
         eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,

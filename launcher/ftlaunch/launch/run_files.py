@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ftlaunch import __version__
+from ftlaunch.models import adapter as adapters
 from ftlaunch.models import builtin as builtin_models
 from ftlaunch.run import checkpoints
 from ftlaunch.launch import process
@@ -49,6 +50,9 @@ def run_identity(job: Job, dataset: data_io.Dataset, eval_dataset, model: ModelS
         "system_prompt": job.recipe.data.get("system_prompt"),
         "packing": recipes.packing(job.recipe.data),
         "assistant_only_loss": tokenize.assistant_only(dataset.kind, job.recipe.data),
+        "objective": job.recipe.objective,
+        # Another starting adapter is another model: its checkpoints would not continue it.
+        "start_adapter": job.start_adapter.fingerprint if job.start_adapter else None,
     }
     template = tokenize.template_digest(model, dataset.kind, job.recipe.data)
     if template is not None:  # unknown before the tokenizer is built: left out, not None
@@ -186,12 +190,30 @@ def write(job: Job, run_dir: Path, dataset, eval_dataset, identity, argv,
             gradient_accumulation_steps=plan.gradient_accumulation_steps,
             global_batch=plan.global_batch_size, seq_len=plan.seq_len,
             gradient_checkpointing=plan.gradient_checkpointing,
-            checkpoint_format=checkpoints.format_of(plan.engine), node_local=node_local),
+            checkpoint_format=checkpoints.format_of(plan.engine), node_local=node_local,
+            objective=job.recipe.objective, start_adapter=job.start_adapter is not None),
         trainer=trainer_args.trainer_arguments(plan, job.recipe, evaluates=evaluates,
                                                node_local=node_local, timeout_s=timeout_s),
     )
+    if job.start_adapter is not None:
+        copy_start_adapter(job.start_adapter, run_dir)
     run_record.write(run_dir, record)
     return record
+
+
+def copy_start_adapter(adapter, run_dir: Path) -> None:
+    """The starting adapter's files into the run directory, once: a resume (on any node)
+    loads this copy, whatever became of the folder it came from."""
+    target = run_dir / adapters.START_FOLDER
+    if target.is_dir() and adapters.fingerprint(target) == adapter.fingerprint:
+        return
+    staging = run_dir / (adapters.START_FOLDER + ".incoming")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for name in (adapters.CONFIG, adapters.WEIGHTS):
+        shutil.copy2(adapter.folder / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
 
 
 # Reading the weights from a slow network filesystem, per second; a collective waits at

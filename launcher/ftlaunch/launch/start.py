@@ -19,6 +19,7 @@ from ftlaunch.launch import multinode
 from ftlaunch.launch import process
 from ftlaunch.launch import meeting
 from ftlaunch.run import record as run_record
+from ftlaunch.models import adapter as adapters
 from ftlaunch.models.source import ModelSource
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.launch import render
@@ -56,6 +57,8 @@ def start_run(job: Job, argv: list[str], echo) -> int:
         echo(f"No --data given: training on the bundled demo dataset {demo_data_path()}.")
     dataset, eval_dataset = checks.load_data(job)
     model = run_files.model_record(job, materialize=not options.dry_run)
+    if job.start_adapter is not None:
+        adapters.check_base(job.start_adapter, (model.name, model.source, model.load_from))
     if options.dry_run:  # a real start tokenizes all of it into the run's data cache instead
         for note in checks.token_preflight(job, dataset, model):
             echo(f"Note: {note}.")

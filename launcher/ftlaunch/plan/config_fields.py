@@ -1,4 +1,4 @@
-"""The fields of TRL's SFTConfig and peft's LoraConfig, and their value types.
+"""The fields of TRL's SFTConfig and DPOConfig and peft's LoraConfig, and their value types.
 
 Importing trl and peft to look at two dataclasses costs the launcher ~3.5 s
 (peft pulls in transformers, torch and bitsandbytes), longer than planning,
@@ -21,7 +21,7 @@ from pathlib import Path
 from ftlaunch.resources import recipes_dir
 
 LIBRARIES = ("trl", "peft", "transformers")  # SFTConfig extends transformers' TrainingArguments
-SECTIONS = ("training", "lora")  # SFTConfig, LoraConfig
+SECTIONS = ("training", "lora", "dpo_training")  # SFTConfig, LoraConfig, DPOConfig
 
 
 def table_path() -> Path:
@@ -59,10 +59,10 @@ def introspect() -> dict:
     import typing
 
     from peft import LoraConfig
-    from trl import SFTConfig
+    from trl import DPOConfig, SFTConfig
 
     out = {}
-    for section, cls in zip(SECTIONS, (SFTConfig, LoraConfig)):
+    for section, cls in zip(SECTIONS, (SFTConfig, LoraConfig, DPOConfig)):
         hints = typing.get_type_hints(cls)
         out[section] = {f.name: describe(hints.get(f.name, typing.Any))
                         for f in dataclasses.fields(cls) if f.init}

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ftlaunch.detect import cluster as cluster_mod
 from ftlaunch.detect import hardware as hw
+from ftlaunch.models import adapter as adapters
 from ftlaunch.models import presets as models
+from ftlaunch.plan import objectives
 from ftlaunch.plan import planner
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.identity import RESUME_CHANGEABLE
@@ -27,7 +29,9 @@ class Options:
     model: str
     gpus: str = "auto"
     data: str | None = None
-    recipe: str = recipes.DEFAULT_RECIPE
+    recipe: str | None = None  # None: the objective's bundled recipe
+    objective: str = "auto"  # auto: DPO for preference data, else SFT
+    adapter: str | None = None  # --adapter: start from this LoRA adapter (or run's)
     output_dir: str | None = None
     method: str = "auto"
     engine: str = "auto"
@@ -70,6 +74,7 @@ class Job:
     output_dir: Path
     cluster: cluster_mod.ClusterContext
     spec: planner.TrainSpec | None = None  # what the plan was made from
+    start_adapter: adapters.StartAdapter | None = None  # --adapter, checked
 
 
 def resolve(options: Options, detect_output_dir: bool = True, validate: bool = True) -> Job:
@@ -77,12 +82,24 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     nothing but a bundled recipe is used, which the test suite already validates."""
     options = _resume_settings(options)
     model = models.resolve(options.model)
-    recipe = recipes.apply_overrides(recipes.load_recipe(options.recipe), options.sets)
+    objective = _objective(options)
+    recipe_name = options.recipe or objective.recipe
+    recipe = recipes.load_recipe(recipe_name)
+    if recipe.objective != objective.name:
+        raise UserError(f"--recipe {recipe_name} configures {recipe.objective.upper()} "
+                        f"(objective: {recipe.objective}), but this run trains "
+                        f"{objective.name.upper()} ({_objective_reason(options)}). Give a "
+                        f"{objective.name} recipe (--recipe {objective.recipe}) or leave "
+                        "--recipe out.")
+    start_adapter = adapters.resolve(options.adapter) if options.adapter else None
+    if start_adapter is not None:
+        recipe = replace(recipe, lora={**recipe.lora, **start_adapter.lora_settings()})
+    recipe = recipes.apply_overrides(recipe, options.sets)
     recipe = _apply_flags(recipe, options)
     recipe = _fit_context(recipe, model, options)
-    if validate or options.sets or options.recipe not in recipes.recipe_paths():
+    if validate or options.sets or recipe_name not in recipes.recipe_paths():
         set_keys = frozenset(a.partition("=")[0].strip() for a in options.sets)
-        recipe = recipes.validate(recipe, set_keys, options.recipe)
+        recipe = recipes.validate(recipe, set_keys, recipe_name)
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
     cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
                                   options.master_addr, options.master_port)
@@ -98,13 +115,40 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         lora_dropout=float(recipe.lora["lora_dropout"]),
         gradient_checkpointing=options.gradient_checkpointing,
         full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
+        objective=objective.name,
+        sequences_per_example=objective.sequences_per_example,
+        reference_forward=(objective is objectives.DPO
+                           and not recipe.training.get("precompute_ref_log_probs")),
     )
     plan = planner.plan(machine, model, spec)
     _check_engine(options, plan)
     planner.check_global_batch(plan, asked=options.global_batch_size is not None)
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
-               plan=plan, output_dir=output_dir, cluster=cluster, spec=spec)
+               plan=plan, output_dir=output_dir, cluster=cluster, spec=spec,
+               start_adapter=start_adapter)
+
+
+def _objective(options: Options) -> objectives.Objective:
+    """--objective, or on auto what the data holds (its first example: preference pairs
+    train with DPO), else what a --recipe configures, else SFT."""
+    if options.objective != "auto":
+        return objectives.get(options.objective)
+    if options.data:
+        from ftlaunch.data import read
+
+        fmt = dict(a.partition("=")[::2] for a in options.sets).get("data.format", "auto")
+        return objectives.for_kind(read.peek_kind(options.data, fmt.strip() or "auto"))
+    if options.recipe:
+        return objectives.get(recipes.load_recipe(options.recipe).objective)
+    return objectives.SFT
+
+
+def _objective_reason(options: Options) -> str:
+    if options.objective != "auto":
+        return f"--objective {options.objective}"
+    return (f"--data {options.data} holds preference pairs" if options.data
+            else "the bundled demo data")
 
 
 def _machine(options: Options, cluster: cluster_mod.ClusterContext,

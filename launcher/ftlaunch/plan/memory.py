@@ -17,6 +17,15 @@ So the peak is
 
 The terms are reported so that they add up to that peak: `logits` is what the
 loss phase adds beyond the recompute phase.
+
+DPO (spec.sequences_per_example 2): each example is a chosen and a rejected sequence
+in the same batch, so every activation and loss term counts twice the rows. Its
+reference forward pass (spec.reference_forward) runs after the policy's forward, under
+no_grad, while the policy's saved activations wait for backward: it saves nothing, and
+its transient is one layer's working set, then the LM head's tiles. With gradient
+checkpointing that fits inside the recompute / loss phase already counted; without it,
+what one layer's working set exceeds the loss phase's tiles is added to `activations`.
+Precomputed reference log-probs remove the pass (and the term).
 """
 
 from __future__ import annotations
@@ -122,16 +131,22 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
     grad_copies = 2 if candidate.engine == "ddp" else 1
     offloaded = candidate.offload  # FSDP offload_params / ZeRO-3 offload: states live on the CPU
 
-    one_layer = layer_activation_bytes(model, spec, micro_batch, elem, stack)
-    loss_phase = loss_bytes(model, spec.seq_len, micro_batch, on_gpu, stack)
+    rows = micro_batch * spec.sequences_per_example  # sequences in one forward pass
+    one_layer = layer_activation_bytes(model, spec, rows, elem, stack)
+    loss_phase = loss_bytes(model, spec.seq_len, rows, on_gpu, stack)
     if gradient_checkpointing:
         # Each layer's input is kept; one layer at a time is recomputed in backward.
-        checkpoints = model.num_layers * spec.seq_len * micro_batch * model.hidden_size * elem
+        checkpoints = model.num_layers * spec.seq_len * rows * model.hidden_size * elem
         activations = checkpoints + one_layer
         logits = max(0, loss_phase - one_layer)
     else:
         activations = model.num_layers * one_layer
         logits = loss_phase
+        if spec.reference_forward:
+            # The reference's layer working set on top of everything the policy saved;
+            # of the loss phase only the head's saved input is alive then, not its tiles.
+            activations += max(0, one_layer - (loss_phase - _head_saved(model, spec.seq_len,
+                                                                        rows, elem, stack)))
 
     context = CUDA_CONTEXT_BYTES if on_gpu else 0
     overhead = context + (NCCL_BYTES if on_gpu and world > 1 else 0)
@@ -215,6 +230,13 @@ def layer_activation_bytes(model: ModelSpec, spec: TrainSpec, micro_batch: int, 
 def _dropout_copies(model: ModelSpec, targets) -> int:
     """Elements per token that LoRA dropout copies: the input width of each target."""
     return sum(i for i, _ in model.lora_target_shapes(targets))
+
+
+def _head_saved(model: ModelSpec, seq_len: int, rows: int, elem: int, stack: Stack) -> int:
+    """Of loss_bytes, what the LM head keeps for backward once its forward is done."""
+    if not stack.fused_lm_head:
+        return seq_len * rows * model.vocab_size * elem  # the 16-bit logits
+    return seq_len * rows * (model.hidden_size * elem + 64)
 
 
 def loss_bytes(model: ModelSpec, seq_len: int, micro_batch: int, on_gpu: bool,

@@ -44,6 +44,11 @@ class TrainSpec:
     gradient_checkpointing: bool | None = None
     # TRL computes the whole logits (not its fused LM head) for label smoothing.
     full_logits: bool = False
+    objective: str = "sft"  # plan.objectives: sft | dpo
+    # Sequences per example in a batch (objectives.Objective): DPO's pair is two.
+    sequences_per_example: int = 1
+    # A reference model's forward pass in every step (DPO without precomputed log-probs).
+    reference_forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class Plan:
     # The recipe's global batch when it did not divide over the processes and this plan's
     # is the nearest multiple below it (None: as asked). Not in to_json: the batch itself is.
     batch_adjusted_from: int | None = None
+    objective: str = "sft"  # plan.objectives
+    reference_forward: bool = False  # DPO: a reference forward pass in every step
 
     @property
     def batch_note(self) -> str | None:
@@ -118,6 +125,8 @@ class Plan:
             "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node,
                          "gpu_name": hw.gpu.name if hw.gpu else None,
                          "gpu_memory_bytes": hw.gpu.memory_bytes if hw.gpu else 0},
+            "objective": self.objective,
+            "reference_forward": self.reference_forward,
             "method": self.method,
             "engine": self.engine,
             "zero_stage": self.zero_stage,
@@ -289,6 +298,8 @@ def _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem,
         budget_bytes=budget,
         batch_adjusted_from=(spec.global_batch_size
                              if micro * accumulation * world != spec.global_batch_size else None),
+        objective=spec.objective,
+        reference_forward=spec.reference_forward,
     )
 
 

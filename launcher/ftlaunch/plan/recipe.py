@@ -1,8 +1,8 @@
 """Training recipes (recipes/*.yaml) and `--set KEY=VALUE` overrides.
 
-A recipe has four parts: top-level plan inputs (method, seq_len,
-global_batch_size), `training` (TRL SFTConfig / TrainingArguments fields,
-spelled as they are), `lora` (peft LoraConfig fields) and `data` (ftlaunch's
+A recipe has four parts: top-level plan inputs (objective, method, seq_len,
+global_batch_size), `training` (the objective's TRL config: SFTConfig or DPOConfig /
+TrainingArguments fields, spelled as they are), `lora` (peft LoraConfig fields) and `data` (ftlaunch's
 own data options). Keys and value types are checked against the real
 dataclasses before anything starts, so a typo fails in a second, not after
 model loading on eight GPUs.
@@ -18,12 +18,13 @@ from pathlib import Path
 import yaml
 
 from ftlaunch.plan import config_fields
+from ftlaunch.plan import objectives
 from ftlaunch.data.formats import DATA_FORMAT_CHOICES
 from ftlaunch.errors import UserError
 from ftlaunch.resources import recipes_dir
 
 DEFAULT_RECIPE = "default"
-TOP_LEVEL_KEYS = ("description", "method", "seq_len", "global_batch_size",
+TOP_LEVEL_KEYS = ("description", "objective", "method", "seq_len", "global_batch_size",
                   "training", "lora", "data")
 DATA_KEYS: dict[str, type | tuple] = {
     "format": str,
@@ -58,14 +59,6 @@ PLAN_OWNED = {
     "packing": "--packing / --no-packing (data.packing)",
     "ddp_backend": "the engine (nccl on GPUs, gloo on CPU)",
 }
-
-# ftlaunch's Trainer settings under a recipe's own: the Trainer's arguments
-# (plan.trainer_args) start from these, and so does validate's check with TRL itself.
-TRAINER_DEFAULTS = {"packing_strategy": "bfd", "report_to": "none", "disable_tqdm": True,
-                    "save_strategy": "steps", "dataloader_num_workers": 0,
-                    # A NaN loss is logged as NaN, not as the average of the steps before it.
-                    "logging_nan_inf_filter": False}
-
 
 def eval_defaults(training: dict) -> dict:
     """With an evaluation set: evaluate at the checkpoints' steps, unless told otherwise."""
@@ -134,6 +127,7 @@ class Recipe:
     training: dict = field(default_factory=dict, hash=False)
     lora: dict = field(default_factory=dict, hash=False)
     data: dict = field(default_factory=dict, hash=False)
+    objective: str = "sft"  # plan.objectives: what the training section configures
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +184,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         name=path.stem,
         description=str(raw.get("description", "")),
         method=str(raw.get("method", "auto")),
+        objective=str(raw.get("objective", "sft")),
         seq_len=raw.get("seq_len", DEFAULT_SEQ_LEN),
         global_batch_size=raw.get("global_batch_size", DEFAULT_GLOBAL_BATCH),
         training=dict(raw.get("training") or {}),
@@ -213,6 +208,9 @@ def _recipe_relative(data: dict, path: Path) -> dict:
 
 
 def _check_top_level(recipe: Recipe, where: str) -> None:
+    if recipe.objective not in objectives.OBJECTIVES:
+        raise UserError(f"{where}: objective must be one of {', '.join(objectives.OBJECTIVES)}, "
+                        f"not {recipe.objective!r}.")
     if recipe.method not in METHODS:
         raise UserError(f"{where}: method must be one of {', '.join(METHODS)}, not {recipe.method!r}.")
     for key in ("seq_len", "global_batch_size"):
@@ -264,10 +262,14 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
 
     for key in recipe.training:  # before the field check: hub_token is a field
         _refuse_secret(key, where(key, "training"))
-    training = _coerce_section(recipe.training, "training", "", where)
+    objective = objectives.get(recipe.objective)
+    training = _coerce_section(recipe.training, objective.fields, "", where)
     for key in training:
         if key in PLAN_OWNED:
             raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
+        if key in objective.refused and training[key]:
+            raise UserError(f"{where(key, 'training')}{key}: ftlaunch does not train "
+                            f"{objective.name.upper()} that way: {objective.refused[key]}.")
     lora = _coerce_section(recipe.lora, "lora", "lora.", where)
     # Bundled recipes are checked by the test suite; what --set or a recipe file adds
     # beyond the ranges goes to the libraries themselves.
@@ -279,7 +281,7 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
         shown = ", ".join([*(f"{k}={training[k]!r}" for k in unchecked["training"]),
                            *(f"lora.{k}={lora[k]!r}" for k in unchecked["lora"])])
         evaluates = bool(recipe.data.get("eval_split") or recipe.data.get("eval_data"))
-        _check_with_libraries(training if unchecked["training"] else {},
+        _check_with_libraries(objective, training if unchecked["training"] else {},
                               lora if unchecked["lora"] else {}, evaluates,
                               f"{'--set ' if not custom else f'Recipe {source}: '}{shown}")
     data = {}
@@ -299,6 +301,7 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
     import difflib
 
     types_by_name = config_fields.fields(section)
+    owners = {"lora": "peft's LoraConfig", "dpo_training": "TRL's DPOConfig / TrainingArguments"}
     out = {}
     for key, value in values.items():
         origin = where(prefix + key, section)
@@ -308,15 +311,16 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
             close += sorted(n for n in types_by_name if n not in close
                             and (key.lower() in n.lower() or n.lower() in key.lower()))
             hint = f" Did you mean {', '.join(close[:4])}?" if close else ""
-            owner = "TRL's SFTConfig / TrainingArguments" if section == "training" else "peft's LoraConfig"
+            owner = owners.get(section, "TRL's SFTConfig / TrainingArguments")
             raise UserError(f"{shown}: {owner} has no field {key!r}.{hint} `ftlaunch train "
-                            "--help` and the SFTConfig documentation list the fields.")
+                            f"--help` and the {owner.split()[1]} documentation list the fields.")
         try:
             out[key] = config_fields.coerce(value, types_by_name[key])
         except (TypeError, ValueError):
             raise UserError(f"{shown}={value!r}: expected "
                             f"{config_fields.type_name(types_by_name[key])}.") from None
-        _check_range(section, key, out[key], f"{shown}={value}")
+        _check_range("lora" if section == "lora" else "training", key, out[key],
+                     f"{shown}={value}")
     return out
 
 
@@ -331,8 +335,9 @@ def _check_range(section: str, key: str, value, shown: str) -> None:
         raise UserError(f"{shown}: out of range; {key} must be {allowed[1]}.")
 
 
-def _check_with_libraries(training: dict, lora: dict, evaluates: bool, shown: str) -> None:
-    """SFTConfig's and LoraConfig's own validation (scheduler names, strategies, option
+def _check_with_libraries(objective: objectives.Objective, training: dict, lora: dict,
+                          evaluates: bool, shown: str) -> None:
+    """The TRL config's and LoraConfig's own validation (scheduler names, strategies, option
     combinations), for settings the ranges above do not cover. Nothing is written: the
     output_dir given is only a name."""
     import tempfile
@@ -343,11 +348,12 @@ def _check_with_libraries(training: dict, lora: dict, evaluates: bool, shown: st
     silence_library_noise()
     checks = []
     if training:
-        from trl import SFTConfig
+        import trl
 
-        settings = {**TRAINER_DEFAULTS, **(eval_defaults(training) if evaluates else {}),
+        config = getattr(trl, objective.config)
+        settings = {**objective.trainer_defaults, **(eval_defaults(training) if evaluates else {}),
                     **training, "report_to": "none"}  # trackers: runtime.check_reporters
-        checks.append(("TRL's SFTConfig", lambda: SFTConfig(
+        checks.append((f"TRL's {objective.config}", lambda: config(
             output_dir=str(Path(tempfile.gettempdir()) / "ftlaunch-validate"), use_cpu=True,
             **settings)))
     if lora:

@@ -1,4 +1,5 @@
-"""The Trainer's arguments (TRL's SFTConfig keywords) for a plan and a recipe, resolved
+"""The Trainer's arguments (TRL's SFTConfig or DPOConfig keywords, the recipe's objective
+says which) for a plan and a recipe, resolved
 by the launcher and written into the run record: the worker only adds its output_dir.
 
 Pure, no torch (config_fields reads its shipped table; only with other library versions
@@ -10,13 +11,14 @@ checkpointing keys, to its own transformers' names (worker.setup).
 from __future__ import annotations
 
 from ftlaunch.plan import config_fields
+from ftlaunch.plan import objectives
 from ftlaunch.plan.planner import Plan
-from ftlaunch.plan.recipe import TRAINER_DEFAULTS, Recipe, eval_defaults, packing, seed
+from ftlaunch.plan.recipe import Recipe, eval_defaults, packing, seed
 
 
 def trainer_arguments(plan: Plan, recipe: Recipe, *, evaluates: bool, node_local: bool,
                       timeout_s: int) -> dict:
-    """SFTConfig's keyword arguments except output_dir. Precedence, lowest first:
+    """The objective's config's keyword arguments except output_dir. Precedence, lowest first:
     ftlaunch's defaults, the recipe's training section (and --set), what the plan decides
     (recipe.PLAN_OWNED refuses those keys in a recipe)."""
     training = dict(recipe.training)
@@ -46,21 +48,29 @@ def trainer_arguments(plan: Plan, recipe: Recipe, *, evaluates: bool, node_local
         "use_cpu": plan.on_cpu and plan.engine != "deepspeed",
         "bf16": plan.precision == "bf16",
         "fp16": plan.precision == "fp16",
-        # Loss only on what the model should learn to write (the assistant's turns of a
-        # conversation, the completion of a prompt/completion pair): the data cache's
-        # labels already say so; TRL takes them as they are, and refuses
-        # assistant_only_loss on tokenized data.
-        "assistant_only_loss": False,
-        "completion_only_loss": False,
-        # Best-fit packing, padding-free: examples share a row without attending to each
-        # other (position_ids restart per example), and no compute goes to padding.
-        "packing": packing(recipe.data),
         # DeepSpeed without a GPU needs the backend named: accelerate only works it out
         # for CUDA, and without one it would count a single process (and the Trainer's
         # batch arithmetic would disagree with ds_config.json).
         "ddp_backend": "gloo" if plan.engine == "deepspeed" and plan.on_cpu else None,
     }
+    objective = objectives.get(recipe.objective)
+    if objective is objectives.SFT:
+        planned.update({
+            # Loss only on what the model should learn to write (the assistant's turns of a
+            # conversation, the completion of a prompt/completion pair): the data cache's
+            # labels already say so; TRL takes them as they are, and refuses
+            # assistant_only_loss on tokenized data.
+            "assistant_only_loss": False,
+            "completion_only_loss": False,
+            # Best-fit packing, padding-free: examples share a row without attending to each
+            # other (position_ids restart per example), and no compute goes to padding.
+            "packing": packing(recipe.data),
+        })
+    else:
+        # max_length cuts prompt + completion, keeping the start (DPOConfig's default): a
+        # pair whose prompt alone fills it is left out, as DPOTrainer leaves it out.
+        planned["truncation_mode"] = "keep_start"
     # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
-    return {**TRAINER_DEFAULTS,
+    return {**objective.trainer_defaults,
             "ddp_find_unused_parameters": False if plan.num_processes > 1 else None,
             **training, **planned}

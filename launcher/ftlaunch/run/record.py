@@ -62,6 +62,9 @@ class Strategy:
     gradient_checkpointing: bool
     checkpoint_format: str  # run.checkpoints.CHECKPOINT_FORMATS: trainer | fsdp | deepspeed
     node_local: bool  # checkpoints on each node's own disk
+    objective: str = "sft"  # plan.objectives: sft | dpo (the Trainer and its config)
+    # The run starts from the adapter copied into models.adapter.START_FOLDER (--adapter).
+    start_adapter: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class DataSource:
     """The training data the launcher read and tokenized (the workers load `cache`)."""
     path: str
     format: str
-    kind: str  # conversational | completion | text
+    kind: str  # data.formats.KINDS: conversational | prompt_completion | text | preference ...
     fingerprint: str
     examples: int
     eval: dict | None = field(default=None, hash=False)  # path, fingerprint, examples

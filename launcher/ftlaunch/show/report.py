@@ -28,6 +28,11 @@ def summary_lines(plan: Plan) -> list[str]:
         f"accumulation {plan.gradient_accumulation_steps} x {plan.num_processes} process(es); "
         f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
     ]
+    if plan.objective != "sft":
+        reference = ("a reference forward pass per step (no gradients)" if plan.reference_forward
+                     else "reference log-probs computed once before training")
+        lines.append(f"objective  {plan.objective.upper()} on preference pairs: the batch "
+                     f"counts pairs, each two sequences (chosen, rejected); {reference}")
     if plan.batch_note:  # never silent: the launch table shows this, not only `ftlaunch plan`
         lines.append(f"           note: {plan.batch_note}")
     return lines

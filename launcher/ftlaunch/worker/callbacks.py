@@ -62,6 +62,9 @@ class MetricsCallback(TrainerCallback):
             line = progress_line(state.global_step, state.max_steps, logs["loss"],
                                  logs.get("learning_rate", 0), row.get("tokens_per_s"),
                                  now - self._began[0], state.global_step - self._began[1])
+            if "rewards/accuracies" in logs:  # DPO: how often chosen outscores rejected
+                line += (f"  reward acc {logs['rewards/accuracies']:.2f}  margin "
+                         f"{logs.get('rewards/margins', 0.0):.3f}")
         else:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             line = (f"step {state.global_step}/{state.max_steps}  eval loss "
@@ -115,7 +118,10 @@ class BatchRecorder:
         self.digest.update(ids.cpu().numpy().tobytes())
         self.batches += 1
         self.tokens += int(ids.numel())
-        self.trained_tokens += int((batch["labels"] != -100).sum())
+        # SFT marks the loss in its labels; DPO's preference collator in a completion mask.
+        trained = (batch["labels"] != -100 if "labels" in batch
+                   else batch["completion_mask"] != 0)
+        self.trained_tokens += int(trained.sum())
         return batch
 
 

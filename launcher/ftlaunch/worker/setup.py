@@ -1,6 +1,6 @@
 """Everything a worker does before trainer.train(): the run record read, the tokenizer,
-the data cache, the base model, TRL's SFTTrainer with ftlaunch's callbacks (build).
-Tests use build to inspect the real batches."""
+the data cache, the base model (and a starting adapter), TRL's SFTTrainer or DPOTrainer
+with ftlaunch's callbacks (build). Tests use build to inspect the real batches."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
     model = load_base_model(record.model, precision_dtype(record.strategy.precision),
                             quantize_4bit=record.strategy.method == "qlora",
                             seed=record.seed, for_training=True)
+    if strategy.start_adapter:
+        model = _with_start_adapter(model, run_dir, strategy.objective)
     trainer, recorder = _build_trainer(run_dir, config, record.lora, model, tokenizer,
-                                       train_set, eval_set)
+                                       train_set, eval_set, strategy.objective)
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
     _check_world(trainer.args, strategy)
@@ -113,15 +115,17 @@ def _load_datasets(run_dir: Path, record: run_record.RunRecord):
 
 
 def training_config(run_dir: Path, record: run_record.RunRecord):
-    """TRL's SFTConfig: the arguments the launcher resolved into the run record
-    (plan.trainer_args), writing into the run's checkpoint staging area."""
-    from trl import SFTConfig
+    """TRL's SFTConfig or DPOConfig (the run's objective): the arguments the launcher
+    resolved into the run record (plan.trainer_args), writing into the run's checkpoint
+    staging area."""
+    from trl import DPOConfig, SFTConfig
 
-    config = SFTConfig(
+    config_class = DPOConfig if record.strategy.objective == "dpo" else SFTConfig
+    config = config_class(
         # The Trainer writes into the staging area; Checkpointing moves each checkpoint
         # into checkpoints/ once it is complete.
         output_dir=str(run_dir / "checkpoints" / checkpoints.INCOMING),
-        **own_checkpointing_names(record.trainer, SFTConfig))
+        **own_checkpointing_names(record.trainer, config_class))
     # Trackers' local files belong to the run (transformers 5 reads these, not logging_dir).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -143,16 +147,37 @@ def own_checkpointing_names(arguments: dict, config_class) -> dict:
     return renamed
 
 
-def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set):
-    from peft import LoraConfig
+def _with_start_adapter(model, run_dir: Path, objective: str):
+    """The base with the run's starting adapter (models.adapter), trainable: the policy
+    continues from it. For DPO the same adapter is loaded again, frozen, as "ref": TRL's
+    reference for a re-trained adapter is the model with that adapter active (the
+    starting policy), on the same base weights."""
+    from peft import PeftModel
+
+    from ftlaunch.models.adapter import START_FOLDER
+
+    folder = str(run_dir / START_FOLDER)
+    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if objective == "dpo":
+        model.load_adapter(folder, adapter_name="ref", is_trainable=False)
+        model.set_adapter("default")  # the trainable one; "ref" stays frozen
+    return model
+
+
+def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set,
+                   objective: str = "sft"):
+    from peft import LoraConfig, PeftModel
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    lora = LoraConfig(task_type="CAUSAL_LM", **lora_settings)
+    # A model that already has its adapter (--adapter) gets no second one.
+    lora = (None if isinstance(model, PeftModel)
+            else LoraConfig(task_type="CAUSAL_LM", **lora_settings))
     callback = MetricsCallback(run_dir / "metrics.jsonl")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[callback])
+    trainer_class = _preference_trainer() if objective == "dpo" else SFTTrainer
+    trainer = trainer_class(model=model, args=config, train_dataset=train_set,
+                            eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
+                            callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
     _adapter_in_fp32(trainer.model)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
@@ -160,6 +185,23 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
     trainer.data_collator = recorder
     callback.recorder = recorder
     return trainer, recorder
+
+
+def _preference_trainer():
+    """TRL's DPOTrainer on the launcher's tokenized pairs (data.preference): its
+    _prepare_dataset would extract prompts and tokenize again, so only its last step is
+    kept, leaving out pairs whose prompt alone fills max_length (keep_start truncation
+    would leave them no completion token). The launcher counted them in its notes."""
+    from trl import DPOTrainer
+
+    class CachedPairsDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if args.max_length is None or args.truncation_mode != "keep_start":
+                return dataset
+            return dataset.filter(lambda pair: len(pair["prompt_ids"]) < args.max_length,
+                                  desc=f"Dropping fully truncated {dataset_name} pairs")
+
+    return CachedPairsDPOTrainer
 
 
 def _adapter_in_fp32(model) -> None:
