@@ -134,3 +134,35 @@ def test_fused_tile_sizes_are_trls():
     assert memory.FUSED_TILE_TOKENS == chunked_logprob.TOKEN_CHUNK_SIZE
     assert memory.FUSED_TILE_VOCAB == utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
+
+
+DPO_SPEC = TrainSpec(seq_len=1024, objective="dpo", sequences_per_example=2,
+                     reference_forward=True)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_a_dpo_pair_counts_two_sequences_and_its_reference_pass(checkpointing):
+    """A DPO micro-batch of 2 pairs holds what an SFT micro-batch of 4 sequences does.
+    The reference forward (no gradients, after the policy's forward) fits inside the
+    recompute / loss phase with checkpointing; without it, its layer working set comes
+    on top of everything the policy saved, so the peak grows, and precomputed reference
+    log-probs take that back."""
+    from dataclasses import replace
+
+    model = models.resolve("llama-8b")
+    candidate = Candidate("lora", "single")
+
+    def peak(spec, micro):
+        return memory.estimate(model, spec, candidate, micro, 1, on_gpu=True,
+                               gradient_checkpointing=checkpointing)
+
+    sft = peak(TrainSpec(seq_len=1024), 4)
+    dpo = peak(DPO_SPEC, 2)
+    precomputed = peak(replace(DPO_SPEC, reference_forward=False), 2)
+    assert precomputed == sft
+    if checkpointing:
+        assert dpo == sft
+    else:
+        assert dpo.activations > sft.activations and dpo.total > sft.total
+        one_layer = memory.layer_activation_bytes(model, DPO_SPEC, 4, 2, memory.HF_TRL)
+        assert dpo.activations - sft.activations <= one_layer

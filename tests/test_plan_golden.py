@@ -13,6 +13,8 @@ from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.plan.planner import TrainSpec
 
+DPO = {"objective": "dpo", "sequences_per_example": 2, "reference_forward": True}
+
 # hardware, model, options -> method, engine, zero stage, offload, processes, machines, fits
 GOLDEN = [
     # One 24 GB card, Llama-8B: a bf16 base fits only with checkpointing (torchtune
@@ -53,6 +55,16 @@ GOLDEN = [
     # Multi-node: the same choice, over every GPU of every node.
     ("2x8xA100-80GB", "llama-70b", {}, "qlora", "fsdp", None, False, 16, 2, True),
     ("2x8xH100-80GB", "qwen2.5-72b", {}, "qlora", "fsdp", None, False, 16, 2, True),
+    # DPO: a pair is two sequences in the batch, and a reference forward pass runs in
+    # every step. On one 24 GB card QLoRA without checkpointing no longer fits Llama-8B at
+    # micro-batch 1, so the checkpointed bf16 base is next (as for SFT at seq 8192); a 32B
+    # model that SFT fits there does not fit DPO; the multi-GPU choices stay as for SFT.
+    ("1xRTX4090-24GB", "llama-8b", DPO, "lora", "single", None, False, 1, 1, True),
+    ("1xT4-16GB", "llama-8b", DPO, "qlora", "single", None, False, 1, 1, True),
+    ("1xRTX4090-24GB", "qwen2.5-32b", DPO, "qlora", "single", None, False, 1, 1, False),
+    ("4xA100-80GB", "llama-8b", DPO, "lora", "ddp", None, False, 4, 1, True),
+    ("8xH100-80GB", "llama-70b", DPO, "qlora", "fsdp", None, False, 8, 1, True),
+    ("2xRTX4090-24GB", "llama-70b", DPO, "qlora", "fsdp", None, True, 2, 1, True),
     # No GPU: CPU worker processes.
     ("cpu", "tiny", {}, "lora", "cpu", None, False, 1, 1, True),
     ("cpu", "tiny", {"processes_per_node": 2}, "lora", "cpu", None, False, 2, 1, True),
@@ -61,7 +73,7 @@ GOLDEN = [
 
 @pytest.mark.parametrize(
     "spec, model, options, method, engine, zero, offload, processes, machines, fits", GOLDEN,
-    ids=[f"{g[0]}-{g[1]}-{'-'.join(f'{k}={v}' for k, v in g[2].items()) or 'default'}"
+    ids=[f"{g[0]}-{g[1]}-{'dpo' if g[2] is DPO else '-'.join(f'{k}={v}' for k, v in g[2].items()) or 'default'}"
          for g in GOLDEN])
 def test_golden_plan(spec, model, options, method, engine, zero, offload, processes,
                      machines, fits):

@@ -32,6 +32,11 @@ def demo_data_path() -> Path:
     return recipes_dir() / "data" / "demo-arithmetic.jsonl"
 
 
+def demo_pairs_path() -> Path:
+    """Preference pairs (correct vs wrong answers) for the demo's DPO step."""
+    return recipes_dir() / "data" / "demo-preference.jsonl"
+
+
 def constraints_path() -> Path | None:
     """The repository's constraints.txt (the known-good pins), in a source checkout only:
     there this package is launcher/ftlaunch beside it. None in an installed wheel, whose

@@ -4,7 +4,10 @@ Arithmetic and string-reversal questions with exact answers, so the loss visibly
 falls within a few hundred steps even on a small model. recipes/data holds the
 file this generator writes; a test proves they are the same.
 
-    python -m ftlaunch.data.demo recipes/data/demo-arithmetic.jsonl
+    python -m ftlaunch.data.demo recipes/data/demo-arithmetic.jsonl \
+        recipes/data/demo-preference.jsonl
+
+The second file holds preference pairs for the demo's DPO step (preference_pairs).
 """
 
 from __future__ import annotations
@@ -47,12 +50,39 @@ def examples(count: int = 400, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write(path: Path, count: int = 400, seed: int = 0) -> None:
+def preference_pairs(count: int = 300, seed: int = 1) -> list[dict]:
+    """Preference pairs for the demo's DPO step: new questions of the same kinds (another
+    seed), the correct answer chosen and a near miss rejected (off by a little, or the
+    word reversed wrongly), so what DPO must learn is exactly being right."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in examples(count, seed):
+        *prompt, answer = row["messages"]
+        text = answer["content"]
+        if " = " in text:  # arithmetic: the same working, a wrong result
+            working, result = text.rsplit(" = ", 1)
+            wrong = int(result) + rng.choice([-10, -2, -1, 1, 2, 10])
+            rejected = f"{working} = {wrong}"
+        else:  # a reversal with two neighbouring letters swapped
+            i = rng.randrange(len(text) - 1)
+            rejected = text[:i] + text[i + 1] + text[i] + text[i + 2:]
+            if rejected == text:  # a doubled letter: swapping changes nothing
+                rejected = text[::-1]
+        pairs.append({"prompt": prompt,
+                      "chosen": [{"role": "assistant", "content": text}],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
+    return pairs
+
+
+def write(path: Path, count: int = 400, seed: int = 0, pairs: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = preference_pairs(count, seed) if pairs else examples(count, seed)
     with open(path, "w", encoding="utf-8") as f:
-        for row in examples(count, seed):
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]))
+    if len(sys.argv) > 2:  # the demo's preference pairs
+        write(Path(sys.argv[2]), count=300, seed=1, pairs=True)

@@ -279,6 +279,7 @@ def _chat_preference(row: dict) -> dict:
     roles = {role: role for role in ROLES}
     chosen = _turns(row["chosen"], "chosen", "role", "content", roles)
     rejected = _turns(row["rejected"], "rejected", "role", "content", roles)
+    _distinct({"chosen": chosen, "rejected": rejected})
     if row.get("prompt") is None:
         shared = 0
         while (shared < min(len(chosen), len(rejected))

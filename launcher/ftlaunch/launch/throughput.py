@@ -53,7 +53,10 @@ def key(plan: Plan, packing: bool) -> dict:
             "engine": plan.engine, "zero_stage": plan.zero_stage, "offload": plan.offload,
             "processes": plan.num_processes, "micro_batch": plan.per_device_batch_size,
             "seq_len": plan.seq_len, "gradient_checkpointing": plan.gradient_checkpointing,
-            "precision": plan.precision, "packing": packing}
+            "precision": plan.precision, "packing": packing,
+            # DPO's steps do more per token (a reference pass); SFT's key is as it was.
+            **({"objective": plan.objective, "reference_forward": plan.reference_forward}
+               if plan.objective != "sft" else {})}
 
 
 def history_path() -> Path:

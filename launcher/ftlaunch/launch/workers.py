@@ -200,6 +200,8 @@ def final_summary(run_dir: Path) -> str:
              ("train.log", "the launcher's output and each node's first rank's"),
              (f"{rundir.RANKS_DIR}/", "each rank's report, and the other ranks' logs")]
     lines = [f"Done. {_loss_summary(metrics, [loss for _, loss in losses])}"]
+    if rewards := _reward_summary(metrics):
+        lines.append(rewards)
     done = run_record.load(run_dir).restarts.done if run_record.exists(run_dir) else ()
     if done:
         lines += [f"Restarted after {len(done)} failure(s), each time from a complete checkpoint:",
@@ -212,6 +214,20 @@ def final_summary(run_dir: Path) -> str:
               "  (the same training command again does nothing: the run is finished; "
               "--fresh trains again)"]
     return "\n".join(lines)
+
+
+def _reward_summary(metrics: Path) -> str | None:
+    """DPO: the reward accuracy (how often chosen outscores rejected) on the held-out
+    pairs at the first and last evaluation, else over the first and last logged steps."""
+    rows = rundir.metrics_rows(metrics) if metrics.exists() else []
+    for key, where in (("eval_rewards/accuracies", "held-out pairs"),
+                       ("rewards/accuracies", "training batches")):
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+        if len(points) >= 2:
+            (first_step, first), (last_step, last) = points[0], points[-1]
+            return (f"Reward accuracy on {where}: {first:.3f} at step {first_step}, "
+                    f"{last:.3f} at step {last_step}.")
+    return None
 
 
 def _loss_summary(metrics: Path, losses: list[float]) -> str:

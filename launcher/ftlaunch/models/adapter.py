@@ -49,9 +49,13 @@ class StartAdapter:
         return {"given": self.given, "folder": str(self.folder), "fingerprint": self.fingerprint}
 
 
-def resolve(given: str) -> StartAdapter:
-    """The adapter `given` names, checked; a UserError says what is missing."""
+def resolve(given: str, copy: Path | None = None) -> StartAdapter:
+    """The adapter `given` names, checked; a UserError says what is missing. `copy`: the
+    run directory's START_FOLDER, used when `given` is gone (a resume after the run it
+    came from was moved or deleted: the copy is what the run started from)."""
     path = Path(given).expanduser()
+    if not path.exists() and copy is not None and (copy / CONFIG).is_file():
+        path = copy
     if not path.is_dir():
         raise UserError(f"--adapter {given}: no such folder. Give a finished ftlaunch run "
                         "directory (its adapter/ is used) or a LoRA adapter folder "

@@ -43,8 +43,9 @@ def run_size(plan: Plan, max_steps: int | None, epochs: float | None,
              data_tokens: int | None = None, examples: int | None = None,
              packing: bool = True) -> RunSize:
     """Steps and input tokens. With packing a row is seq_len tokens (best-fit packing
-    leaves little room); without it an example is its own row, at its own length."""
-    rows_per_step = plan.global_batch_size
+    leaves little room); without it an example is its own row, at its own length. A DPO
+    pair is two rows (chosen and rejected), each about as long as the pair's longer one."""
+    rows_per_step = plan.global_batch_size * plan.sequences_per_example
     if packing or not (data_tokens and examples):
         tokens_per_step = rows_per_step * plan.seq_len
     else:
@@ -53,20 +54,22 @@ def run_size(plan: Plan, max_steps: int | None, epochs: float | None,
     steps = None if by_epochs else max_steps
     if by_epochs and epochs and data_tokens and examples:
         rows = math.ceil(data_tokens / plan.seq_len) if packing else examples
-        steps = math.ceil(epochs * rows / rows_per_step)
+        steps = math.ceil(epochs * rows / plan.global_batch_size)
     tokens = steps * tokens_per_step if steps else None
     if tokens and data_tokens and by_epochs:  # the last step of an epoch is not full
-        tokens = min(tokens, round(epochs * data_tokens))
+        tokens = min(tokens, round(epochs * data_tokens * plan.sequences_per_example))
     return RunSize(steps, tokens_per_step, tokens)
 
 
 def flops_per_token(model: ModelSpec, plan: Plan) -> float:
     """LoRA training FLOPs per token: the forward (2N), the backward through the frozen
     weights to the activations (2N; no weight gradients but LoRA's few), the forward
-    again under gradient checkpointing (2N), and causal attention (QK^T and AV, forward
-    ~2·L·s·d, three times that with the backward)."""
+    again under gradient checkpointing (2N), DPO's reference forward (2N, unless its
+    log-probs were precomputed), and causal attention (QK^T and AV, forward ~2·L·s·d,
+    three times that with the backward)."""
     n = model.parameters
-    dense = (4 + (2 if plan.gradient_checkpointing else 0)) * n
+    dense = (4 + (2 if plan.gradient_checkpointing else 0)
+             + (2 if plan.reference_forward else 0)) * n
     attention = 6 * model.num_layers * plan.seq_len * model.num_heads * model.head_dim
     return dense + attention
 

@@ -91,7 +91,9 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                         f"{objective.name.upper()} ({_objective_reason(options)}). Give a "
                         f"{objective.name} recipe (--recipe {objective.recipe}) or leave "
                         "--recipe out.")
-    start_adapter = adapters.resolve(options.adapter) if options.adapter else None
+    output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
+    start_adapter = (adapters.resolve(options.adapter, output_dir / adapters.START_FOLDER)
+                     if options.adapter else None)
     if start_adapter is not None:
         recipe = replace(recipe, lora={**recipe.lora, **start_adapter.lora_settings()})
     recipe = recipes.apply_overrides(recipe, options.sets)
@@ -100,7 +102,13 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     if validate or options.sets or recipe_name not in recipes.recipe_paths():
         set_keys = frozenset(a.partition("=")[0].strip() for a in options.sets)
         recipe = recipes.validate(recipe, set_keys, recipe_name)
-    output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
+    if objective is objectives.DPO:  # pairs are padded per batch by DPOTrainer's collator
+        asked = options.packing or any(a.partition("=")[0].strip() == "data.packing"
+                                       for a in options.sets)
+        if asked and recipes.packing(recipe.data):
+            raise UserError("DPO does not pack: each pair is padded in its batch "
+                            "(DPOTrainer). Leave out --packing / data.packing=true.")
+        recipe = replace(recipe, data={**recipe.data, "packing": False})
     cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
                                   options.master_addr, options.master_port)
     machine = _machine(options, cluster, output_dir if detect_output_dir else None)

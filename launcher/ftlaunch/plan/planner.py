@@ -84,6 +84,7 @@ class Plan:
     batch_adjusted_from: int | None = None
     objective: str = "sft"  # plan.objectives
     reference_forward: bool = False  # DPO: a reference forward pass in every step
+    sequences_per_example: int = 1  # DPO: a pair is two rows of the batch (chosen, rejected)
 
     @property
     def batch_note(self) -> str | None:
@@ -300,6 +301,7 @@ def _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem,
                              if micro * accumulation * world != spec.global_batch_size else None),
         objective=spec.objective,
         reference_forward=spec.reference_forward,
+        sequences_per_example=spec.sequences_per_example,
     )
 
 

@@ -19,12 +19,15 @@ def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assis
     source = dataset.path
     yield (f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
            f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
-    yield (f"\nexample {index}: {len(example.ids)} tokens, {sum(example.trained)} trained "
-           "(marked [+ +]):\n")
-    yield tokenize.render(tokenizer, example, seq_len, color=color)
-    if show_tokens:
-        yield "\n" + tokenize.token_table(tokenizer, example)
-    yield (f"\ntokens per example: shortest {stats.shortest}, median {stats.median}, "
+    shown = ([("", example)] if example.rejected is None
+             else [(" chosen", example), (" rejected", example.rejected)])
+    for name, sequence in shown:
+        yield (f"\nexample {index}{name}: {len(sequence.ids)} tokens, {sum(sequence.trained)} "
+               "trained (marked [+ +]):\n")
+        yield tokenize.render(tokenizer, sequence, seq_len, color=color)
+        if show_tokens:
+            yield "\n" + tokenize.token_table(tokenizer, sequence)
+    yield (f"\ntokens per example{' (a pair: its longer sequence)' if example.rejected else ''}: shortest {stats.shortest}, median {stats.median}, "
            f"95th percentile {stats.p95}, longest {stats.longest}; "
            f"{stats.over_seq_len} longer than --seq-len {stats.seq_len}")
     for note in tokenize.check(stats, str(source)):
@@ -34,4 +37,6 @@ def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assis
 def _loss_scope(kind: str, assistant_only: bool) -> str:
     if kind == "conversational":
         return "assistant turns only" if assistant_only else "whole conversations"
+    if kind in ("preference", "chat_preference"):
+        return "the chosen and the rejected completion (DPO), not the prompt"
     return "the completion only" if kind == "prompt_completion" else "all text"

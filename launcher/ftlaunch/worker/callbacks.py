@@ -65,6 +65,10 @@ class MetricsCallback(TrainerCallback):
             if "rewards/accuracies" in logs:  # DPO: how often chosen outscores rejected
                 line += (f"  reward acc {logs['rewards/accuracies']:.2f}  margin "
                          f"{logs.get('rewards/margins', 0.0):.3f}")
+        elif "eval_rewards/accuracies" in logs:  # DPO: its loss is no language model's
+            line = (f"step {state.global_step}/{state.max_steps}  eval loss "
+                    f"{logs['eval_loss']:.4f}  reward acc {logs['eval_rewards/accuracies']:.3f}"
+                    f"  margin {logs.get('eval_rewards/margins', 0.0):.3f}")
         else:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             line = (f"step {state.global_step}/{state.max_steps}  eval loss "

@@ -40,6 +40,9 @@ def save_adapter(trainer, tokenizer, target: Path) -> None:
         trainer.model.save_pretrained(staging)
     if not main:
         return
+    # DPO from a starting adapter: peft saves every adapter, so the frozen reference copy
+    # too (ref/). The run's adapter is the policy alone; the reference is in start-adapter/.
+    shutil.rmtree(staging / "ref", ignore_errors=True)
     tokenizer.save_pretrained(staging)
     filemodes.follow_umask(staging)  # safetensors wrote the weights 0600
     if target.exists():

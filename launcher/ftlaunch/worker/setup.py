@@ -52,7 +52,7 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
                             quantize_4bit=record.strategy.method == "qlora",
                             seed=record.seed, for_training=True)
     if strategy.start_adapter:
-        model = _with_start_adapter(model, run_dir, strategy.objective)
+        model = _with_start_adapter(model, run_dir)
     trainer, recorder = _build_trainer(run_dir, config, record.lora, model, tokenizer,
                                        train_set, eval_set, strategy.objective)
     if fsdp_on_cpu:
@@ -147,21 +147,17 @@ def own_checkpointing_names(arguments: dict, config_class) -> dict:
     return renamed
 
 
-def _with_start_adapter(model, run_dir: Path, objective: str):
+def _with_start_adapter(model, run_dir: Path):
     """The base with the run's starting adapter (models.adapter), trainable: the policy
-    continues from it. For DPO the same adapter is loaded again, frozen, as "ref": TRL's
-    reference for a re-trained adapter is the model with that adapter active (the
-    starting policy), on the same base weights."""
+    continues from it. DPOTrainer (TRL 1.16) copies it into a frozen "ref" adapter before
+    training, its reference for a re-trained adapter: the starting policy, on the same
+    base weights. On resume the checkpoint's weights go into the trainable adapter only,
+    so "ref" is again the starting adapter."""
     from peft import PeftModel
 
     from ftlaunch.models.adapter import START_FOLDER
 
-    folder = str(run_dir / START_FOLDER)
-    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-    if objective == "dpo":
-        model.load_adapter(folder, adapter_name="ref", is_trainable=False)
-        model.set_adapter("default")  # the trainable one; "ref" stays frozen
-    return model
+    return PeftModel.from_pretrained(model, str(run_dir / START_FOLDER), is_trainable=True)
 
 
 def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set,

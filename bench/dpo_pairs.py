@@ -1,0 +1,71 @@
+"""How often a model prefers the chosen answer, on a DPO run's held-out pairs.
+
+For each pair of the run's held-out split (its data cache's eval split: the very pairs
+the run evaluated on), the summed log-probability of the chosen completion and of the
+rejected one, given the prompt; a pair counts as preferred when chosen's is higher.
+Measured for the base model, the run's starting adapter (--adapter: the SFT step) and the
+run's trained adapter, so the figure says what the DPO step changed. (TRL's own eval
+reward accuracy compares each model with its reference, the starting adapter: it is 0
+before the first step by construction, which says nothing about the starting model.)
+
+    .venv/bin/python bench/dpo_pairs.py runs/demo-dpo        # prints one JSON object
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def completion_logps(model, pairs, name: str) -> list[float]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for pair in pairs:
+            prompt, completion = list(pair["prompt_ids"]), list(pair[f"{name}_ids"])
+            ids = torch.tensor([prompt + completion])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            picked = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(float(picked[len(prompt) - 1:].sum()))
+    return out
+
+
+def preferred(model, pairs) -> dict:
+    chosen = completion_logps(model, pairs, "chosen")
+    rejected = completion_logps(model, pairs, "rejected")
+    wins = sum(c > r for c, r in zip(chosen, rejected))
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)
+    return {"preferred": round(wins / len(pairs), 4), "mean_logp_margin": round(margin, 4)}
+
+
+def main(run_dir: Path) -> dict:
+    from peft import PeftModel
+
+    from ftlaunch.data import cache as data_cache
+    from ftlaunch.models.adapter import START_FOLDER
+    from ftlaunch.models.load import load_base_model, precision_dtype
+    from ftlaunch.run import record as run_record
+
+    record = run_record.load(run_dir)
+    _, held_out = data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
+    if held_out is None:
+        raise SystemExit(f"{run_dir} held no pairs out (data.eval_split or --eval-data)")
+    dtype = precision_dtype(record.strategy.precision)
+    models = {"base": None}
+    if record.strategy.start_adapter:
+        models["start adapter (before DPO)"] = run_dir / START_FOLDER
+    models["trained adapter (after DPO)"] = run_dir / "adapter"
+    result = {"run": str(run_dir), "pairs": len(held_out), "date": time.strftime("%Y-%m-%d")}
+    for label, adapter in models.items():
+        model = load_base_model(record.model, dtype, seed=record.seed).eval()
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        result[label] = preferred(model, held_out)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1])), indent=1))
