@@ -1,7 +1,8 @@
-"""DPO through the whole launcher, on CPU processes with the tiny model: both preference
-formats train (chat pairs on one process, string pairs on two), the SFT -> DPO chain
-starts from an SFT run directory and trains against that adapter frozen, a DPO run
-killed with SIGKILL resumes bitwise, and one stopped on two processes resumes on one."""
+"""DPO through the whole launcher, on CPU processes with the tiny model: the SFT -> DPO
+chain on chat pairs starts from an SFT run directory and trains against that adapter
+frozen (FSDP QLoRA on two processes, the sharded engine the planner picks for big
+models); killed with SIGKILL, that run resumes bitwise; string pairs train on one
+process, stopped by SIGTERM, and resume on two (DDP)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 # 8 steps of 4 pairs, a checkpoint every 3 steps, every step logged.
 RUN = ("--model", "tiny", "--max-steps", "8", "--global-batch-size", "4", "--seq-len", "64",
        "--set", "logging_steps=1", "--set", "save_steps=3", "--set", "learning_rate=5e-3")
+SHARDED = ("--gpus", "2", "--engine", "fsdp", "--method", "qlora")
 PREEMPTED_EXIT = 75
 
 
@@ -55,8 +57,8 @@ def sft_run(tmp_path_factory):
 def chain(tmp_path_factory, pairs, sft_run):
     """DPO from the SFT run's adapter, uninterrupted: the reference for the resume."""
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
-    proc = run_ftlaunch(*RUN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
-                        "--output-dir", str(run_dir))
+    proc = run_ftlaunch(*RUN, *SHARDED, "--data", str(pairs["chat"]), "--adapter",
+                        str(sft_run), "--output-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir, proc.stdout
 
@@ -72,7 +74,9 @@ def test_sft_then_dpo_trains_against_the_frozen_sft_adapter(chain, sft_run):
     run_dir, out = chain
     assert "objective  DPO on preference pairs" in out
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
-    assert record["strategy"]["objective"] == "dpo" and record["strategy"]["start_adapter"]
+    strategy = record["strategy"]
+    assert strategy["objective"] == "dpo" and strategy["start_adapter"]
+    assert (strategy["engine"], strategy["method"], strategy["world_size"]) == ("fsdp", "qlora", 2)
     assert record["data"]["format"] == "chat_preference"
     # The run keeps its own copy of the starting adapter: the SFT run's, byte for byte.
     start_weights = load_file(str(run_dir / "start-adapter" / "adapter_model.safetensors"))
@@ -82,11 +86,17 @@ def test_sft_then_dpo_trains_against_the_frozen_sft_adapter(chain, sft_run):
 
     rows = [r for r in _rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    # The policy starts as the reference: the SFT adapter. Against the base with the
-    # adapter disabled its rewards would be beta * (log p_sft - log p_base), not 0.
+    # The policy starts as the reference, the SFT adapter: its first rewards are 0 up to
+    # the 4-bit base's rounding (bitsandbytes computes the reference pass, without
+    # gradients, a little differently on CPU). Against the base with the adapter
+    # disabled they would be beta * (log p_sft - log p_base): over 10 times more in any batch.
     first = rows[0]
-    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
-    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)  # -log sigmoid(0)
+    assert abs(first["rewards/chosen"]) < 1e-3 and abs(first["rewards/rejected"]) < 1e-3
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-3)  # -log sigmoid(0)
+    shift = _sft_log_prob_shift(run_dir, sft_run)
+    assert all(s > 0 for s in shift) or all(s < 0 for s in shift), shift
+    weakest_batch = sum(sorted(abs(s) for s in shift)[:4]) / 4  # 4 pairs a step
+    assert 0.1 * weakest_batch > 1e-2, shift  # beta 0.1
     assert any(r["rewards/margins"] != 0.0 for r in rows[1:])
     assert {"rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(rows[-1])
     assert (run_dir / "loss.png").stat().st_size > 0
@@ -101,10 +111,39 @@ def test_sft_then_dpo_trains_against_the_frozen_sft_adapter(chain, sft_run):
     assert proc.returncode == 0, proc.stdout + proc.stderr  # tiny's random weights say little
 
 
+def _sft_log_prob_shift(run_dir, sft_run) -> list[float]:
+    """log p(chosen | prompt) with the SFT adapter minus without it, for every training
+    pair of the run (its data cache), on the full-precision base."""
+    import torch
+    from peft import PeftModel
+
+    from ftlaunch.data import cache as data_cache
+    from ftlaunch.models.load import load_base_model
+    from ftlaunch.run import record as run_record
+
+    record = run_record.load(run_dir)
+    pairs, _ = data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
+    base = load_base_model(record.model, torch.float32, seed=record.seed).eval()
+
+    def log_probs(model):
+        out = []
+        with torch.no_grad():
+            for pair in pairs:
+                ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+                logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                picked = logits.gather(-1, ids[0, 1:, None])[:, 0]
+                out.append(float(picked[len(pair["prompt_ids"]) - 1:].sum()))
+        return out
+
+    without = log_probs(base)
+    tuned = PeftModel.from_pretrained(base, str(sft_run / "adapter")).eval()
+    return [w - wo for w, wo in zip(log_probs(tuned), without)]
+
+
 def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_path):
     reference, _ = chain
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    args = (*RUN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
+    args = (*RUN, *SHARDED, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
             "--output-dir", str(run_dir))
     launcher = start(*args, log=log)
     assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), log.read_text()
@@ -119,25 +158,26 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_
         assert [r.get(key) for r in _rows(run_dir)] == [r.get(key) for r in _rows(reference)]
 
 
-def test_string_pairs_train_on_two_processes_and_resume_on_one(pairs, tmp_path):
+def test_string_pairs_train_on_one_process_and_resume_on_two(pairs, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
     args = (*RUN, "--data", str(pairs["plain"]), "--output-dir", str(run_dir))
-    launcher = start(*args, "--gpus", "2", log=log)
+    launcher = start(*args, "--gpus", "1", log=log)
     assert wait(lambda: logged_steps(run_dir) >= 4, launcher, poll=0.02), log.read_text()
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(timeout=120) == PREEMPTED_EXIT, log.read_text()[-3000:]
     step = json.loads((run_dir / "stopped.json").read_text())["step"]
     manifest = json.loads((run_dir / "checkpoints" / f"checkpoint-{step}" /
                            "ftlaunch-checkpoint.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["samples_seen"] == 4 * step
+    assert manifest["world_size"] == 1 and manifest["samples_seen"] == 4 * step
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
-    assert record["data"]["format"] == "preference" and record["strategy"]["world_size"] == 2
+    assert record["data"]["format"] == "preference" and record["strategy"]["world_size"] == 1
 
-    resumed = run_ftlaunch("resume", str(run_dir), "--gpus", "1")
+    resumed = run_ftlaunch("resume", str(run_dir), "--gpus", "2")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert (f"checkpoint-{step} was written by 2 processes (micro-batch 2 x accumulation 1); "
-            "resuming on 1 (micro-batch 4 x accumulation 1)") in resumed.stdout
-    assert json.loads((run_dir / "ranks" / "rank-0.json").read_text())["world_size"] == 1
+    assert (f"checkpoint-{step} was written by 1 process (micro-batch 4 x accumulation 1); "
+            "resuming on 2 (micro-batch 2 x accumulation 1)") in resumed.stdout
+    ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert all(r["world_size"] == 2 and r["global_step"] == 8 for r in ranks)
     rows = [r for r in _rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all("rewards/margins" in r for r in rows)

@@ -150,3 +150,19 @@ def test_cached_pairs_are_the_ids_dpo_trainer_builds_and_its_masks_cover_the_ans
             # What `data preview` marks is what the collator trains.
             sequence, marks = preference.sequences(pairs[index])[name]
             assert [t for t, m in zip(sequence, marks) if m] == ids[mask].tolist()
+
+
+def test_bundled_demo_pairs_are_what_the_generator_writes(tmp_path):
+    """The demo's DPO step trains on them: new questions, the right answer chosen and a
+    near miss rejected, every pair distinct."""
+    from ftlaunch.data import demo
+    from ftlaunch.resources import demo_data_path, demo_pairs_path
+
+    written = tmp_path / "pairs.jsonl"
+    demo.write(written, count=300, seed=1, pairs=True)
+    assert written.read_bytes() == demo_pairs_path().read_bytes()
+    pairs = data.load(demo_pairs_path())
+    assert (pairs.format, len(pairs)) == ("chat_preference", 300)
+    sft_questions = {row["messages"][-2]["content"] for row in data.load(demo_data_path()).rows}
+    new = [row for row in pairs.rows if row["prompt"][-1]["content"] not in sft_questions]
+    assert len(new) > 150  # more than half of them questions the SFT step never saw

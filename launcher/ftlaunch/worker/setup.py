@@ -210,6 +210,9 @@ def _adapter_in_fp32(model) -> None:
     m1 and m2 to have the same dtype"). The cost is 2 bytes per adapter weight."""
     import torch
 
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+    for name, param in model.named_parameters():
+        # DPO's frozen reference adapter ("ref", a copy of the starting one) too: in bf16
+        # beside an fp32 policy it would score the same weights differently.
+        trainable = param.requires_grad or ".ref." in name
+        if trainable and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
