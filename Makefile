@@ -1,5 +1,5 @@
 # The two commands a newcomer needs on a fresh machine (Python 3.11, pip, gcc):
-#   make demo   fine-tune SmolLM2-135M on the bundled data on CPU, show before/after
+#   make demo   fine-tune SmolLM2-135M on the bundled data on CPU (SFT, then DPO), show before/after
 #   make test   the test suite (make test PYTEST_ARGS='-m "not slow"' for the quick tier)
 # Both create .venv on first use and reuse it afterwards.
 
@@ -41,7 +41,16 @@ demo: $(STAMP)
 	@echo "Prompt: $(DEMO_PROMPT)"
 	@echo "before (base model):"; $(BIN)/ftlaunch generate $(DEMO_DIR) --base --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
 	@echo "after (with adapter):"; $(BIN)/ftlaunch generate $(DEMO_DIR) --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
-	@echo "Adapter: $(abspath $(DEMO_DIR))/adapter   (make demo again reuses it; rm -r $(DEMO_DIR) to retrain)"
+	@echo
+	@echo "Step 2: DPO from that adapter on preference pairs (the right answer chosen, a near miss rejected)"
+	$(BIN)/ftlaunch --model smollm2-135m --recipe demo-dpo --data recipes/data/demo-preference.jsonl \
+		--adapter $(DEMO_DIR) --output-dir $(DEMO_DIR)-dpo
+	@echo
+	@echo "Prompt: $(DEMO_PROMPT)"
+	@echo "after SFT:"; $(BIN)/ftlaunch generate $(DEMO_DIR) --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
+	@echo "after DPO:"; $(BIN)/ftlaunch generate $(DEMO_DIR)-dpo --max-new-tokens 24 --prompt "$(DEMO_PROMPT)"
+	@echo "Adapters: $(abspath $(DEMO_DIR))/adapter (SFT), $(abspath $(DEMO_DIR))-dpo/adapter (DPO)"
+	@echo "(make demo again reuses them; rm -r $(DEMO_DIR) $(DEMO_DIR)-dpo to retrain)"
 
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 test: $(STAMP)

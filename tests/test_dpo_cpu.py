@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 RUN = ("--model", "tiny", "--max-steps", "8", "--global-batch-size", "4", "--seq-len", "64",
        "--set", "logging_steps=1", "--set", "save_steps=3", "--set", "learning_rate=5e-3")
 SHARDED = ("--gpus", "2", "--engine", "fsdp", "--method", "qlora")
+CHAIN = (*RUN, *SHARDED, "--eval-split", "0.25")  # 12 of the 48 pairs held out
 PREEMPTED_EXIT = 75
 
 
@@ -57,10 +58,21 @@ def sft_run(tmp_path_factory):
 def chain(tmp_path_factory, pairs, sft_run):
     """DPO from the SFT run's adapter, uninterrupted: the reference for the resume."""
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
-    proc = run_ftlaunch(*RUN, *SHARDED, "--data", str(pairs["chat"]), "--adapter",
-                        str(sft_run), "--output-dir", str(run_dir))
+    proc = run_ftlaunch(*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
+                        "--output-dir", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir, proc.stdout
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rows(run_dir):
@@ -106,6 +118,16 @@ def test_sft_then_dpo_trains_against_the_frozen_sft_adapter(chain, sft_run):
     assert sorted(trained) == sorted(sft_weights)
     assert any(not torch.equal(trained[k], sft_weights[k]) for k in trained)
 
+    # Evaluated on the held-out pairs at the checkpoints' steps, and bench/dpo_pairs.py's
+    # figure (docs/BENCHMARKS.md) measured on them.
+    evals = [r for r in _rows(run_dir) if "eval_rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [3, 6, 8] and "eval_perplexity" not in evals[0]
+    assert "Reward accuracy on held-out pairs:" in out
+    figure = _bench_script("dpo_pairs").main(run_dir)
+    assert figure["pairs"] == 12
+    for label in ("base", "start adapter (before DPO)", "trained adapter (after DPO)"):
+        assert 0 <= figure[label]["preferred"] <= 1
+
     proc = run_ftlaunch("generate", str(run_dir), "--prompt", "What is 2 + 2?",
                         "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stdout + proc.stderr  # tiny's random weights say little
@@ -143,7 +165,7 @@ def _sft_log_prob_shift(run_dir, sft_run) -> list[float]:
 def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_path):
     reference, _ = chain
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    args = (*RUN, *SHARDED, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
+    args = (*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
             "--output-dir", str(run_dir))
     launcher = start(*args, log=log)
     assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), log.read_text()

@@ -90,6 +90,18 @@ def check(trainer) -> None:
         raise Unadaptable(f"the Trainer's accelerator runs {state.distributed_type}, not FSDP")
     if str(state.device) != "cpu":
         raise Unadaptable(f"the accelerator's device is {state.device}, not cpu")
+    keep_4bit_weights_flat(trainer.model)
+
+
+def keep_4bit_weights_flat(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel the first time a layer runs
+    in eval mode without gradients (an evaluation), replacing the weight's data; under
+    FSDP that data is a view of the flat parameter, and the next full state dict (the
+    adapter at the end) fails in bitsandbytes' unpacking. The CPU kernel is a speed-up
+    only: turned off here, evaluation runs the same matmul as training."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def message(exc: Unadaptable) -> str:
