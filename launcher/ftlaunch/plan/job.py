@@ -88,7 +88,7 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     if recipe.objective != objective.name:
         raise UserError(f"--recipe {recipe_name} configures {recipe.objective.upper()} "
                         f"(objective: {recipe.objective}), but this run trains "
-                        f"{objective.name.upper()} ({_objective_reason(options)}). Give a "
+                        f"{objective.name.upper()} ({_objective_reason(options, objective)}). Give a "
                         f"{objective.name} recipe (--recipe {objective.recipe}) or leave "
                         "--recipe out.")
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
@@ -96,6 +96,12 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                      if options.adapter else None)
     if start_adapter is not None:
         recipe = replace(recipe, lora={**recipe.lora, **start_adapter.lora_settings()})
+        fixed = [a.partition("=")[0].strip() for a in options.sets
+                 if a.partition("=")[0].strip().startswith("lora.")]
+        if fixed:
+            raise UserError(f"--set {fixed[0]}: the starting adapter (--adapter "
+                            f"{options.adapter}) fixes the LoRA settings; a run goes on "
+                            "with its rank, alpha, dropout and targets.")
     recipe = recipes.apply_overrides(recipe, options.sets)
     recipe = _apply_flags(recipe, options)
     recipe = _fit_context(recipe, model, options)
@@ -152,11 +158,13 @@ def _objective(options: Options) -> objectives.Objective:
     return objectives.SFT
 
 
-def _objective_reason(options: Options) -> str:
+def _objective_reason(options: Options, objective: objectives.Objective) -> str:
     if options.objective != "auto":
         return f"--objective {options.objective}"
-    return (f"--data {options.data} holds preference pairs" if options.data
-            else "the bundled demo data")
+    if not options.data:
+        return "the bundled demo data"
+    held = "preference pairs" if objective is objectives.DPO else "no preference pairs"
+    return f"--data {options.data} holds {held}"
 
 
 def _machine(options: Options, cluster: cluster_mod.ClusterContext,
