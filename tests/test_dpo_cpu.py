@@ -135,7 +135,8 @@ def test_sft_then_dpo_trains_against_the_frozen_sft_adapter(chain, sft_run):
 
 def _sft_log_prob_shift(run_dir, sft_run) -> list[float]:
     """log p(chosen | prompt) with the SFT adapter minus without it, for every training
-    pair of the run (its data cache), on the full-precision base."""
+    pair of the run (its data cache), on the full-precision base (bench/dpo_pairs.py's
+    measure)."""
     import torch
     from peft import PeftModel
 
@@ -145,21 +146,11 @@ def _sft_log_prob_shift(run_dir, sft_run) -> list[float]:
 
     record = run_record.load(run_dir)
     pairs, _ = data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
+    measure = _bench_script("dpo_pairs").completion_logps
     base = load_base_model(record.model, torch.float32, seed=record.seed).eval()
-
-    def log_probs(model):
-        out = []
-        with torch.no_grad():
-            for pair in pairs:
-                ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
-                logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-                picked = logits.gather(-1, ids[0, 1:, None])[:, 0]
-                out.append(float(picked[len(pair["prompt_ids"]) - 1:].sum()))
-        return out
-
-    without = log_probs(base)
+    without = measure(base, pairs, "chosen")
     tuned = PeftModel.from_pretrained(base, str(sft_run / "adapter")).eval()
-    return [w - wo for w, wo in zip(log_probs(tuned), without)]
+    return [w - wo for w, wo in zip(measure(tuned, pairs, "chosen"), without)]
 
 
 def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_path):
