@@ -1,7 +1,7 @@
 """DPO through the whole launcher, on CPU processes with the tiny model: the SFT -> DPO
 chain on chat pairs starts from an SFT run directory and trains against that adapter
 frozen (FSDP QLoRA on two processes, the sharded engine the planner picks for big
-models); with a rank killed by SIGKILL, that run restarts from its checkpoint bitwise; string pairs train on one
+models); killed by a power loss, that run resumes bitwise; string pairs train on one
 process, stopped by SIGTERM, and resume on two (DDP)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import yaml
 
 from conftest import run_ftlaunch
 from ftlaunch.data import demo
-from jobs import adapter, assert_same_adapter, fault_env, losses, restart_lines
-from jobs import logged_steps, start, wait
+from jobs import adapter, assert_same_adapter, losses
+from jobs import logged_steps, power_loss, start, wait
 
 pytestmark = pytest.mark.slow
 
@@ -154,19 +154,21 @@ def _sft_log_prob_shift(run_dir, sft_run) -> list[float]:
 
 
 def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_path):
-    """Rank 1 SIGKILLs itself after step 4 (checkpoint-3 complete): the launcher starts
-    both ranks again from checkpoint-3, and the run ends as the uninterrupted one did,
-    losses, rewards and adapter bitwise (the reference adapter rebuilt from the run's
-    start-adapter/, the policy's from the checkpoint)."""
+    """A power loss (every process of the job SIGKILLed at once) after checkpoint-3:
+    the same command resumes and ends as the uninterrupted run did, losses, rewards and
+    adapter bitwise. (FSDP's whole-job SIGKILL; tests/test_strategies_cpu.py stops each
+    engine with SIGTERM and a killed rank.)"""
     reference, _ = chain
-    run_dir = tmp_path / "run"
-    proc = run_ftlaunch(*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
-                        "--output-dir", str(run_dir),
-                        env=fault_env("sigkill", 5, once=tmp_path / "killed", rank=1))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    [line] = restart_lines(out)
-    assert "was killed by SIGKILL" in line and line.endswith("starts again from checkpoint-3."), line
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    args = (*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
+            "--output-dir", str(run_dir))
+    launcher = start(*args, log=log)
+    assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), log.read_text()
+    power_loss(launcher)
+    assert (run_dir / "checkpoints" / "checkpoint-3").is_dir()
+    resumed = run_ftlaunch(*args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "checkpoint-3" in resumed.stdout
     assert losses(run_dir) == losses(reference)
     assert_same_adapter(run_dir, reference)
     for key in ("rewards/chosen", "rewards/rejected", "eval_rewards/accuracies"):

@@ -137,7 +137,7 @@ def test_fused_tile_sizes_are_trls():
 
 
 DPO_SPEC = TrainSpec(seq_len=1024, objective="dpo", sequences_per_example=2,
-                     reference_forward=True)
+                     reference_forward=True, lora_dropout=0.0)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -156,7 +156,7 @@ def test_a_dpo_pair_counts_two_sequences_and_its_reference_pass(checkpointing):
         return memory.estimate(model, spec, candidate, micro, 1, on_gpu=True,
                                gradient_checkpointing=checkpointing)
 
-    sft = peak(TrainSpec(seq_len=1024), 4)
+    sft = peak(TrainSpec(seq_len=1024, lora_dropout=0.0), 4)
     dpo = peak(DPO_SPEC, 2)
     precomputed = peak(replace(DPO_SPEC, reference_forward=False), 2)
     assert precomputed == sft

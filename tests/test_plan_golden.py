@@ -13,7 +13,9 @@ from ftlaunch.models import presets as models
 from ftlaunch.plan import planner
 from ftlaunch.plan.planner import TrainSpec
 
-DPO = {"objective": "dpo", "sequences_per_example": 2, "reference_forward": True}
+# What plan.job makes of a DPO run: two sequences per pair, a reference pass, no dropout.
+DPO = {"objective": "dpo", "sequences_per_example": 2, "reference_forward": True,
+       "lora_dropout": 0.0}
 
 # hardware, model, options -> method, engine, zero stage, offload, processes, machines, fits
 GOLDEN = [
@@ -55,11 +57,11 @@ GOLDEN = [
     # Multi-node: the same choice, over every GPU of every node.
     ("2x8xA100-80GB", "llama-70b", {}, "qlora", "fsdp", None, False, 16, 2, True),
     ("2x8xH100-80GB", "qwen2.5-72b", {}, "qlora", "fsdp", None, False, 16, 2, True),
-    # DPO: a pair is two sequences in the batch, and a reference forward pass runs in
-    # every step. On one 24 GB card QLoRA without checkpointing no longer fits Llama-8B at
-    # micro-batch 1, so the checkpointed bf16 base is next (as for SFT at seq 8192); a 32B
-    # model that SFT fits there does not fit DPO; the multi-GPU choices stay as for SFT.
-    ("1xRTX4090-24GB", "llama-8b", DPO, "lora", "single", None, False, 1, 1, True),
+    # DPO: a pair is two sequences in the batch and a reference forward pass runs in every
+    # step, but DPOTrainer turns dropout off (no LoRA dropout copies). Llama-8B on one 24 GB
+    # card stays QLoRA without checkpointing at micro-batch 1 (19.2 GiB), a 32B model that
+    # SFT fits there does not fit DPO, and the multi-GPU choices stay as for SFT.
+    ("1xRTX4090-24GB", "llama-8b", DPO, "qlora", "single", None, False, 1, 1, True),
     ("1xT4-16GB", "llama-8b", DPO, "qlora", "single", None, False, 1, 1, True),
     ("1xRTX4090-24GB", "qwen2.5-32b", DPO, "qlora", "single", None, False, 1, 1, False),
     ("4xA100-80GB", "llama-8b", DPO, "lora", "ddp", None, False, 4, 1, True),

@@ -103,7 +103,7 @@ def tiny_tokenizer():
 
     path = builtin.materialize_builtin(presets.resolve("tiny"))
     source = ModelSource("tiny", "builtin:tiny", str(path), str(path))
-    tokenizer, _ = tokenize.load_tokenizer(source, assistant_only=True)
+    tokenizer, _ = tokenize.load_tokenizer(source, assistant_only=False, kind="chat_preference")
     assert isinstance(tokenizer, PreTrainedTokenizerFast) and chat_templates
     return tokenizer
 
@@ -113,7 +113,11 @@ def tiny_tokenizer():
     [CHAT, {"prompt": [USER, GOOD, {"role": "user", "content": "And 3 + 3?"}],
             "chosen": [{"role": "assistant", "content": "6"}],
             "rejected": [{"role": "assistant", "content": "7"}]}],
-], ids=["preference", "chat_preference"])
+    [IMPLICIT, {"chosen": [USER, GOOD, {"role": "user", "content": "And 3 + 3?"},
+                           {"role": "assistant", "content": "6"}],
+                "rejected": [USER, GOOD, {"role": "user", "content": "And 3 + 3?"},
+                             {"role": "assistant", "content": "7"}]}],
+], ids=["preference", "chat_preference", "implicit_prompt"])
 def test_cached_pairs_are_the_ids_dpo_trainer_builds_and_its_masks_cover_the_answers(
         tmp_path, tiny_tokenizer, rows):
     """TRL's own DPOTrainer._prepare_dataset on the canonical rows gives the same ids as
@@ -128,9 +132,9 @@ def test_cached_pairs_are_the_ids_dpo_trainer_builds_and_its_masks_cover_the_ans
     ours = preference.tokenize_batch(batch, list(range(len(rows))), tiny_tokenizer, dataset.kind)
     args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_length=None,
                      report_to="none")
+    # TRL gets the rows as the file has them: it extracts an implicit prompt itself.
     theirs = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tiny_tokenizer),
-                                         Dataset.from_list(list(dataset.rows)),
-                                         tiny_tokenizer, args, "train")
+                                         Dataset.from_list(rows), tiny_tokenizer, args, "train")
     for name in preference.COLUMNS:
         assert ours[name] == theirs[name], name
 

@@ -5,6 +5,7 @@ copy standing in when the folder it came from is gone."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -59,10 +60,27 @@ def test_what_is_not_an_adapter_is_refused(tmp_path, layout, needle):
         adapters.resolve(str(given))
 
 
-def test_the_runs_copy_stands_in_for_a_folder_that_is_gone(tmp_path):
-    copy = _adapter(tmp_path / "run" / adapters.START_FOLDER)
-    start = adapters.resolve(str(tmp_path / "deleted-sft-run"), copy)
-    assert start.folder == copy.resolve()
+def test_a_run_goes_on_from_its_copy_whatever_became_of_the_folder(tmp_path):
+    """The run's start-adapter/ is what it started from: a resume uses it when the
+    folder is gone or was trained further (and says so); --fresh starts from the folder."""
+    source = _adapter(tmp_path / "sft" / "adapter")
+    run_dir = tmp_path / "run"
+    copy = _adapter(run_dir / adapters.START_FOLDER)
+
+    def resolved(**options):
+        return job_mod.resolve(job_mod.Options(model="tiny", adapter=str(source),
+                                               output_dir=str(run_dir), **options),
+                               validate=False).start_adapter
+
+    assert resolved().folder == copy.resolve() and resolved().note is None
+    (source / adapters.WEIGHTS).write_bytes(b"trained further")
+    assert "changed since this run started from it" in resolved().note
+    assert resolved(fresh=True).folder == source.resolve()
+    shutil.rmtree(source)
+    started = resolved()
+    assert started.folder == copy.resolve() and "is gone or incomplete" in started.note
+    with pytest.raises(UserError, match="no such folder"):
+        resolved(fresh=True)
 
 
 def test_the_adapter_fixes_the_lora_settings_of_the_plan(tmp_path):

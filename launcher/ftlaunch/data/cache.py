@@ -84,7 +84,7 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
     "reused"."""
     cache_dir = Path(cache_dir)
     only_assistant = tokenize.assistant_only(dataset.kind, data_options)
-    tokenizer, _ = tokenize.load_tokenizer(model, only_assistant)
+    tokenizer, _ = tokenize.load_tokenizer(model, only_assistant, dataset.kind)
     splits = {"train": dataset}
     if eval_dataset is not None:
         splits["eval"] = eval_dataset

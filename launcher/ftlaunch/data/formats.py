@@ -75,9 +75,8 @@ class Row:
 def detect(first: Row) -> str:
     """The source format the keys of the first example say."""
     row = first.data
-    if "chosen" in row or "rejected" in row:
-        pair = row.get("chosen", row.get("rejected"))
-        return "chat_preference" if isinstance(pair, list) else "preference"
+    if "chosen" in row and "rejected" in row:  # before `messages`: UltraFeedback has both
+        return "chat_preference" if isinstance(row["chosen"], list) else "preference"
     if "messages" in row:
         return "messages"
     if "conversations" in row:

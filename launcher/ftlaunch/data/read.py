@@ -322,7 +322,8 @@ def _csv_cells(record: dict) -> dict:
             except ValueError:
                 continue  # the format check reports it is not a list
             if key in ("messages", "conversations") or (
-                    isinstance(value, list) and value and all(isinstance(v, dict) for v in value)):
+                    isinstance(value, list) and value
+                    and all(isinstance(v, dict) and {"role", "content"} <= set(v) for v in value)):
                 row[key] = value
     return row
 

@@ -50,16 +50,17 @@ class LengthStats:
 
 def assistant_only(kind: str, data_options: dict) -> bool:
     """Whether the loss is limited to the assistant's turns (conversational data, unless
-    the recipe says data.assistant_only_loss: false; chat preference pairs always): the
-    training chat template (chat_templates.apply) renders them."""
-    if kind == "chat_preference":
-        return True
+    the recipe says data.assistant_only_loss: false): the training chat template
+    (chat_templates.apply) renders them. Chat preference pairs need no marks (the answer
+    starts where prompt and prompt + answer diverge): the model's own template."""
     return kind == "conversational" and bool(data_options.get("assistant_only_loss", True))
 
 
-def load_tokenizer(model: ModelSource, assistant_only: bool):
+def load_tokenizer(model: ModelSource, assistant_only: bool, kind: str | None = None):
     """The run's tokenizer, with the training chat template when the loss is on assistant
-    turns; returns (tokenizer, where the template came from or None)."""
+    turns; returns (tokenizer, where the template came from or None). Chat data of
+    another `kind` (preference pairs) gets ftlaunch's fallback template only when the
+    model has none."""
     from ftlaunch.data import chat_templates
 
     if _built_here(model):
@@ -73,7 +74,12 @@ def load_tokenizer(model: ModelSource, assistant_only: bool):
             model.tokenizer, trust_remote_code=model.trust_remote_code)
     except OSError as exc:
         raise UserError(f"Cannot load the tokenizer of {model.tokenizer}: {exc}") from None
-    return tokenizer, (chat_templates.apply(tokenizer) if assistant_only else None)
+    if assistant_only:
+        return tokenizer, chat_templates.apply(tokenizer)
+    if kind in CHAT_KINDS and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_templates.FALLBACK
+        return tokenizer, "ftlaunch fallback (the model has no chat template)"
+    return tokenizer, None
 
 
 def _built_here(model: ModelSource) -> bool:
@@ -103,7 +109,7 @@ def template_digest(model: ModelSource, kind: str, data_options: dict) -> str | 
         return NO_TEMPLATE
     if path.is_absolute() and not path.exists():
         return None
-    tokenizer, _ = load_tokenizer(model, assistant_only(kind, data_options))
+    tokenizer, _ = load_tokenizer(model, assistant_only(kind, data_options), kind)
     template = tokenizer.chat_template
     text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -112,7 +118,7 @@ def template_digest(model: ModelSource, kind: str, data_options: dict) -> str | 
 def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None):
     """(tokenizer, [Tokenized] for `rows` (default: all of dataset), assistant_only)."""
     only_assistant = assistant_only(dataset.kind, data_options)
-    tokenizer, _ = load_tokenizer(model, only_assistant)
+    tokenizer, _ = load_tokenizer(model, only_assistant, dataset.kind)
     check_tokenizer(tokenizer, dataset.kind)
     rows = list(dataset.rows if rows is None else rows)
     tokenized = []

@@ -16,13 +16,18 @@ from ftlaunch.data import read as data_io
 from ftlaunch.errors import UserError
 from ftlaunch.plan import objectives
 from ftlaunch.plan.job import Job
-from ftlaunch.resources import demo_data_path
+from ftlaunch.resources import demo_data_path, demo_pairs_path
+
+
+def default_data(job: Job) -> Path:
+    """Without --data: the bundled demo set (its preference pairs for DPO)."""
+    return demo_pairs_path() if job.recipe.objective == "dpo" else demo_data_path()
 
 
 def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     """(training data, evaluation file's data or None), read and validated."""
     options = job.recipe.data
-    source = Path(job.options.data).expanduser() if job.options.data else demo_data_path()
+    source = Path(job.options.data).expanduser() if job.options.data else default_data(job)
     dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
     objectives.check_data(objectives.get(job.recipe.objective), dataset.kind, dataset.format,
                           source)

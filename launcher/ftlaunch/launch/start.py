@@ -34,7 +34,6 @@ from ftlaunch.detect.cluster import DEFAULT_PORT
 from ftlaunch.errors import UserError
 from ftlaunch.units import count
 from ftlaunch.plan.job import Job
-from ftlaunch.resources import demo_data_path
 
 
 def start_run(job: Job, argv: list[str], echo) -> int:
@@ -54,11 +53,13 @@ def start_run(job: Job, argv: list[str], echo) -> int:
     if cluster.nnodes > 1 and cluster.node_rank > 0 and not options.dry_run:
         return multinode.train_joining_node(job, argv, echo)
     if not options.data:
-        echo(f"No --data given: training on the bundled demo dataset {demo_data_path()}.")
+        echo(f"No --data given: training on the bundled demo dataset {checks.default_data(job)}.")
     dataset, eval_dataset = checks.load_data(job)
     model = run_files.model_record(job, materialize=not options.dry_run)
     if job.start_adapter is not None:
         adapters.check_base(job.start_adapter, (model.name, model.source, model.load_from))
+        if job.start_adapter.note:
+            echo(f"Note: {job.start_adapter.note}.")
     if options.dry_run:  # a real start tokenizes all of it into the run's data cache instead
         for note in checks.token_preflight(job, dataset, model):
             echo(f"Note: {note}.")

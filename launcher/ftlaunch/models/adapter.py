@@ -31,6 +31,7 @@ class StartAdapter:
     folder: Path  # the adapter folder itself
     config: dict  # its adapter_config.json
     fingerprint: str  # sha256 over its config and weights
+    note: str | None = None  # what a resume says about it (run_copy)
 
     @property
     def base(self) -> str:
@@ -49,13 +50,32 @@ class StartAdapter:
         return {"given": self.given, "folder": str(self.folder), "fingerprint": self.fingerprint}
 
 
-def resolve(given: str, copy: Path | None = None) -> StartAdapter:
-    """The adapter `given` names, checked; a UserError says what is missing. `copy`: the
-    run directory's START_FOLDER, used when `given` is gone (a resume after the run it
-    came from was moved or deleted: the copy is what the run started from)."""
+def run_copy(given: str, output_dir: Path) -> StartAdapter | None:
+    """The copy a run in `output_dir` started from (START_FOLDER), if it has one: a
+    resume goes on from it whatever became of `given` since (moved, deleted, trained
+    further); the note says when `given` is no longer what the run started from."""
+    copy = output_dir / START_FOLDER
+    if not (copy / CONFIG).is_file() or not (copy / WEIGHTS).is_file():
+        return None
+    started = resolve(str(copy))
+    note = None
+    try:
+        source = resolve(given)
+    except UserError:
+        note = f"--adapter {given} is gone or incomplete"
+    else:
+        if source.fingerprint != started.fingerprint:
+            note = f"--adapter {given} changed since this run started from it"
+    if note:
+        note += (f"; the run goes on from its own copy, {copy} (--fresh starts over from "
+                 f"{given} as it is now)")
+    return StartAdapter(given=given, folder=started.folder, config=started.config,
+                        fingerprint=started.fingerprint, note=note)
+
+
+def resolve(given: str) -> StartAdapter:
+    """The adapter `given` names, checked; a UserError says what is missing."""
     path = Path(given).expanduser()
-    if not path.exists() and copy is not None and (copy / CONFIG).is_file():
-        path = copy
     if not path.is_dir():
         raise UserError(f"--adapter {given}: no such folder. Give a finished ftlaunch run "
                         "directory (its adapter/ is used) or a LoRA adapter folder "
@@ -66,7 +86,8 @@ def resolve(given: str, copy: Path | None = None) -> StartAdapter:
             raise UserError(f"--adapter {given}: this run has no finished adapter ({folder} "
                             "is missing or incomplete). Let it finish (re-run its command), "
                             "or give one of its checkpoints: --adapter "
-                            f"{path / 'checkpoints'}/checkpoint-N.")
+                            f"{path / 'checkpoints'}/checkpoint-N (a single-process, DDP or "
+                            "ZeRO-3 run's; FSDP's are sharded and hold no adapter file).")
         raise UserError(f"--adapter {given}: not a LoRA adapter folder; it needs {CONFIG} "
                         f"and {WEIGHTS} (what peft's save_pretrained writes).")
     try:

@@ -92,8 +92,10 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                         f"{objective.name} recipe (--recipe {objective.recipe}) or leave "
                         "--recipe out.")
     output_dir = Path(options.output_dir or Path("runs") / _slug(model.name)).expanduser()
-    start_adapter = (adapters.resolve(options.adapter, output_dir / adapters.START_FOLDER)
-                     if options.adapter else None)
+    start_adapter = None
+    if options.adapter:  # a run that started from one goes on from its copy
+        start_adapter = ((None if options.fresh else adapters.run_copy(options.adapter, output_dir))
+                         or adapters.resolve(options.adapter))
     if start_adapter is not None:
         recipe = replace(recipe, lora={**recipe.lora, **start_adapter.lora_settings()})
         fixed = [a.partition("=")[0].strip() for a in options.sets
@@ -126,13 +128,17 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         processes_per_node=processes_per_node(options.gpus, machine),
         lora_rank=int(recipe.lora["r"]),
         lora_targets=_targets(recipe.lora["target_modules"]),
-        lora_dropout=float(recipe.lora["lora_dropout"]),
+        # DPOTrainer disables dropout (DPOConfig.disable_dropout): no LoRA dropout copies.
+        lora_dropout=(0.0 if objective is objectives.DPO
+                      and recipe.training.get("disable_dropout", True)
+                      else float(recipe.lora["lora_dropout"])),
         gradient_checkpointing=options.gradient_checkpointing,
         full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
         objective=objective.name,
         sequences_per_example=objective.sequences_per_example,
         reference_forward=(objective is objectives.DPO
                            and not recipe.training.get("precompute_ref_log_probs")),
+        reference_adapter=objective is objectives.DPO and start_adapter is not None,
     )
     plan = planner.plan(machine, model, spec)
     _check_engine(options, plan)
@@ -148,14 +154,27 @@ def _objective(options: Options) -> objectives.Objective:
     train with DPO), else what a --recipe configures, else SFT."""
     if options.objective != "auto":
         return objectives.get(options.objective)
+    recipe = recipes.load_recipe(options.recipe) if options.recipe else None
     if options.data:
         from ftlaunch.data import read
 
-        fmt = dict(a.partition("=")[::2] for a in options.sets).get("data.format", "auto")
-        return objectives.for_kind(read.peek_kind(options.data, fmt.strip() or "auto"))
-    if options.recipe:
-        return objectives.get(recipes.load_recipe(options.recipe).objective)
-    return objectives.SFT
+        fmt = dict(a.partition("=")[::2] for a in options.sets).get("data.format")
+        fmt = (fmt or (recipe.data.get("format") if recipe else None) or "auto").strip()
+        try:
+            return objectives.for_kind(read.peek_kind(options.data, fmt))
+        except UserError:
+            # A joining node may not see the data (node 0 reads it, on a shared run
+            # directory): it plans with the recipe's objective, and the nodes' meeting
+            # refuses a plan that differs from node 0's.
+            if not _joining(options):
+                raise
+    return objectives.get(recipe.objective) if recipe else objectives.SFT
+
+
+def _joining(options: Options) -> bool:
+    cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
+                                  options.master_addr, options.master_port)
+    return cluster.node_rank > 0
 
 
 def _objective_reason(options: Options, objective: objectives.Objective) -> str:

@@ -157,10 +157,12 @@ def estimate(model: ModelSpec, spec: TrainSpec, candidate: Candidate, micro_batc
         overhead += 512 * MIB  # the worker process itself: Python, torch, transformers
 
     adapter_states = 0 if offloaded else trainable
+    # DPO from a starting adapter: its frozen copy (the reference) sits beside it.
+    copies = 2 if spec.reference_adapter else 1
     return Breakdown(
         weights=weights_bytes(model, candidate.method, on_gpu, shards, offloaded,
                               zero3=candidate.engine == "deepspeed" and candidate.zero_stage == 3),
-        adapter=stack.adapter_bytes * adapter_states // shards,
+        adapter=copies * stack.adapter_bytes * adapter_states // shards,
         gradients=grad_copies * stack.adapter_bytes * adapter_states // shards,
         optimizer=stack.optimizer_bytes * adapter_states // shards,
         activations=activations,

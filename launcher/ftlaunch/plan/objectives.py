@@ -74,4 +74,6 @@ def check_data(objective: Objective, kind: str, fmt: str, source) -> None:
                         f"{fmt} data. Give preference data, or --objective sft for this data.")
     raise UserError(f"--data {source} holds preference pairs ({fmt}), which train with "
                     f"--objective dpo, not --objective {objective.name}. Leave --objective "
-                    "out (auto) or give data of another format for SFT.")
+                    "out (auto), give data of another format for SFT, or, if its rows also "
+                    "hold the conversation to train on, say which: --set "
+                    "data.format=messages.")

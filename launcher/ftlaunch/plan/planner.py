@@ -49,6 +49,7 @@ class TrainSpec:
     sequences_per_example: int = 1
     # A reference model's forward pass in every step (DPO without precomputed log-probs).
     reference_forward: bool = False
+    reference_adapter: bool = False  # DPO from --adapter: a frozen copy of it is the reference
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ PLAN_OWNED = {
     "completion_only_loss": "the data's format (prompt/completion data trains on completions)",
     "packing": "--packing / --no-packing (data.packing)",
     "ddp_backend": "the engine (nccl on GPUs, gloo on CPU)",
+    # DPO: the launcher's length notes count pairs cut at the end, the prompt kept whole.
+    "truncation_mode": "--seq-len (DPO keeps the prompt and cuts the answers, keep_start)",
 }
 
 def eval_defaults(training: dict) -> dict:

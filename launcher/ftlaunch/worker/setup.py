@@ -47,7 +47,8 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
     config = training_config(run_dir, record)
     # The training template (generation markers) also goes out with the adapter.
     tokenizer = _load_tokenizer(record.model,
-                                tokenize.assistant_only(record.data.kind, record.data_options))
+                                tokenize.assistant_only(record.data.kind, record.data_options),
+                                record.data.kind)
     model = load_base_model(record.model, precision_dtype(record.strategy.precision),
                             quantize_4bit=record.strategy.method == "qlora",
                             seed=record.seed, for_training=True)
@@ -89,8 +90,8 @@ def _adapt_fsdp_to_cpu(step) -> None:
         raise UserError(fsdp_cpu.message(exc)) from None
 
 
-def _load_tokenizer(model: ModelSource, assistant_only: bool):
-    tokenizer, template = tokenize.load_tokenizer(model, assistant_only)
+def _load_tokenizer(model: ModelSource, assistant_only: bool, kind: str):
+    tokenizer, template = tokenize.load_tokenizer(model, assistant_only, kind)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if template and int(os.environ.get("RANK", "0")) == 0:
@@ -151,8 +152,8 @@ def _with_start_adapter(model, run_dir: Path):
     """The base with the run's starting adapter (models.adapter), trainable: the policy
     continues from it. DPOTrainer (TRL 1.16) copies it into a frozen "ref" adapter before
     training, its reference for a re-trained adapter: the starting policy, on the same
-    base weights. On resume the checkpoint's weights go into the trainable adapter only,
-    so "ref" is again the starting adapter."""
+    base weights. A resume from a trainer-format checkpoint reloads both from it (its ref/
+    holds that same frozen copy); FSDP's sharded checkpoints hold every parameter."""
     from peft import PeftModel
 
     from ftlaunch.models.adapter import START_FOLDER
@@ -175,7 +176,8 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
                             eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
                             callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
-    _adapter_in_fp32(trainer.model)
+    _adapter_in_fp32(trainer.model, fsdp_precision=_16_bit(config) if trainer.is_fsdp_enabled
+                     else None)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
     recorder = BatchRecorder(trainer.data_collator)
     trainer.data_collator = recorder
@@ -194,13 +196,21 @@ def _preference_trainer():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if args.max_length is None or args.truncation_mode != "keep_start":
                 return dataset
-            return dataset.filter(lambda pair: len(pair["prompt_ids"]) < args.max_length,
+            # In memory: every rank filters its own view, none writes beside the cache.
+            return dataset.filter(lambda prompt: len(prompt) < args.max_length,
+                                  input_columns=["prompt_ids"], keep_in_memory=True,
                                   desc=f"Dropping fully truncated {dataset_name} pairs")
 
     return CachedPairsDPOTrainer
 
 
-def _adapter_in_fp32(model) -> None:
+def _16_bit(config):
+    import torch
+
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+
+
+def _adapter_in_fp32(model, fsdp_precision=None) -> None:
     """Trainable (LoRA) weights in fp32, as PEFT makes them, for QLoRA too.
 
     TRL casts a quantized model's LoRA weights to bf16 whatever the compute dtype. The
@@ -211,8 +221,11 @@ def _adapter_in_fp32(model) -> None:
     import torch
 
     for name, param in model.named_parameters():
-        # DPO's frozen reference adapter ("ref", a copy of the starting one) too: in bf16
-        # beside an fp32 policy it would score the same weights differently.
-        trainable = param.requires_grad or ".ref." in name
-        if trainable and param.dtype in (torch.bfloat16, torch.float16):
+        if ".ref." in name:
+            # DPO's frozen reference adapter (a copy of the starting one). fp32 as the
+            # policy, so both score the same weights alike; but FSDP flattens frozen leaves
+            # into their layer's unit with the base weights, which must share one dtype:
+            # there it takes the base's (FSDP computes in that dtype anyway).
+            param.data = param.data.to(fsdp_precision or torch.float32)
+        elif param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
