@@ -136,8 +136,7 @@ def test_fused_tile_sizes_are_trls():
 
 
 
-DPO_SPEC = TrainSpec(seq_len=1024, objective="dpo", sequences_per_example=2,
-                     reference_forward=True, lora_dropout=0.0)
+DPO_SPEC = TrainSpec(seq_len=1024, objective="dpo", reference_forward=True, lora_dropout=0.0)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

@@ -14,8 +14,7 @@ from ftlaunch.plan import planner
 from ftlaunch.plan.planner import TrainSpec
 
 # What plan.job makes of a DPO run: two sequences per pair, a reference pass, no dropout.
-DPO = {"objective": "dpo", "sequences_per_example": 2, "reference_forward": True,
-       "lora_dropout": 0.0}
+DPO = {"objective": "dpo", "reference_forward": True, "lora_dropout": 0.0}
 
 # hardware, model, options -> method, engine, zero stage, offload, processes, machines, fits
 GOLDEN = [

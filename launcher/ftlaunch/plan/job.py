@@ -82,9 +82,10 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     nothing but a bundled recipe is used, which the test suite already validates."""
     options = _resume_settings(options)
     model = models.resolve(options.model)
-    objective = _objective(options)
+    asked_recipe = recipes.load_recipe(options.recipe) if options.recipe else None
+    objective = _objective(options, asked_recipe)
     recipe_name = options.recipe or objective.recipe
-    recipe = recipes.load_recipe(recipe_name)
+    recipe = asked_recipe or recipes.load_recipe(recipe_name)
     if recipe.objective != objective.name:
         raise UserError(f"--recipe {recipe_name} configures {recipe.objective.upper()} "
                         f"(objective: {recipe.objective}), but this run trains "
@@ -135,7 +136,6 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         gradient_checkpointing=options.gradient_checkpointing,
         full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
         objective=objective.name,
-        sequences_per_example=objective.sequences_per_example,
         reference_forward=(objective is objectives.DPO
                            and not recipe.training.get("precompute_ref_log_probs")),
         reference_adapter=objective is objectives.DPO and start_adapter is not None,
@@ -149,12 +149,11 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                start_adapter=start_adapter)
 
 
-def _objective(options: Options) -> objectives.Objective:
+def _objective(options: Options, recipe: recipes.Recipe | None) -> objectives.Objective:
     """--objective, or on auto what the data holds (its first example: preference pairs
     train with DPO), else what a --recipe configures, else SFT."""
     if options.objective != "auto":
         return objectives.get(options.objective)
-    recipe = recipes.load_recipe(options.recipe) if options.recipe else None
     if options.data:
         from ftlaunch.data import read
 

@@ -18,7 +18,7 @@ So the peak is
 The terms are reported so that they add up to that peak: `logits` is what the
 loss phase adds beyond the recompute phase.
 
-DPO (spec.sequences_per_example 2): each example is a chosen and a rejected sequence
+DPO (spec.sequences_per_example: 2): each example is a chosen and a rejected sequence
 in the same batch, so every activation and loss term counts twice the rows. Its
 reference forward pass (spec.reference_forward) runs after the policy's forward, under
 no_grad, while the policy's saved activations wait for backward: it saves nothing, and

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ftlaunch.plan import memory, recipe
+from ftlaunch.plan import memory, objectives, recipe
 from ftlaunch.errors import UserError
 from ftlaunch.detect.hardware import Hardware
 from ftlaunch.units import format_gib
@@ -45,11 +45,13 @@ class TrainSpec:
     # TRL computes the whole logits (not its fused LM head) for label smoothing.
     full_logits: bool = False
     objective: str = "sft"  # plan.objectives: sft | dpo
-    # Sequences per example in a batch (objectives.Objective): DPO's pair is two.
-    sequences_per_example: int = 1
     # A reference model's forward pass in every step (DPO without precomputed log-probs).
     reference_forward: bool = False
     reference_adapter: bool = False  # DPO from --adapter: a frozen copy of it is the reference
+
+    @property
+    def sequences_per_example(self) -> int:  # sequences per example: DPO's pair is two
+        return objectives.get(self.objective).sequences_per_example
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,10 @@ class Plan:
     batch_adjusted_from: int | None = None
     objective: str = "sft"  # plan.objectives
     reference_forward: bool = False  # DPO: a reference forward pass in every step
-    sequences_per_example: int = 1  # DPO: a pair is two rows of the batch (chosen, rejected)
+
+    @property
+    def sequences_per_example(self) -> int:  # rows per example: DPO's pair is two
+        return objectives.get(self.objective).sequences_per_example
 
     @property
     def batch_note(self) -> str | None:
@@ -302,7 +307,6 @@ def _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem,
                              if micro * accumulation * world != spec.global_batch_size else None),
         objective=spec.objective,
         reference_forward=spec.reference_forward,
-        sequences_per_example=spec.sequences_per_example,
     )
 
 

@@ -90,7 +90,6 @@ def check(trainer) -> None:
         raise Unadaptable(f"the Trainer's accelerator runs {state.distributed_type}, not FSDP")
     if str(state.device) != "cpu":
         raise Unadaptable(f"the accelerator's device is {state.device}, not cpu")
-    keep_4bit_weights_flat(trainer.model)
 
 
 def keep_4bit_weights_flat(model) -> None:

@@ -49,15 +49,17 @@ def build(run_dir: Path, stop: StopRequest | None = None) -> Session:
     tokenizer = _load_tokenizer(record.model,
                                 tokenize.assistant_only(record.data.kind, record.data_options),
                                 record.data.kind)
-    model = load_base_model(record.model, precision_dtype(record.strategy.precision),
+    dtype = precision_dtype(record.strategy.precision)
+    model = load_base_model(record.model, dtype,
                             quantize_4bit=record.strategy.method == "qlora",
                             seed=record.seed, for_training=True)
     if strategy.start_adapter:
         model = _with_start_adapter(model, run_dir)
     trainer, recorder = _build_trainer(run_dir, config, record.lora, model, tokenizer,
-                                       train_set, eval_set, strategy.objective)
+                                       train_set, eval_set, strategy.objective, dtype)
     if fsdp_on_cpu:
         _adapt_fsdp_to_cpu(lambda: fsdp_cpu.check(trainer))
+        fsdp_cpu.keep_4bit_weights_flat(trainer.model)
     _check_world(trainer.args, strategy)
     stop = stop or StopRequest()
     # Gradients the guard can act on before the optimizer steps: not DeepSpeed's (its
@@ -162,7 +164,7 @@ def _with_start_adapter(model, run_dir: Path):
 
 
 def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train_set, eval_set,
-                   objective: str = "sft"):
+                   objective: str, dtype):
     from peft import LoraConfig, PeftModel
     from transformers import PrinterCallback
     from trl import SFTTrainer
@@ -176,8 +178,7 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
                             eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
                             callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
-    _adapter_in_fp32(trainer.model, fsdp_precision=_16_bit(config) if trainer.is_fsdp_enabled
-                     else None)
+    _adapter_in_fp32(trainer.model, fsdp_precision=dtype if trainer.is_fsdp_enabled else None)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
     recorder = BatchRecorder(trainer.data_collator)
     trainer.data_collator = recorder
@@ -202,12 +203,6 @@ def _preference_trainer():
                                   desc=f"Dropping fully truncated {dataset_name} pairs")
 
     return CachedPairsDPOTrainer
-
-
-def _16_bit(config):
-    import torch
-
-    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
 
 
 def _adapter_in_fp32(model, fsdp_precision=None) -> None:
