@@ -1,4 +1,4 @@
-"""How often a model prefers the chosen answer, on a DPO run's held-out pairs.
+"""How often a model prefers the chosen answer, on a DPO (or KTO) run's held-out pairs.
 
 For each pair of the run's held-out split (its data cache's eval split: the very pairs
 the run evaluated on), the summed log-probability of the chosen completion and of the
@@ -9,6 +9,10 @@ reward accuracy compares each model with its reference, the starting adapter: it
 before the first step by construction, which says nothing about the starting model.)
 
     .venv/bin/python bench/dpo_pairs.py runs/demo-dpo        # prints one JSON object
+
+A KTO run trained on pairs holds them unpaired: with the pairs given as --eval-data, its
+held-out split is each pair's chosen example then its rejected one, in order, and is
+read back as those pairs (a random --eval-split breaks pairs apart, and is refused).
 """
 
 from __future__ import annotations
@@ -53,11 +57,14 @@ def main(run_dir: Path) -> dict:
     _, held_out = data_cache.load(run_dir / data_cache.DIRECTORY, record.data.cache["fingerprint"])
     if held_out is None:
         raise SystemExit(f"{run_dir} held no pairs out (data.eval_split or --eval-data)")
+    if "completion_ids" in held_out.column_names:
+        held_out = _pairs_again(held_out.to_list(), run_dir)
     dtype = precision_dtype(record.strategy.precision)
+    step = record.strategy.objective.upper()
     models = {"base": None}
     if record.strategy.start_adapter:
-        models["start adapter (before DPO)"] = run_dir / START_FOLDER
-    models["trained adapter (after DPO)"] = run_dir / "adapter"
+        models[f"start adapter (before {step})"] = run_dir / START_FOLDER
+    models[f"trained adapter (after {step})"] = run_dir / "adapter"
     result = {"run": str(run_dir), "pairs": len(held_out), "date": time.strftime("%Y-%m-%d")}
     for label, adapter in models.items():
         model = load_base_model(record.model, dtype, seed=record.seed).eval()
@@ -65,6 +72,19 @@ def main(run_dir: Path) -> dict:
             model = PeftModel.from_pretrained(model, str(adapter)).eval()
         result[label] = preferred(model, held_out)
     return result
+
+
+def _pairs_again(examples: list[dict], run_dir: Path) -> list[dict]:
+    """KTO's unpaired held-out examples, chosen then rejected for each pair, as pairs."""
+    pairs = []
+    for chosen, rejected in zip(examples[::2], examples[1::2]):
+        if not (chosen["label"] and not rejected["label"]
+                and chosen["prompt_ids"] == rejected["prompt_ids"]):
+            raise SystemExit(f"{run_dir}'s held-out examples are not pairs in order: give the "
+                             "pairs as --eval-data (a random --eval-split breaks them apart)")
+        pairs.append({"prompt_ids": chosen["prompt_ids"], "chosen_ids": chosen["completion_ids"],
+                      "rejected_ids": rejected["completion_ids"]})
+    return pairs
 
 
 if __name__ == "__main__":

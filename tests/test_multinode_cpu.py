@@ -262,7 +262,7 @@ def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
     run_dir = tmp_path / "run"
     logs = (tmp_path / "node0.log", tmp_path / "node1.log")
     procs = _both(free_port(), (run_dir, run_dir), logs, "--max-steps", "100000",
-                  "--join-timeout", "15s", "--stall-timeout", "10s")
+                  "--join-timeout", "6s", "--stall-timeout", "5s")
     _wait_for_text(logs[0], "checkpoint-2 complete", procs[0])
     node1 = [psutil.Process(procs[1].pid), *psutil.Process(procs[1].pid).children(recursive=True)]
     for proc in node1:
@@ -278,7 +278,7 @@ def test_when_node_1_is_gone_node_0_stops_at_the_join_timeout(tmp_path):
     # --join-timeout plus the stall timeout (shorter than the collective timeout here):
     # the time node 1's ranks could have needed to notice the failure.
     assert ("ftlaunch: not restarted: the nodes did not meet to restart (node(s) 1 did not "
-            "join within 25 s (--join-timeout, plus the time a node's ranks may need to "
+            "join within 11 s (--join-timeout, plus the time a node's ranks may need to "
             "notice the failure: the stall or collective timeout)); that node's machine or "
             "launcher is likely gone.") in out, out
     assert not restart_lines(out)

@@ -12,7 +12,7 @@ import pytest
 
 from ftlaunch.detect import hardware
 from ftlaunch.models import presets as models
-from ftlaunch.plan import planner
+from ftlaunch.plan import batch, planner
 from ftlaunch.plan.planner import TrainSpec
 
 HARDWARE = ["cpu", "1xRTX4090-24GB", "1xV100-32GB", "1xA100-80GB", "4xA100-80GB",
@@ -167,15 +167,15 @@ def test_an_indivisible_global_batch_is_refused_when_asked_and_noted_when_a_defa
     p = _plan(spec, "tiny", global_batch_size=asked)
     if expected is None:
         assert p.batch_adjusted_from is None and p.batch_note is None
-        planner.check_global_batch(p, asked=True)
+        batch.check(p, asked=True)
         return
-    assert planner.batch_choices(asked, p.num_processes) == expected
+    assert batch.choices(asked, p.num_processes) == expected
     assert p.global_batch_size == expected[0] and p.batch_adjusted_from == asked
-    planner.check_global_batch(p, asked=False)
+    batch.check(p, asked=False)
     assert any(f"global batch {asked} does not divide over {p.num_processes} processes: using "
                f"{p.global_batch_size}" in line for line in report.summary_lines(p))
     with pytest.raises(UserError) as refused:
-        planner.check_global_batch(p, asked=True)
+        batch.check(p, asked=True)
     assert " or ".join(f"--global-batch-size {b}" for b in expected) in str(refused.value)
 
 

@@ -190,7 +190,9 @@ def test_sharded_engines_hold_half_the_base_and_train_only_the_adapter(reference
     assert ranks(reference("zero3-qlora"))[0]["sharding"]["partitioned_parameters"] > 0
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+# The QLoRA variant of each engine: LoRA's checkpoints go through the same engine code (a
+# sharded state dict, ZeRO partitions, DDP's plain one), and its training is tested above.
+@pytest.mark.parametrize("strategy", [name for name in STRATEGIES if name.endswith("qlora")])
 def test_sigterm_then_a_killed_rank_then_resume_is_bitwise_the_uninterrupted_run(
         strategy, reference, tmp_path):
     expected = reference(strategy)

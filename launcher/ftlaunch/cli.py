@@ -46,7 +46,8 @@ def _job_options(func):
                      help="Training data: .jsonl/.json/.csv/.parquet, a folder of them, a "
                           "datasets.save_to_disk folder or a hub dataset id. Formats: messages, "
                           "ShareGPT, Alpaca, prompt/completion, '### Human/### Assistant' "
-                          "text, plain text, preference pairs (auto-detected; data.format=... "
+                          "text, plain text, preference pairs, labelled completions "
+                          "(auto-detected; data.format=... "
                           "overrides). "
                           "Default: the bundled demo dataset."),
         click.option("--eval-split", type=float, metavar="FRACTION",
@@ -60,14 +61,15 @@ def _job_options(func):
                      help="Allow the model's own Python code from the hub (off unless asked)."),
         click.option("--recipe", metavar="NAME|PATH",
                      help="Training recipe: a bundled name or a YAML file. Default: the "
-                          "objective's (default for SFT, dpo for DPO)."),
+                          "objective's (default for SFT, dpo for DPO, kto for KTO)."),
         click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto",
                      show_default=True,
-                     help="sft, or dpo on preference pairs (prompt/chosen/rejected); auto: "
-                          "dpo when the data holds preference pairs."),
+                     help="sft; dpo on preference pairs (prompt/chosen/rejected); kto on "
+                          "completions labelled desirable or not (prompt/completion/label) "
+                          "or on pairs; auto: dpo for pairs, kto for labelled completions."),
         click.option("--adapter", metavar="RUN_DIR|PATH",
                      help="Start from this LoRA adapter: a finished run's (e.g. SFT before "
-                          "DPO; DPO's reference is then that adapter, frozen) or a folder."),
+                          "DPO or KTO, whose reference is then that adapter, frozen) or a folder."),
         click.option("--output-dir", metavar="DIR",
                      help="Run directory. Default: runs/<model>. Re-running resumes it."),
         click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,

@@ -19,7 +19,8 @@ way (`trl/trainer/sft_trainer.py`, `SFTTrainer._prepare_dataset`, TRL 1.16):
     text                text + EOS unless it already ends with it
 with the `labels` column TRL would build from those masks (-100 where no loss).
 Preference pairs are cached as DPOTrainer tokenizes them (data/preference.py): its
-prompt_ids, chosen_ids and rejected_ids columns, which its collator takes as they are.
+prompt_ids, chosen_ids and rejected_ids columns, which its collator takes as they are;
+unpaired examples as KTOTrainer does (prompt_ids, completion_ids, label).
 Truncation and packing are not done here: TRL does them after tokenization
 with the run's seq_len and packing settings, and still does them on the cached
 set, so they stay TRL's and a changed seq_len or packing reuses the cache.
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftlaunch.data import preference, tokenize
-from ftlaunch.data.formats import PREFERENCE_KINDS
+from ftlaunch.data.formats import PREFERENCE_KINDS, UNPAIRED_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 from ftlaunch.files import atomic_write
@@ -192,7 +193,9 @@ def load(cache_dir: Path, expected_fingerprint: str) -> tuple[Dataset, Dataset |
 
 def columns_of(kind: str) -> tuple[str, ...]:
     """The columns a cache of this kind of data holds."""
-    return preference.COLUMNS if kind in PREFERENCE_KINDS else COLUMNS
+    if kind in PREFERENCE_KINDS + UNPAIRED_KINDS:
+        return preference.columns(kind)
+    return COLUMNS
 
 
 # ---------------------------------------------------------------- key
@@ -266,7 +269,8 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        preference.tokenize_batch if data.kind in PREFERENCE_KINDS else tokenize.tokenize_batch,
+        (preference.tokenize_batch if data.kind in PREFERENCE_KINDS + UNPAIRED_KINDS
+         else tokenize.tokenize_batch),
         batched=True, batch_size=tokenize.BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "kind": data.kind, "only_assistant": only_assistant},

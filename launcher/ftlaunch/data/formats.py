@@ -12,6 +12,10 @@ Source formats, told apart by the first example's keys unless data.format says:
     chat_preference    {"prompt", "chosen", "rejected"}: message lists, or {"chosen",
                        "rejected"} as whole conversations sharing the prompt (TRL's
                        conversational and implicit-prompt preference formats)
+    unpaired           {"prompt", "completion", "label"}: strings, label true for a
+                       desirable completion, false for an undesirable one      (KTO)
+    chat_unpaired      {"prompt", "completion", "label"}: message lists (TRL's
+                       conversational unpaired preference format)
 Every example comes out in one of these canonical kinds (Dataset.kind):
     conversational     {"messages": [{"role", "content"}, ...]}   messages, sharegpt, alpaca,
                                                                     human_assistant
@@ -20,7 +24,11 @@ Every example comes out in one of these canonical kinds (Dataset.kind):
     preference         {"prompt": str, "chosen": str, "rejected": str}
     chat_preference    {"prompt": [turns], "chosen": [assistant turns], "rejected": [...]}:
                        the prompt always explicit
-The preference kinds train with DPO (PREFERENCE_KINDS), the others with SFT.
+    unpaired           {"prompt": str, "completion": str, "label": bool}
+    chat_unpaired      {"prompt": [turns], "completion": [assistant turns], "label": bool}
+The preference kinds train with DPO (PREFERENCE_KINDS), the unpaired ones with KTO
+(UNPAIRED_KINDS; KTO also takes pairs, each as two unpaired examples: unpair), the
+others with SFT.
 """
 
 from __future__ import annotations
@@ -41,9 +49,13 @@ KINDS = {
     "text": "text",
     "preference": "preference",
     "chat_preference": "chat_preference",
+    "unpaired": "unpaired",
+    "chat_unpaired": "chat_unpaired",
 }
 PREFERENCE_KINDS = ("preference", "chat_preference")
-CHAT_KINDS = ("conversational", "chat_preference")  # rendered by a chat template
+UNPAIRED_KINDS = ("unpaired", "chat_unpaired")
+# Rendered by a chat template.
+CHAT_KINDS = ("conversational", "chat_preference", "chat_unpaired")
 DATA_FORMATS = tuple(KINDS)
 # What data.format may be set to: a source format, or "auto" to tell it from the data.
 DATA_FORMAT_CHOICES = ("auto", *DATA_FORMATS)
@@ -61,6 +73,8 @@ REQUIRED = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "chat_preference": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "chat_unpaired": ("prompt", "completion", "label"),
 }
 _SHOWN_PROBLEMS = 3
 
@@ -77,6 +91,8 @@ def detect(first: Row) -> str:
     row = first.data
     if "chosen" in row and "rejected" in row:  # before `messages`: UltraFeedback has both
         return "chat_preference" if isinstance(row["chosen"], list) else "preference"
+    if "label" in row and "completion" in row:  # before prompt_completion
+        return "chat_unpaired" if isinstance(row["completion"], list) else "unpaired"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -92,8 +108,9 @@ def detect(first: Row) -> str:
         return "text"
     raise UserError(f"{first.where}: cannot tell the data format from keys {sorted(row)}; "
                     "expected `messages` (chat), `conversations` (sharegpt), `instruction` + "
-                    "`output` (alpaca), `prompt` + `completion`, `text`, or `chosen` + `rejected` "
-                    "(preference pairs). Set it with "
+                    "`output` (alpaca), `prompt` + `completion`, `text`, `chosen` + `rejected` "
+                    "(preference pairs), or `prompt` + `completion` + `label` (unpaired "
+                    "preferences). Set it with "
                     f"--set data.format={'|'.join(DATA_FORMATS)}.")
 
 
@@ -119,7 +136,7 @@ def canonicalize(label: str, columns: set[str] | None, rows: list[Row], format: 
     if system_prompt and kind not in CHAT_KINDS:
         raise UserError(f"data.system_prompt is set, but {flag} {label} holds {detected} data, "
                         "not conversations; system prompts apply to chat data only (formats "
-                        "messages, sharegpt, alpaca, human_assistant, chat_preference). Remove "
+                        "messages, sharegpt, alpaca, human_assistant, chat_preference, chat_unpaired). Remove "
                         "data.system_prompt or convert the data to chat messages.")
     convert = _CONVERTERS[detected]
     checked, problems, count = [], [], 0
@@ -290,15 +307,56 @@ def _chat_preference(row: dict) -> dict:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
     else:
         prompt = _turns(row["prompt"], "prompt", "role", "content", roles)
+    _answer_after(prompt, {"chosen": chosen, "rejected": rejected})
+    return _distinct({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def _label(row: dict) -> bool:
+    value = row["label"]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"  # a CSV cell
+    if not isinstance(value, bool):
+        raise _Problem(f"`label` must be true (a desirable completion) or false (an "
+                       f"undesirable one), not {value!r}")
+    return value
+
+
+def _unpaired(row: dict) -> dict:
+    _missing(row, "unpaired")
+    return {"prompt": _string(row, "prompt", nonempty=False),
+            "completion": _string(row, "completion", nonempty=True), "label": _label(row)}
+
+
+def _chat_unpaired(row: dict) -> dict:
+    _missing(row, "chat_unpaired")
+    roles = {role: role for role in ROLES}
+    prompt = _turns(row["prompt"], "prompt", "role", "content", roles)
+    completion = _turns(row["completion"], "completion", "role", "content", roles)
+    _answer_after(prompt, {"completion": completion})
+    return {"prompt": prompt, "completion": completion, "label": _label(row)}
+
+
+def _answer_after(prompt: list[dict], answers: dict) -> None:
+    """The prompt ends where an answer starts, and each answer starts with one."""
     if prompt[-1]["role"] == "assistant":
         raise _Problem("the prompt ends with an assistant turn; it must end where the answer "
                        "starts (a user turn)")
-    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+    for name, turns in answers.items():
         if not turns:
             raise _Problem(f"`{name}` holds nothing after the prompt")
         if turns[0]["role"] != "assistant" or not turns[0]["content"].strip():
             raise _Problem(f"`{name}` must answer with a non-empty assistant turn")
-    return _distinct({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def unpair(kind: str, rows) -> tuple[str, tuple[dict, ...]]:
+    """Preference pairs as KTO's unpaired examples, as TRL's unpair_preference_dataset
+    makes them: each pair's chosen completion desirable, its rejected one undesirable."""
+    assert kind in PREFERENCE_KINDS, kind
+    out = []
+    for row in rows:
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return ("chat_unpaired" if kind == "chat_preference" else "unpaired"), tuple(out)
 
 
 def _distinct(pair: dict) -> dict:
@@ -316,4 +374,6 @@ _CONVERTERS = {
     "text": _text,
     "preference": _preference,
     "chat_preference": _chat_preference,
+    "unpaired": _unpaired,
+    "chat_unpaired": _chat_unpaired,
 }

@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,17 @@ _WHAT_WE_READ = ("ftlaunch reads .jsonl, .json, .csv and .parquet files, a folde
 class Dataset:
     path: Path | str  # the resolved local file or folder, or the Hub dataset id
     format: str       # the source format: one of formats.DATA_FORMATS
-    kind: str         # conversational | prompt_completion | text
+    kind: str         # formats.KINDS: conversational | prompt_completion | text | ...
     rows: tuple[dict, ...]  # canonical rows of that kind
     fingerprint: str  # "sha256:..." over the bytes read, or "hub:<datasets fingerprint>"
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def unpaired(self) -> "Dataset":
+        """Preference pairs as unpaired examples (KTO's), two per pair."""
+        kind, rows = formats.unpair(self.kind, self.rows)
+        return dataclasses.replace(self, kind=kind, rows=rows)
 
 
 # ---------------------------------------------------------------- entry point
@@ -314,7 +320,7 @@ def _csv_cells(record: dict) -> dict:
     """Cells are strings; chat columns may hold their list as JSON text (a preference
     column only when it is a list of messages: its text may start with "[" too)."""
     row = dict(record)
-    for key in ("messages", "conversations", "prompt", "chosen", "rejected"):
+    for key in ("messages", "conversations", "prompt", "chosen", "rejected", "completion"):
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:

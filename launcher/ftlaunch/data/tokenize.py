@@ -6,7 +6,8 @@ what TRL's SFTTrainer does with each data kind, so the counts are the ones
 training sees: a conversation through the (training) chat template with its
 assistant mask, a prompt/completion pair as prompt + completion + EOS with the
 loss on the completion, plain text + EOS with the loss on all of it. Preference pairs
-are tokenized as DPOTrainer does (data/preference.py).
+are tokenized as DPOTrainer does, unpaired examples as KTOTrainer does
+(data/preference.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
-from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_KINDS
+from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_KINDS, UNPAIRED_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 
@@ -29,6 +30,7 @@ class Tokenized:
     trained: list[bool]  # True where the token is a label (carries the loss)
     # A preference pair: this is prompt + chosen, `rejected` is prompt + rejected.
     rejected: "Tokenized | None" = None
+    label: bool | None = None  # an unpaired example: desirable (True) or not (KTO)
 
     @property
     def length(self) -> int:
@@ -126,8 +128,8 @@ def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None)
         chunk = rows[start:start + BATCH]
         batch = {key: [row[key] for row in chunk] for key in chunk[0]}
         indices = list(range(start, start + len(chunk)))
-        if dataset.kind in PREFERENCE_KINDS:
-            tokenized += _pairs(tokenizer, batch, indices, dataset.kind)
+        if dataset.kind in PREFERENCE_KINDS + UNPAIRED_KINDS:
+            tokenized += _preferences(tokenizer, batch, indices, dataset.kind)
             continue
         out = tokenize_batch(batch, indices, tokenizer, dataset.kind, only_assistant)
         tokenized += [Tokenized(list(ids), [label != -100 for label in labels])
@@ -135,15 +137,21 @@ def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None)
     return tokenizer, tokenized, only_assistant
 
 
-def _pairs(tokenizer, batch: dict, indices: list[int], kind: str) -> list[Tokenized]:
+def _preferences(tokenizer, batch: dict, indices: list[int], kind: str) -> list[Tokenized]:
     from ftlaunch.data import preference
 
     out = preference.tokenize_batch(batch, indices, tokenizer, kind)
-    pairs = []
-    for row in zip(*(out[name] for name in preference.COLUMNS)):
-        both = preference.sequences(dict(zip(preference.COLUMNS, row)))
-        pairs.append(Tokenized(*both["chosen"], rejected=Tokenized(*both["rejected"])))
-    return pairs
+    columns = preference.columns(kind)
+    examples = []
+    for row in zip(*(out[name] for name in columns)):
+        example = dict(zip(columns, row))
+        sequences = preference.sequences(example)
+        if "completion" in sequences:
+            examples.append(Tokenized(*sequences["completion"], label=example["label"]))
+        else:
+            examples.append(Tokenized(*sequences["chosen"],
+                                      rejected=Tokenized(*sequences["rejected"])))
+    return examples
 
 
 def tokenize(tokenizer, row: dict, kind: str, assistant_only: bool = True) -> Tokenized:

@@ -45,11 +45,16 @@ def package_versions(names) -> dict[str, str | None]:
 
 
 def torch_runtime() -> dict:
+    # The imported build is what the workers run, which a stale dist-info could contradict:
+    # its version.py, the file torch itself reads them from. A CPU build has no NCCL or
+    # cuDNN, so the launcher need not import torch for it (~2 s, on every launch).
+    build = _torch_build()
+    out = {"torch": build["__version__"], "torch_cuda": build["cuda"], "nccl": None,
+           "cudnn": None}
+    if build["cuda"] is None and build["hip"] is None:
+        return out
     import torch
 
-    # The imported build is what the workers run, which a stale dist-info could contradict.
-    out = {"torch": str(torch.__version__), "torch_cuda": torch.version.cuda, "nccl": None,
-           "cudnn": None}
     if torch.cuda.is_available():
         try:
             out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -58,6 +63,22 @@ def torch_runtime() -> dict:
     if torch.backends.cudnn.is_available():
         out["cudnn"] = torch.backends.cudnn.version()
     return out
+
+
+def _torch_build() -> dict:
+    """torch/version.py of the torch `import torch` would load, run on its own (it imports
+    only typing): __version__, cuda, hip."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("torch is not installed in this Python environment "
+                        f"({sys.executable}); install the project (make test does).")
+    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    namespace: dict = {}
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    return {key: namespace.get(key) for key in ("__version__", "cuda", "hip")}
 
 
 def gpu_driver() -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ftlaunch.launch import preflight
 from ftlaunch.launch import run_files
 from ftlaunch.data import tokenize
+from ftlaunch.data.formats import PREFERENCE_KINDS
 from ftlaunch.models.source import ModelSource
 from ftlaunch.run import directory as rundir
 from ftlaunch.data import read as data_io
@@ -20,8 +21,8 @@ from ftlaunch.resources import demo_data_path, demo_pairs_path
 
 
 def default_data(job: Job) -> Path:
-    """Without --data: the bundled demo set (its preference pairs for DPO)."""
-    return demo_pairs_path() if job.recipe.objective == "dpo" else demo_data_path()
+    """Without --data: the bundled demo set (its preference pairs for DPO and KTO)."""
+    return demo_data_path() if job.recipe.objective == "sft" else demo_pairs_path()
 
 
 def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
@@ -29,14 +30,43 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     options = job.recipe.data
     source = Path(job.options.data).expanduser() if job.options.data else default_data(job)
     dataset = data_io.load(source, options.get("format", "auto"), options.get("system_prompt"))
-    objectives.check_data(objectives.get(job.recipe.objective), dataset.kind, dataset.format,
-                          source)
+    objective = objectives.get(job.recipe.objective)
+    objectives.check_data(objective, dataset.kind, dataset.format, source)
     eval_dataset = None
     if options.get("eval_data"):
         eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
                                     options.get("system_prompt"), flag="--eval-data")
+    if objective is objectives.KTO and dataset.kind in PREFERENCE_KINDS:
+        # KTO trains each pair as two examples (TRL's unpair_preference_dataset).
+        dataset = dataset.unpaired()
+        eval_dataset = eval_dataset.unpaired() if eval_dataset is not None else None
     _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size)
     return dataset, eval_dataset
+
+
+def balance_note(job: Job, dataset) -> str | None:
+    """KTO on unbalanced data: the weights TRL's KTOTrainer would recommend when the ones
+    set do not balance desirable and undesirable examples (the KTO paper's eq. 8: their
+    weighted counts within 1 to 4/3 of each other). KTOTrainer checks this in the step
+    the worker replaces (worker.setup.trainer_class), so the launcher says it instead."""
+    if job.recipe.objective != "kto":
+        return None
+    labels = [row["label"] for row in dataset.rows]
+    good, bad = max(sum(labels), 1), max(len(labels) - sum(labels), 1)
+    if good == bad:
+        return None
+    good_weight = float(job.recipe.training.get("desirable_weight", 1.0))
+    bad_weight = float(job.recipe.training.get("undesirable_weight", 1.0))
+    good_range = (bad * bad_weight / good, bad * bad_weight / good * 1.33)
+    bad_range = (good * good_weight / bad / 1.33, good * good_weight / bad)
+    if (good_range[0] <= good_weight <= good_range[1]
+            or bad_range[0] <= bad_weight <= bad_range[1]):
+        return None
+    return (f"--data holds {good} desirable and {bad} undesirable examples, and "
+            f"desirable_weight {good_weight:g} with undesirable_weight {bad_weight:g} does "
+            "not balance them (the KTO paper's eq. 8). Set either --set desirable_weight="
+            f"{good_range[0]:.2f}..{good_range[1]:.2f} or --set undesirable_weight="
+            f"{bad_range[0]:.2f}..{bad_range[1]:.2f}, not both")
 
 
 def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: int) -> None:

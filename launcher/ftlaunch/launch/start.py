@@ -55,6 +55,8 @@ def start_run(job: Job, argv: list[str], echo) -> int:
     if not options.data:
         echo(f"No --data given: training on the bundled demo dataset {checks.default_data(job)}.")
     dataset, eval_dataset = checks.load_data(job)
+    if balance := checks.balance_note(job, dataset):
+        echo(f"Note: {balance}.")
     model = run_files.model_record(job, materialize=not options.dry_run)
     if job.start_adapter is not None:
         adapters.check_base(job.start_adapter, (model.name, model.source, model.load_from))

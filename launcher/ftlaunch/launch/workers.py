@@ -217,15 +217,19 @@ def final_summary(run_dir: Path) -> str:
 
 
 def _reward_summary(metrics: Path) -> str | None:
-    """DPO: the reward accuracy (how often chosen outscores rejected) on the held-out
-    pairs at the first and last evaluation, else over the first and last logged steps."""
+    """DPO: the reward accuracy (how often chosen outscores rejected); KTO: the reward
+    margin (desirable minus undesirable completions): on the held-out examples at the
+    first and last evaluation, else over the first and last logged steps."""
     rows = rundir.metrics_rows(metrics) if metrics.exists() else []
-    for key, where in (("eval_rewards/accuracies", "held-out pairs"),
-                       ("rewards/accuracies", "training batches")):
+    for key, what, where in (
+            ("eval_rewards/accuracies", "Reward accuracy", "held-out pairs"),
+            ("rewards/accuracies", "Reward accuracy", "training batches"),
+            ("eval_rewards/margins", "Reward margin", "held-out examples"),
+            ("rewards/margins", "Reward margin", "training batches")):
         points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
         if len(points) >= 2:
             (first_step, first), (last_step, last) = points[0], points[-1]
-            return (f"Reward accuracy on {where}: {first:.3f} at step {first_step}, "
+            return (f"{what} on {where}: {first:.3f} at step {first_step}, "
                     f"{last:.3f} at step {last_step}.")
     return None
 

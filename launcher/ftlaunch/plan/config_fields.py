@@ -1,4 +1,5 @@
-"""The fields of TRL's SFTConfig and DPOConfig and peft's LoraConfig, and their value types.
+"""The fields of TRL's SFTConfig, DPOConfig and KTOConfig and peft's LoraConfig, and their
+value types.
 
 Importing trl and peft to look at two dataclasses costs the launcher ~3.5 s
 (peft pulls in transformers, torch and bitsandbytes), longer than planning,
@@ -21,7 +22,8 @@ from pathlib import Path
 from ftlaunch.resources import recipes_dir
 
 LIBRARIES = ("trl", "peft", "transformers")  # SFTConfig extends transformers' TrainingArguments
-SECTIONS = ("training", "lora", "dpo_training")  # SFTConfig, LoraConfig, DPOConfig
+# SFTConfig, LoraConfig, DPOConfig, KTOConfig
+SECTIONS = ("training", "lora", "dpo_training", "kto_training")
 
 
 def table_path() -> Path:
@@ -59,10 +61,10 @@ def introspect() -> dict:
     import typing
 
     from peft import LoraConfig
-    from trl import DPOConfig, SFTConfig
+    from trl import DPOConfig, KTOConfig, SFTConfig
 
     out = {}
-    for section, cls in zip(SECTIONS, (SFTConfig, LoraConfig, DPOConfig)):
+    for section, cls in zip(SECTIONS, (SFTConfig, LoraConfig, DPOConfig, KTOConfig)):
         hints = typing.get_type_hints(cls)
         out[section] = {f.name: describe(hints.get(f.name, typing.Any))
                         for f in dataclasses.fields(cls) if f.init}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ftlaunch.detect.hardware import known_gpu
 from ftlaunch.models.presets import ModelSpec
+from ftlaunch.plan import objectives
 from ftlaunch.plan.planner import Plan
 
 # Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s, vendor datasheets, without sparsity;
@@ -64,12 +65,16 @@ def run_size(plan: Plan, max_steps: int | None, epochs: float | None,
 def flops_per_token(model: ModelSpec, plan: Plan) -> float:
     """LoRA training FLOPs per token: the forward (2N), the backward through the frozen
     weights to the activations (2N; no weight gradients but LoRA's few), the forward
-    again under gradient checkpointing (2N), DPO's reference forward (2N, unless its
-    log-probs were precomputed), and causal attention (QK^T and AV, forward ~2·L·s·d,
-    three times that with the backward)."""
+    again under gradient checkpointing (2N), the forward passes without gradients the
+    objective adds (2N each: DPO's reference; KTO's reference on the completion and on
+    the KL completion, and the policy's own on the KL completion; the reference's
+    unless its log-probs were precomputed), and causal attention (QK^T and AV, forward
+    ~2·L·s·d, three times that with the backward)."""
     n = model.parameters
-    dense = (4 + (2 if plan.gradient_checkpointing else 0)
-             + (2 if plan.reference_forward else 0)) * n
+    objective = objectives.get(plan.objective)
+    no_grad = (objective.policy_forwards_without_grad
+               + (objective.reference_forwards if plan.reference_forward else 0))
+    dense = (4 + (2 if plan.gradient_checkpointing else 0) + 2 * no_grad) * n
     attention = 6 * model.num_layers * plan.seq_len * model.num_heads * model.head_dim
     return dense + attention
 

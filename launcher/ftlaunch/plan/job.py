@@ -16,7 +16,7 @@ from ftlaunch.detect import cluster as cluster_mod
 from ftlaunch.detect import hardware as hw
 from ftlaunch.models import adapter as adapters
 from ftlaunch.models import presets as models
-from ftlaunch.plan import objectives
+from ftlaunch.plan import batch, objectives
 from ftlaunch.plan import planner
 from ftlaunch.plan import recipe as recipes
 from ftlaunch.identity import RESUME_CHANGEABLE
@@ -30,7 +30,7 @@ class Options:
     gpus: str = "auto"
     data: str | None = None
     recipe: str | None = None  # None: the objective's bundled recipe
-    objective: str = "auto"  # auto: DPO for preference data, else SFT
+    objective: str = "auto"  # auto: DPO for pairs, KTO for labelled completions, else SFT
     adapter: str | None = None  # --adapter: start from this LoRA adapter (or run's)
     output_dir: str | None = None
     method: str = "auto"
@@ -111,12 +111,13 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     if validate or options.sets or recipe_name not in recipes.recipe_paths():
         set_keys = frozenset(a.partition("=")[0].strip() for a in options.sets)
         recipe = recipes.validate(recipe, set_keys, recipe_name)
-    if objective is objectives.DPO:  # pairs are padded per batch by DPOTrainer's collator
+    if not objective.packs:  # preference examples are padded per batch by TRL's collator
         asked = options.packing or any(a.partition("=")[0].strip() == "data.packing"
                                        for a in options.sets)
         if asked and recipes.packing(recipe.data):
-            raise UserError("DPO does not pack: each pair is padded in its batch "
-                            "(DPOTrainer). Leave out --packing / data.packing=true.")
+            raise UserError(f"{objective.name.upper()} does not pack: each example is padded "
+                            f"in its batch ({objective.name.upper()}Trainer). Leave out "
+                            "--packing / data.packing=true.")
         recipe = replace(recipe, data={**recipe.data, "packing": False})
     cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
                                   options.master_addr, options.master_port)
@@ -129,20 +130,20 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
         processes_per_node=processes_per_node(options.gpus, machine),
         lora_rank=int(recipe.lora["r"]),
         lora_targets=_targets(recipe.lora["target_modules"]),
-        # DPOTrainer disables dropout (DPOConfig.disable_dropout): no LoRA dropout copies.
-        lora_dropout=(0.0 if objective is objectives.DPO
+        # DPO's and KTO's trainers disable dropout (disable_dropout): no LoRA dropout copies.
+        lora_dropout=(0.0 if objective.has_reference
                       and recipe.training.get("disable_dropout", True)
                       else float(recipe.lora["lora_dropout"])),
         gradient_checkpointing=options.gradient_checkpointing,
         full_logits=float(recipe.training.get("label_smoothing_factor") or 0) > 0,
         objective=objective.name,
-        reference_forward=(objective is objectives.DPO
+        reference_forward=(objective.has_reference
                            and not recipe.training.get("precompute_ref_log_probs")),
-        reference_adapter=objective is objectives.DPO and start_adapter is not None,
+        reference_adapter=objective.has_reference and start_adapter is not None,
     )
     plan = planner.plan(machine, model, spec)
     _check_engine(options, plan)
-    planner.check_global_batch(plan, asked=options.global_batch_size is not None)
+    batch.check(plan, asked=options.global_batch_size is not None)
     recipe = _learning_rate_for(recipe, plan, model, options)
     return Job(options=options, model=model, recipe=recipe, hardware=machine,
                plan=plan, output_dir=output_dir, cluster=cluster, spec=spec,
@@ -151,7 +152,8 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
 
 def _objective(options: Options, recipe: recipes.Recipe | None) -> objectives.Objective:
     """--objective, or on auto what the data holds (its first example: preference pairs
-    train with DPO), else what a --recipe configures, else SFT."""
+    train with DPO, labelled completions with KTO; pairs with KTO when a --recipe says
+    so), else what a --recipe configures, else SFT."""
     if options.objective != "auto":
         return objectives.get(options.objective)
     if options.data:
@@ -160,7 +162,10 @@ def _objective(options: Options, recipe: recipes.Recipe | None) -> objectives.Ob
         fmt = dict(a.partition("=")[::2] for a in options.sets).get("data.format")
         fmt = (fmt or (recipe.data.get("format") if recipe else None) or "auto").strip()
         try:
-            return objectives.for_kind(read.peek_kind(options.data, fmt))
+            kind = read.peek_kind(options.data, fmt)
+            if recipe and kind in objectives.get(recipe.objective).kinds:
+                return objectives.get(recipe.objective)
+            return objectives.for_kind(kind)
         except UserError:
             # A joining node may not see the data (node 0 reads it, on a shared run
             # directory): it plans with the recipe's objective, and the nodes' meeting
@@ -181,7 +186,9 @@ def _objective_reason(options: Options, objective: objectives.Objective) -> str:
         return f"--objective {options.objective}"
     if not options.data:
         return "the bundled demo data"
-    held = "preference pairs" if objective is objectives.DPO else "no preference pairs"
+    held = {"dpo": "preference pairs",
+            "kto": "completions labelled desirable or not"}.get(objective.name,
+                                                                  "no preference data")
     return f"--data {options.data} holds {held}"
 
 

@@ -26,6 +26,11 @@ its transient is one layer's working set, then the LM head's tiles. With gradien
 checkpointing that fits inside the recompute / loss phase already counted; without it,
 what one layer's working set exceeds the loss phase's tiles is added to `activations`.
 Precomputed reference log-probs remove the pass (and the term).
+
+KTO (one sequence per example) makes three forward passes under no_grad: the policy
+on the KL completions before its own forward (nothing saved is alive yet, so its peak
+is below the step's), then the reference on the completions and on the KL completions,
+after it: the same transient as DPO's reference pass, counted the same way.
 """
 
 from __future__ import annotations

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ftlaunch.plan import memory, objectives, recipe
-from ftlaunch.errors import UserError
+from ftlaunch.plan import batch, memory, objectives, recipe
 from ftlaunch.detect.hardware import Hardware
 from ftlaunch.units import format_gib
 from ftlaunch.models.presets import ModelSpec, lora_parameter_count
 
 ENGINES = ("auto", "single", "ddp", "fsdp", "deepspeed", "cpu")
-_MICRO_BATCHES = (16, 8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -44,14 +42,18 @@ class TrainSpec:
     gradient_checkpointing: bool | None = None
     # TRL computes the whole logits (not its fused LM head) for label smoothing.
     full_logits: bool = False
-    objective: str = "sft"  # plan.objectives: sft | dpo
-    # A reference model's forward pass in every step (DPO without precomputed log-probs).
+    objective: str = "sft"  # plan.objectives: sft | dpo | kto
+    # A reference model's forward passes in every step (DPO, KTO; unless precomputed).
     reference_forward: bool = False
-    reference_adapter: bool = False  # DPO from --adapter: a frozen copy of it is the reference
+    reference_adapter: bool = False  # from --adapter: a frozen copy of it is the reference
 
     @property
     def sequences_per_example(self) -> int:  # sequences per example: DPO's pair is two
         return objectives.get(self.objective).sequences_per_example
+
+    @property
+    def least_micro_batch(self) -> int:  # KTO: two, for its KL estimate
+        return objectives.get(self.objective).least_micro_batch
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Plan:
     # is the nearest multiple below it (None: as asked). Not in to_json: the batch itself is.
     batch_adjusted_from: int | None = None
     objective: str = "sft"  # plan.objectives
-    reference_forward: bool = False  # DPO: a reference forward pass in every step
+    reference_forward: bool = False  # DPO, KTO: a reference's forward passes in every step
 
     @property
     def sequences_per_example(self) -> int:  # rows per example: DPO's pair is two
@@ -94,12 +96,7 @@ class Plan:
 
     @property
     def batch_note(self) -> str | None:
-        if self.batch_adjusted_from is None:
-            return None
-        n = self.num_processes
-        return (f"the recipe's global batch {self.batch_adjusted_from} does not divide over {n} "
-                f"processes: using {self.global_batch_size} (--global-batch-size with a multiple "
-                f"of {n} chooses another)")
+        return batch.note(self)
 
     @property
     def num_machines(self) -> int:
@@ -161,7 +158,7 @@ def plan(hardware: Hardware, model: ModelSpec, spec: TrainSpec, _hints: bool = T
     last: Plan | None = None
     failed: dict[Candidate, Plan] = {}
     for candidate, checkpointing in _stages(hardware, spec, world):
-        for micro in _micro_batches(spec.global_batch_size, world):
+        for micro in batch.micro_batches(spec.global_batch_size, world, spec.least_micro_batch):
             mem = memory.estimate(model, spec, candidate, micro, world,
                                   on_gpu=hardware.has_gpus, gradient_checkpointing=checkpointing)
             last = _make_plan(hardware, model, spec, candidate, micro, processes_per_node, mem,
@@ -235,13 +232,6 @@ def _candidates(hardware: Hardware, spec: TrainSpec, world: int) -> list[Candida
     return out
 
 
-def _micro_batches(global_batch: int, world: int) -> list[int]:
-    """Micro-batches that divide the per-process share of the global batch, largest first."""
-    share = max(global_batch // world, 1)
-    options = [m for m in _MICRO_BATCHES if m <= share and share % m == 0]
-    return options or [1]
-
-
 def _stages(hardware: Hardware, spec: TrainSpec, world: int) -> list[tuple[Candidate, bool]]:
     """(strategy, gradient checkpointing) in the order worth trying.
 
@@ -271,7 +261,8 @@ def _rejections(failed: dict[Candidate, Plan], chosen: Plan | None, budget: int)
             continue  # it fitted with checkpointing, after failing without
         note = "" if attempt.gradient_checkpointing else " without gradient checkpointing"
         line = (f"rejected {_label(candidate)}: needs {format_gib(attempt.memory.total, 1)} per "
-                f"device{note} even at micro-batch 1, budget {format_gib(budget, 1)}")
+                f"device{note} even at micro-batch {attempt.per_device_batch_size}, budget "
+                f"{format_gib(budget, 1)}")
         if (chosen is not None and not attempt.gradient_checkpointing
                 and not chosen.gradient_checkpointing):
             line += (f"; {_label(chosen.strategy)} without checkpointing is preferred to checkpointing "
@@ -340,27 +331,6 @@ def peak_at_row_length(plan: Plan, model: ModelSpec, spec: TrainSpec, tokens: in
                            plan.per_device_batch_size, plan.num_processes,
                            on_gpu=plan.hardware.has_gpus,
                            gradient_checkpointing=plan.gradient_checkpointing).total
-
-
-def batch_choices(global_batch: int, world: int) -> list[int]:
-    """The global batches nearest to `global_batch` that divide over `world` processes."""
-    below = global_batch // world * world
-    return [b for b in (below, below + world) if b >= world]
-
-
-def check_global_batch(plan: Plan, asked: bool) -> None:
-    """Refuse a global batch the user asked for (--global-batch-size) that does not divide
-    over the plan's processes. Rounding it would silently change what they chose: samples
-    per update, steps per epoch, the learning-rate schedule. A recipe's value was written
-    for no particular machine (16 on 3 or 32 GPUs is nobody's mistake), so the plan adjusts
-    it and says so (Plan.batch_note) in `ftlaunch plan` and in the table before training."""
-    if not asked or plan.batch_adjusted_from is None:
-        return
-    wanted, world = plan.batch_adjusted_from, plan.num_processes
-    choices = " or ".join(f"--global-batch-size {b}" for b in batch_choices(wanted, world))
-    raise UserError(f"--global-batch-size {wanted} does not divide over the {world} processes of "
-                    f"this plan (every process takes the same share of each step). Use {choices}, "
-                    f"or a process count (--gpus) that divides {wanted}.")
 
 
 def _what_would_fit(hardware: Hardware, model: ModelSpec, spec: TrainSpec) -> list[str]:

@@ -1,7 +1,7 @@
 """Training recipes (recipes/*.yaml) and `--set KEY=VALUE` overrides.
 
 A recipe has four parts: top-level plan inputs (objective, method, seq_len,
-global_batch_size), `training` (the objective's TRL config: SFTConfig or DPOConfig /
+global_batch_size), `training` (the objective's TRL config: SFTConfig, DPOConfig or KTOConfig /
 TrainingArguments fields, spelled as they are), `lora` (peft LoraConfig fields) and `data` (ftlaunch's
 own data options). Keys and value types are checked against the real
 dataclasses before anything starts, so a typo fails in a second, not after
@@ -303,7 +303,8 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
     import difflib
 
     types_by_name = config_fields.fields(section)
-    owners = {"lora": "peft's LoraConfig", "dpo_training": "TRL's DPOConfig / TrainingArguments"}
+    owners = {"lora": "peft's LoraConfig", "dpo_training": "TRL's DPOConfig / TrainingArguments",
+              "kto_training": "TRL's KTOConfig / TrainingArguments"}
     out = {}
     for key, value in values.items():
         origin = where(prefix + key, section)

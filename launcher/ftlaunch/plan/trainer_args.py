@@ -1,5 +1,5 @@
-"""The Trainer's arguments (TRL's SFTConfig or DPOConfig keywords, the recipe's objective
-says which) for a plan and a recipe, resolved
+"""The Trainer's arguments (TRL's SFTConfig, DPOConfig or KTOConfig keywords, the recipe's
+objective says which) for a plan and a recipe, resolved
 by the launcher and written into the run record: the worker only adds its output_dir.
 
 Pure, no torch (config_fields reads its shipped table; only with other library versions
@@ -66,10 +66,12 @@ def trainer_arguments(plan: Plan, recipe: Recipe, *, evaluates: bool, node_local
             # other (position_ids restart per example), and no compute goes to padding.
             "packing": packing(recipe.data),
         })
-    else:
+    elif objective is objectives.DPO:
         # max_length cuts prompt + completion, keeping the start (DPOConfig's default): a
         # pair whose prompt alone fills it is left out, as DPOTrainer leaves it out.
         planned["truncation_mode"] = "keep_start"
+    # KTO: its collator keeps the start too (KTOConfig has no other mode), and its sampler
+    # stays KTOConfig's sequential one (objectives.KTO refuses another).
     # ftlaunch's defaults, which a recipe or --set may change (report_to: --report-to).
     return {**objective.trainer_defaults,
             "ddp_find_unused_parameters": False if plan.num_processes > 1 else None,

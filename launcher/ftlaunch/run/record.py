@@ -62,7 +62,7 @@ class Strategy:
     gradient_checkpointing: bool
     checkpoint_format: str  # run.checkpoints.CHECKPOINT_FORMATS: trainer | fsdp | deepspeed
     node_local: bool  # checkpoints on each node's own disk
-    objective: str = "sft"  # plan.objectives: sft | dpo (the Trainer and its config)
+    objective: str = "sft"  # plan.objectives: sft | dpo | kto (the Trainer and its config)
     # The run starts from the adapter copied into models.adapter.START_FOLDER (--adapter).
     start_adapter: bool = False
 

@@ -19,8 +19,12 @@ def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assis
     source = dataset.path
     yield (f"{source}: {len(dataset)} examples, format {dataset.format} ({dataset.kind}); "
            f"loss on: {_loss_scope(dataset.kind, assistant_only)}")
-    shown = ([("", example)] if example.rejected is None
-             else [(" chosen", example), (" rejected", example.rejected)])
+    if example.rejected is not None:
+        shown = [(" chosen", example), (" rejected", example.rejected)]
+    elif example.label is not None:
+        shown = [(" (desirable)" if example.label else " (undesirable)", example)]
+    else:
+        shown = [("", example)]
     for name, sequence in shown:
         yield (f"\nexample {index}{name}: {len(sequence.ids)} tokens, {sum(sequence.trained)} "
                "trained (marked [+ +]):\n")
@@ -39,4 +43,6 @@ def _loss_scope(kind: str, assistant_only: bool) -> str:
         return "assistant turns only" if assistant_only else "whole conversations"
     if kind in ("preference", "chat_preference"):
         return "the chosen and the rejected completion (DPO), not the prompt"
+    if kind in ("unpaired", "chat_unpaired"):
+        return "the completion, desirable or not (KTO), not the prompt"
     return "the completion only" if kind == "prompt_completion" else "all text"

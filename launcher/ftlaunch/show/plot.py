@@ -1,9 +1,10 @@
 """loss.png from metrics.jsonl, drawn with matplotlib (Agg).
 
 The top panel has the training loss and, when the run evaluated, the eval loss
-(a marker per evaluation) against the step. A DPO run's rewards come next: the
-margin between chosen and rejected rewards (left axis) and the reward accuracy, how
-often chosen outscores rejected (right axis, 0 to 1). The learning rate goes in the
+(a marker per evaluation) against the step. A DPO or KTO run's rewards come next: the
+margin between chosen (KTO: desirable) and rejected (undesirable) rewards (left axis)
+and, for DPO, the reward accuracy, how often chosen outscores rejected (right axis, 0
+to 1). The learning rate goes in the
 last panel, with the same x axis, when the metrics logged one. The title names
 the run (its model and strategy) when the caller knows them.
 
@@ -41,7 +42,7 @@ class Curves:
     train: Points = field(default_factory=list)
     evals: Points = field(default_factory=list)
     learning_rates: Points = field(default_factory=list)
-    reward_margins: Points = field(default_factory=list)  # DPO's rewards/margins
+    reward_margins: Points = field(default_factory=list)  # DPO's, KTO's rewards/margins
     reward_accuracies: Points = field(default_factory=list)  # DPO's rewards/accuracies
 
 

@@ -29,10 +29,15 @@ def summary_lines(plan: Plan) -> list[str]:
         f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
     ]
     if plan.objective != "sft":
-        reference = ("a reference forward pass per step (no gradients)" if plan.reference_forward
+        passes = ("a reference forward pass per step" if plan.objective == "dpo" else
+                  "the reference's forward passes on both per step")
+        reference = (f"{passes} (no gradients)" if plan.reference_forward
                      else "reference log-probs computed once before training")
-        lines.append(f"objective  {plan.objective.upper()} on preference pairs: the batch "
-                     f"counts pairs, each two sequences (chosen, rejected); {reference}")
+        data = ("preference pairs: the batch counts pairs, each two sequences (chosen, "
+                "rejected)" if plan.objective == "dpo" else
+                "completions labelled desirable or not: the KL estimate scores each prompt "
+                "with another completion of its micro-batch too")
+        lines.append(f"objective  {plan.objective.upper()} on {data}; {reference}")
     if plan.batch_note:  # never silent: the launch table shows this, not only `ftlaunch plan`
         lines.append(f"           note: {plan.batch_note}")
     return lines

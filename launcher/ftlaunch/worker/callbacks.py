@@ -62,13 +62,11 @@ class MetricsCallback(TrainerCallback):
             line = progress_line(state.global_step, state.max_steps, logs["loss"],
                                  logs.get("learning_rate", 0), row.get("tokens_per_s"),
                                  now - self._began[0], state.global_step - self._began[1])
-            if "rewards/accuracies" in logs:  # DPO: how often chosen outscores rejected
-                line += (f"  reward acc {logs['rewards/accuracies']:.2f}  margin "
-                         f"{logs.get('rewards/margins', 0.0):.3f}")
-        elif "eval_rewards/accuracies" in logs:  # DPO: its loss is no language model's
+            line += _rewards(logs, "")
+        elif "eval_rewards/accuracies" in logs or "eval_kl" in logs:
+            # DPO, KTO: their loss is no language model's; the rewards say more.
             line = (f"step {state.global_step}/{state.max_steps}  eval loss "
-                    f"{logs['eval_loss']:.4f}  reward acc {logs['eval_rewards/accuracies']:.3f}"
-                    f"  margin {logs.get('eval_rewards/margins', 0.0):.3f}")
+                    f"{logs['eval_loss']:.4f}{_rewards(logs, 'eval_')}")
         else:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             line = (f"step {state.global_step}/{state.max_steps}  eval loss "
@@ -104,6 +102,18 @@ class Heartbeat(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.beat(args, state)
+
+
+def _rewards(logs: dict, prefix: str) -> str:
+    """DPO: how often chosen outscores rejected, and by how much; KTO: the margin between
+    desirable and undesirable rewards, and the KL estimate they are measured against."""
+    parts = [(label, logs.get(prefix + key)) for label, key in
+             (("reward acc", "rewards/accuracies"), ("margin", "rewards/margins"),
+              ("kl", "kl"))]
+    if parts[0][1] is None and parts[2][1] is None:
+        return ""  # SFT
+    return "".join(f"  {label} {value:.3f}" for label, value in parts
+                   if isinstance(value, (int, float)))
 
 
 class BatchRecorder:

@@ -1,6 +1,7 @@
 """Everything a worker does before trainer.train(): the run record read, the tokenizer,
-the data cache, the base model (and a starting adapter), TRL's SFTTrainer or DPOTrainer
-with ftlaunch's callbacks (build). Tests use build to inspect the real batches."""
+the data cache, the base model (and a starting adapter), TRL's SFTTrainer, DPOTrainer or
+KTOTrainer with ftlaunch's callbacks (build). Tests use build to inspect the real
+batches."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from ftlaunch.worker import fsdp_cpu
 from ftlaunch.worker.callbacks import BatchRecorder, Heartbeat, MetricsCallback, ResumedSettings
 from ftlaunch.worker.checkpointing import Checkpointing
 from ftlaunch.worker.stopping import NonFiniteGuard, StopRequest
+
+# The run record's objective (the launcher's plan.objectives) -> TRL's config and trainer.
+TRAINERS = {"sft": ("SFTConfig", "SFTTrainer"), "dpo": ("DPOConfig", "DPOTrainer"),
+            "kto": ("KTOConfig", "KTOTrainer")}
 
 
 @dataclasses.dataclass
@@ -118,12 +123,12 @@ def _load_datasets(run_dir: Path, record: run_record.RunRecord):
 
 
 def training_config(run_dir: Path, record: run_record.RunRecord):
-    """TRL's SFTConfig or DPOConfig (the run's objective): the arguments the launcher
-    resolved into the run record (plan.trainer_args), writing into the run's checkpoint
-    staging area."""
-    from trl import DPOConfig, SFTConfig
+    """TRL's SFTConfig, DPOConfig or KTOConfig (the run's objective): the arguments the
+    launcher resolved into the run record (plan.trainer_args), writing into the run's
+    checkpoint staging area."""
+    import trl
 
-    config_class = DPOConfig if record.strategy.objective == "dpo" else SFTConfig
+    config_class = getattr(trl, TRAINERS[record.strategy.objective][0])
     config = config_class(
         # The Trainer writes into the staging area; Checkpointing moves each checkpoint
         # into checkpoints/ once it is complete.
@@ -152,7 +157,8 @@ def own_checkpointing_names(arguments: dict, config_class) -> dict:
 
 def _with_start_adapter(model, run_dir: Path):
     """The base with the run's starting adapter (models.adapter), trainable: the policy
-    continues from it. DPOTrainer (TRL 1.16) copies it into a frozen "ref" adapter before
+    continues from it. DPOTrainer and KTOTrainer (TRL 1.16) copy it into a frozen "ref"
+    adapter before
     training, its reference for a re-trained adapter: the starting policy, on the same
     base weights. A resume from a trainer-format checkpoint reloads both from it (its ref/
     holds that same frozen copy); FSDP's sharded checkpoints hold every parameter."""
@@ -167,16 +173,14 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
                    objective: str, dtype):
     from peft import LoraConfig, PeftModel
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
     # A model that already has its adapter (--adapter) gets no second one.
     lora = (None if isinstance(model, PeftModel)
             else LoraConfig(task_type="CAUSAL_LM", **lora_settings))
     callback = MetricsCallback(run_dir / "metrics.jsonl")
-    trainer_class = _preference_trainer() if objective == "dpo" else SFTTrainer
-    trainer = trainer_class(model=model, args=config, train_dataset=train_set,
-                            eval_dataset=eval_set, processing_class=tokenizer, peft_config=lora,
-                            callbacks=[callback])
+    trainer = trainer_class(objective)(model=model, args=config, train_dataset=train_set,
+                                       eval_dataset=eval_set, processing_class=tokenizer,
+                                       peft_config=lora, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
     _adapter_in_fp32(trainer.model, fsdp_precision=dtype if trainer.is_fsdp_enabled else None)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
@@ -186,23 +190,45 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
     return trainer, recorder
 
 
-def _preference_trainer():
-    """TRL's DPOTrainer on the launcher's tokenized pairs (data.preference): its
-    _prepare_dataset would extract prompts and tokenize again, so only its last step is
-    kept, leaving out pairs whose prompt alone fills max_length (keep_start truncation
-    would leave them no completion token). The launcher counted them in its notes."""
-    from trl import DPOTrainer
+def trainer_class(objective: str):
+    """The run objective's trainer class. SFT: TRL's SFTTrainer, which takes the cached
+    input_ids and labels as they are. DPO, KTO: TRL's DPOTrainer or KTOTrainer on the
+    launcher's tokenized examples (data.preference): their _prepare_dataset would extract
+    prompts and tokenize again, so only its last steps are kept, on the cached columns:
 
-    class CachedPairsDPOTrainer(DPOTrainer):
+    - examples whose prompt alone fills max_length are left out (keep_start truncation
+      would leave them no completion token); the launcher counted them in its notes;
+    - KTO: the training examples are shuffled once with the run's seed (KTOTrainer samples
+      them in order, so its KL completions stay its neighbours'), and each gets its KL
+      completion: the completions of its block of per_device_train_batch_size rotated by
+      one, as KTOTrainer makes them.
+
+    In memory: every rank makes its own view, none writes beside the cache."""
+    import trl
+
+    if objective == "sft":
+        return trl.SFTTrainer
+
+    class OnCachedExamples(getattr(trl, TRAINERS[objective][1])):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if args.max_length is None or args.truncation_mode != "keep_start":
+            if args.max_length is not None and getattr(args, "truncation_mode",
+                                                       "keep_start") == "keep_start":
+                dataset = dataset.filter(lambda prompt: len(prompt) < args.max_length,
+                                         input_columns=["prompt_ids"], keep_in_memory=True,
+                                         desc=f"Dropping fully truncated {dataset_name} examples")
+            if objective != "kto":
                 return dataset
-            # In memory: every rank filters its own view, none writes beside the cache.
-            return dataset.filter(lambda prompt: len(prompt) < args.max_length,
-                                  input_columns=["prompt_ids"], keep_in_memory=True,
-                                  desc=f"Dropping fully truncated {dataset_name} pairs")
+            if dataset_name == "train":
+                dataset = dataset.shuffle(seed=args.seed, keep_in_memory=True)
+            if self.calculate_KL:
+                dataset = dataset.map(
+                    lambda completions: {"KL_completion_ids": completions[-1:] + completions[:-1]},
+                    input_columns=["completion_ids"], batched=True,
+                    batch_size=args.per_device_train_batch_size, keep_in_memory=True,
+                    desc=f"KL completions of the {dataset_name} examples")
+            return dataset
 
-    return CachedPairsDPOTrainer
+    return OnCachedExamples
 
 
 def _adapter_in_fp32(model, fsdp_precision=None) -> None:
@@ -217,7 +243,7 @@ def _adapter_in_fp32(model, fsdp_precision=None) -> None:
 
     for name, param in model.named_parameters():
         if ".ref." in name:
-            # DPO's frozen reference adapter (a copy of the starting one). fp32 as the
+            # The frozen reference adapter (a copy of the starting one). fp32 as the
             # policy, so both score the same weights alike; but FSDP flattens frozen leaves
             # into their layer's unit with the base weights, which must share one dtype:
             # there it takes the base's (FSDP computes in that dtype anyway).

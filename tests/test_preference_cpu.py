@@ -1,8 +1,10 @@
-"""DPO through the whole launcher, on CPU processes with the tiny model: the SFT -> DPO
-chain on chat pairs starts from an SFT run directory and trains against that adapter
-frozen (FSDP QLoRA on two processes, the sharded engine the planner picks for big
-models); killed by a power loss, that run resumes bitwise; string pairs train on one
-process, stopped by SIGTERM, and resume on two (DDP)."""
+"""DPO and KTO through the whole launcher, on CPU processes with the tiny model: the
+SFT -> DPO chain on chat pairs starts from an SFT run directory and trains against that
+adapter frozen (FSDP QLoRA on two processes, the sharded engine the planner picks for
+big models); killed by a power loss, that run resumes bitwise; string pairs train on one
+process, stopped by SIGTERM, and resume on two (DDP). KTO goes the same way from the
+SFT adapter on the chat pairs (unpaired) and resumes bitwise after a power loss; labelled
+string completions train KTO on one process by themselves."""
 
 from __future__ import annotations
 
@@ -198,3 +200,71 @@ def test_string_pairs_train_on_one_process_and_resume_on_two(pairs, tmp_path):
     rows = [r for r in _rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all("rewards/margins" in r for r in rows)
+
+
+KTO = (*CHAIN, "--objective", "kto")  # the chat pairs, each two examples: 96, 24 held out
+
+
+def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run,
+                                                                   tmp_path_factory):
+    """KTO from the SFT run's adapter (frozen as its reference) on the pairs unpaired, FSDP
+    QLoRA on two processes, micro-batch 2 (the KL estimate's least): the uninterrupted run,
+    and a power loss after checkpoint-3 that the same command resumes, bitwise."""
+    reference = tmp_path_factory.mktemp("kto") / "run"
+    common = (*KTO, "--data", str(pairs["chat"]), "--adapter", str(sft_run))
+    proc = run_ftlaunch(*common, "--output-dir", str(reference))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "objective  KTO on completions labelled desirable or not" in proc.stdout
+    record = yaml.safe_load((reference / "run.yaml").read_text())
+    assert record["strategy"]["objective"] == "kto" and record["strategy"]["start_adapter"]
+    assert record["data"]["kind"] == "chat_unpaired"
+    assert record["trainer"]["per_device_train_batch_size"] == 2
+    rows = [r for r in _rows(reference) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # The policy starts as its reference, the SFT adapter: rewards 0 up to 4-bit rounding,
+    # and the loss 1 - sigmoid(0) = 0.5 whatever the label.
+    assert abs(rows[0].get("rewards/chosen", 0)) < 1e-3
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-3)
+    assert all("kl" in r for r in rows) and any(r.get("rewards/margins") for r in rows[1:])
+    evals = [r for r in _rows(reference) if "eval_kl" in r]
+    assert [r["step"] for r in evals] == [3, 6, 8]
+    assert "Reward margin on held-out examples:" in proc.stdout
+    assert not (reference / "adapter" / "ref").exists()
+    assert sorted(adapter(reference)) == sorted(adapter(sft_run))
+
+    run_dir, log = tmp_path_factory.mktemp("kto-killed") / "run", tmp_path_factory.mktemp("log")
+    launcher = start(*common, "--output-dir", str(run_dir), log=log / "launcher.log")
+    assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), \
+        (log / "launcher.log").read_text()
+    power_loss(launcher)
+    assert (run_dir / "checkpoints" / "checkpoint-3").is_dir()
+    resumed = run_ftlaunch(*common, "--output-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout and "checkpoint-3" in resumed.stdout
+    assert losses(run_dir) == losses(reference)
+    assert_same_adapter(run_dir, reference)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "eval_rewards/margins"):
+        assert [r.get(key) for r in _rows(run_dir)] == [r.get(key) for r in _rows(reference)]
+
+
+def test_labelled_string_completions_train_kto_on_one_process(pairs, tmp_path):
+    """{prompt, completion, label} rows are KTO's without --objective; the progress line
+    and metrics.jsonl carry its rewards and KL estimate."""
+    data = tmp_path / "labelled.jsonl"
+    plain = [json.loads(line) for line in pairs["plain"].read_text().splitlines()]
+    data.write_text("".join(
+        json.dumps({"prompt": r["prompt"], "label": i % 3 != 0,
+                    "completion": r["chosen"] if i % 3 != 0 else r["rejected"]}) + "\n"
+        for i, r in enumerate(plain)))
+    run_dir = tmp_path / "run"
+    proc = run_ftlaunch(*RUN, "--data", str(data), "--gpus", "1", "--output-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert " kl " in proc.stdout and "Reward margin on training batches:" in proc.stdout
+    record = yaml.safe_load((run_dir / "run.yaml").read_text())
+    assert (record["strategy"]["objective"], record["data"]["kind"]) == ("kto", "unpaired")
+    rows = [r for r in _rows(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all("kl" in r for r in rows)
+    preview = run_ftlaunch("data", "preview", "--model", "tiny", "--data", str(data))
+    assert preview.returncode == 0, preview.stderr
+    assert "(undesirable)" in preview.stdout and "completion, desirable or not (KTO)" in \
+        preview.stdout
