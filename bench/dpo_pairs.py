@@ -10,9 +10,9 @@ before the first step by construction, which says nothing about the starting mod
 
     .venv/bin/python bench/dpo_pairs.py runs/demo-dpo        # prints one JSON object
 
-A KTO run trained on pairs holds them unpaired: with the pairs given as --eval-data, its
-held-out split is each pair's chosen example then its rejected one, in order, and is
-read back as those pairs (a random --eval-split breaks pairs apart, and is refused).
+A KTO run trained on pairs holds them unpaired (data.formats.unpair: per block of pairs,
+the chosen examples, then the rejected ones), and its held-out split is read back as
+those pairs.
 """
 
 from __future__ import annotations
@@ -75,15 +75,20 @@ def main(run_dir: Path) -> dict:
 
 
 def _pairs_again(examples: list[dict], run_dir: Path) -> list[dict]:
-    """KTO's unpaired held-out examples, chosen then rejected for each pair, as pairs."""
+    """KTO's unpaired held-out examples as the pairs they were unpaired from."""
+    from ftlaunch.data.formats import UNPAIR_BLOCK
+
     pairs = []
-    for chosen, rejected in zip(examples[::2], examples[1::2]):
-        if not (chosen["label"] and not rejected["label"]
-                and chosen["prompt_ids"] == rejected["prompt_ids"]):
-            raise SystemExit(f"{run_dir}'s held-out examples are not pairs in order: give the "
-                             "pairs as --eval-data (a random --eval-split breaks them apart)")
-        pairs.append({"prompt_ids": chosen["prompt_ids"], "chosen_ids": chosen["completion_ids"],
-                      "rejected_ids": rejected["completion_ids"]})
+    for start in range(0, len(examples), 2 * UNPAIR_BLOCK):
+        block = examples[start:start + 2 * UNPAIR_BLOCK]
+        half = len(block) // 2
+        for chosen, rejected in zip(block[:half], block[half:]):
+            if not (chosen["label"] and not rejected["label"]
+                    and chosen["prompt_ids"] == rejected["prompt_ids"]):
+                raise SystemExit(f"{run_dir}'s held-out examples were not unpaired from pairs")
+            pairs.append({"prompt_ids": chosen["prompt_ids"],
+                          "chosen_ids": chosen["completion_ids"],
+                          "rejected_ids": rejected["completion_ids"]})
     return pairs
 
 

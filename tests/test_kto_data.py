@@ -66,18 +66,46 @@ def test_every_bad_labelled_completion_is_refused_with_its_file_and_line(tmp_pat
     assert f"{path}, line 2" in str(refused.value) and needle in str(refused.value)
 
 
-def test_pairs_unpair_into_a_desirable_and_an_undesirable_example(tmp_path):
-    pairs = data.load(_jsonl(tmp_path / "pairs.jsonl",
-                             [{"prompt": "Q: 2 + 2 =", "chosen": " 4", "rejected": " 5"}]))
-    unpaired = pairs.unpaired()
-    assert unpaired.kind == "unpaired" and len(unpaired) == 2
-    assert unpaired.rows == ({"prompt": "Q: 2 + 2 =", "completion": " 4", "label": True},
-                             {"prompt": "Q: 2 + 2 =", "completion": " 5", "label": False})
+def test_pairs_unpair_as_trl_unpairs_them(tmp_path):
+    """Each pair's chosen completion desirable, its rejected one not, in TRL's order (per
+    block of 1000 pairs, the chosen ones first): the same rows unpair_preference_dataset
+    makes, block boundary included."""
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    rows = [{"prompt": f"Q: {i} + 2 =", "chosen": f" {i + 2}", "rejected": f" {i + 3}"}
+            for i in range(1500)]
+    unpaired = data.load(_jsonl(tmp_path / "pairs.jsonl", rows)).unpaired()
+    assert unpaired.kind == "unpaired" and len(unpaired) == 3000
+    theirs = unpair_preference_dataset(Dataset.from_list(rows)).to_list()
+    assert [dict(row) for row in unpaired.rows] == [
+        {"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
+        for r in theirs]
     chat = data.load(_jsonl(tmp_path / "chat.jsonl",
                             [{"chosen": [USER, GOOD], "rejected": [USER, BAD]}])).unpaired()
     assert chat.kind == "chat_unpaired"
     assert chat.rows == ({"prompt": [USER], "completion": [GOOD], "label": True},
                          {"prompt": [USER], "completion": [BAD], "label": False})
+
+
+def test_kto_holds_pairs_out_whole_before_unpairing_them(tmp_path):
+    """--eval-split on pairs for KTO: a pair is trained on or held out, both halves."""
+    from ftlaunch.launch import checks
+    from ftlaunch.plan import job as job_mod
+
+    rows = [{"prompt": f"Q: {i} + 2 =", "chosen": f" {i + 2}", "rejected": f" {i + 3}"}
+            for i in range(40)]
+    path = _jsonl(tmp_path / "pairs.jsonl", rows)
+    job = job_mod.resolve(job_mod.Options(model="tiny", data=str(path), objective="kto",
+                                          eval_split=0.25, global_batch_size=4),
+                          detect_output_dir=False, validate=False)
+    train, held = checks.load_data(job)
+    assert (train.kind, len(train), len(held)) == ("unpaired", 60, 20)
+    prompts = {name: [row["prompt"] for row in part.rows]
+               for name, part in (("train", train), ("held", held))}
+    assert not set(prompts["train"]) & set(prompts["held"])
+    for part in prompts.values():
+        assert all(part.count(prompt) == 2 for prompt in part)
 
 
 def test_objectives_follow_the_data_and_refuse_the_wrong_one(tmp_path):
@@ -101,6 +129,9 @@ def test_objectives_follow_the_data_and_refuse_the_wrong_one(tmp_path):
     proc = run_ftlaunch("plan", "--model", "tiny", "--objective", "kto",
                         "--set", "train_sampling_strategy=random")
     assert proc.returncode == 2 and "fixed order" in proc.stderr, proc.stderr
+    proc = run_ftlaunch("plan", "--model", "tiny", "--objective", "kto",
+                        "--set", "train_sampling_strategy=sequential")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_unbalanced_labels_get_the_weights_that_balance_them(tmp_path):
@@ -119,6 +150,10 @@ def test_unbalanced_labels_get_the_weights_that_balance_them(tmp_path):
     proc = run_ftlaunch(*args, "--set", "desirable_weight=3.5", "--output-dir",
                         str(tmp_path / "b"))
     assert proc.returncode == 0 and "does not balance" not in proc.stdout, proc.stdout
+    only_good = _jsonl(tmp_path / "good.jsonl", [PLAIN] * 16)
+    proc = run_ftlaunch("--model", "tiny", "--data", str(only_good), "--dry-run",
+                        "--output-dir", str(tmp_path / "c"))
+    assert proc.returncode == 0 and "16 desirable and 0 undesirable examples" in proc.stdout
 
 
 def test_a_device_gets_at_least_two_examples_per_micro_batch():
@@ -134,6 +169,12 @@ def test_a_device_gets_at_least_two_examples_per_micro_batch():
         batch.check(plan, asked=True)
     sft = planner.plan(machine, model, TrainSpec(global_batch_size=4))
     assert sft.per_device_batch_size == 1 and sft.batch_note is None
+    # A share no power of two divides keeps the batch: 15 on 3 processes is 5 each.
+    for spec, asked, micro in (("3xA100-80GB", 15, 5), ("1xA100-80GB", 7, 7)):
+        odd = planner.plan(hardware.parse_spec(spec), model,
+                           TrainSpec(global_batch_size=asked, objective="kto"))
+        assert (odd.per_device_batch_size, odd.global_batch_size) == (micro, asked)
+        batch.check(odd, asked=True)
 
 
 def test_kto_counts_its_passes_without_gradients():
@@ -192,20 +233,30 @@ def test_cached_examples_are_what_kto_trainer_builds_and_its_masks_cover_the_ans
     ours = preference.tokenize_batch(columns, list(range(len(rows))), tiny_tokenizer,
                                      dataset.kind)
     cached = Dataset.from_dict({name: ours[name] for name in preference.UNPAIRED_COLUMNS})
-    args = KTOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_length=None,
-                     report_to="none", per_device_train_batch_size=3)
-    stub = SimpleNamespace(_tokenizer=tiny_tokenizer, calculate_KL=True)
-    theirs = KTOTrainer._prepare_dataset(stub, Dataset.from_list(rows), tiny_tokenizer, args,
-                                         "eval")
-    prepared = trainer_class("kto")._prepare_dataset(stub, cached, None, args, "eval")
-    for name in (*preference.UNPAIRED_COLUMNS, "KL_completion_ids"):
-        assert prepared[name] == theirs[name], name
-
-    shuffled = [trainer_class("kto")._prepare_dataset(stub, cached, None, args, "train")
-                for _ in range(2)]
-    assert shuffled[0]["completion_ids"] == shuffled[1]["completion_ids"]
-    assert sorted(map(tuple, shuffled[0]["completion_ids"])) == sorted(
-        map(tuple, ours["completion_ids"]))
+    stub = SimpleNamespace(_tokenizer=tiny_tokenizer, calculate_KL=True, desirable_weight=1.0,
+                           undesirable_weight=1.0)
+    # First with a max_length the longest prompt fills: that example is left out by both.
+    # Ours shuffles the examples with the run's seed (datasets' permutation of the kept
+    # ones, which depends only on their count and the seed): TRL gets them in that order.
+    longest = max(len(p) for p in ours["prompt_ids"])
+    for max_length in (longest, None):
+        args = KTOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_length=max_length,
+                         report_to="none", per_device_train_batch_size=3, seed=7)
+        kept = [row for row, prompt in zip(rows, ours["prompt_ids"])
+                if max_length is None or len(prompt) < max_length]
+        order = Dataset.from_dict({"i": range(len(kept))}).shuffle(seed=7)["i"]
+        assert order != sorted(order)
+        theirs = KTOTrainer._prepare_dataset(stub, Dataset.from_list([kept[i] for i in order]),
+                                             tiny_tokenizer, args, "train")
+        prepared = trainer_class("kto")._prepare_dataset(stub, cached, None, args, "train")
+        assert len(prepared) == len(theirs) == len(rows) - (max_length is not None)
+        for name in (*preference.UNPAIRED_COLUMNS, "KL_completion_ids"):
+            assert prepared[name] == theirs[name], name
+    # The same on every rank and every resume; held-out examples likewise.
+    assert trainer_class("kto")._prepare_dataset(stub, cached, None, args, "eval")[
+        "completion_ids"] == prepared["completion_ids"]
+    rows = [rows[i] for i in order]
+    dataset = data.load(_jsonl(tmp_path / "shuffled.jsonl", rows))
 
     examples = prepared.to_list()
     collated = DataCollatorForUnpairedPreference(pad_token_id=tiny_tokenizer.pad_token_id or 0)(

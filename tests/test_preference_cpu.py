@@ -178,8 +178,10 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_
 
 
 def test_string_pairs_train_on_one_process_and_resume_on_two(pairs, tmp_path):
+    """With the reference log-probs precomputed: by one process, then by two on resume."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    args = (*RUN, "--data", str(pairs["plain"]), "--output-dir", str(run_dir))
+    args = (*RUN, "--data", str(pairs["plain"]), "--output-dir", str(run_dir),
+            "--set", "precompute_ref_log_probs=true")
     launcher = start(*args, "--gpus", "1", log=log)
     assert wait(lambda: logged_steps(run_dir) >= 4, launcher, poll=0.02), log.read_text()
     launcher.send_signal(signal.SIGTERM)
@@ -202,7 +204,8 @@ def test_string_pairs_train_on_one_process_and_resume_on_two(pairs, tmp_path):
     assert all("rewards/margins" in r for r in rows)
 
 
-KTO = (*CHAIN, "--objective", "kto")  # the chat pairs, each two examples: 96, 24 held out
+# The chat pairs, each two examples: 12 pairs held out (24 examples), 72 examples trained.
+KTO = (*CHAIN, "--objective", "kto")
 
 
 def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run,
@@ -231,6 +234,11 @@ def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run
     assert "Reward margin on held-out examples:" in proc.stdout
     assert not (reference / "adapter" / "ref").exists()
     assert sorted(adapter(reference)) == sorted(adapter(sft_run))
+    from ftlaunch.data import cache as data_cache
+
+    train, held = data_cache.load(reference / data_cache.DIRECTORY,
+                                  record["data"]["cache"]["fingerprint"])
+    assert (len(train), len(held)) == (72, 24) and sum(held["label"]) == 12
 
     run_dir, log = tmp_path_factory.mktemp("kto-killed") / "run", tmp_path_factory.mktemp("log")
     launcher = start(*common, "--output-dir", str(run_dir), log=log / "launcher.log")
@@ -247,9 +255,11 @@ def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run
         assert [r.get(key) for r in _rows(run_dir)] == [r.get(key) for r in _rows(reference)]
 
 
-def test_labelled_string_completions_train_kto_on_one_process(pairs, tmp_path):
-    """{prompt, completion, label} rows are KTO's without --objective; the progress line
-    and metrics.jsonl carry its rewards and KL estimate."""
+def test_labelled_string_completions_train_kto_with_precomputed_reference(pairs, tmp_path):
+    """{prompt, completion, label} rows are KTO's without --objective, here on two
+    processes with the reference log-probs computed once before training (rank 0 writes
+    them into the run for both ranks); the progress line and metrics.jsonl carry its
+    rewards and KL estimate."""
     data = tmp_path / "labelled.jsonl"
     plain = [json.loads(line) for line in pairs["plain"].read_text().splitlines()]
     data.write_text("".join(
@@ -257,11 +267,15 @@ def test_labelled_string_completions_train_kto_on_one_process(pairs, tmp_path):
                     "completion": r["chosen"] if i % 3 != 0 else r["rejected"]}) + "\n"
         for i, r in enumerate(plain)))
     run_dir = tmp_path / "run"
-    proc = run_ftlaunch(*RUN, "--data", str(data), "--gpus", "1", "--output-dir", str(run_dir))
+    proc = run_ftlaunch(*RUN, "--data", str(data), "--gpus", "2", "--output-dir", str(run_dir),
+                        "--set", "precompute_ref_log_probs=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " kl " in proc.stdout and "Reward margin on training batches:" in proc.stdout
+    assert "reference log-probs computed once before training" in proc.stdout
+    assert [p.name.split("-")[0] for p in (run_dir / "reference-logps").iterdir()] == ["train"]
     record = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert (record["strategy"]["objective"], record["data"]["kind"]) == ("kto", "unpaired")
+    assert record["strategy"]["world_size"] == 2
     rows = [r for r in _rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 9)) and all("kl" in r for r in rows)
     preview = run_ftlaunch("data", "preview", "--model", "tiny", "--data", str(data))

@@ -92,7 +92,7 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
     elif data_options.get("eval_split"):
         if seed is None:
             raise ValueError("holding out data.eval_split needs the run's seed")
-        splits = _held_out(dataset, float(data_options["eval_split"]), seed)
+        splits = held_out(dataset, float(data_options["eval_split"]), seed)
     key = _key(tokenizer, splits, dataset.kind, only_assistant)
     fingerprint = "sha256:" + hashlib.sha256(_canonical(key)).hexdigest()
 
@@ -139,7 +139,7 @@ def build(cache_dir: Path, model: ModelSource, dataset, eval_dataset, data_optio
     return _with_stats(cache_dir, meta, seq_len, reused=False)
 
 
-def _held_out(dataset, fraction: float, seed: int) -> dict:
+def held_out(dataset, fraction: float, seed: int) -> dict:
     """{"train", "eval"}: `fraction` of the rows held out as datasets' seeded
     train_test_split holds them out (the split a run made before ftlaunch cached data)."""
     from dataclasses import replace

@@ -348,14 +348,22 @@ def _answer_after(prompt: list[dict], answers: dict) -> None:
             raise _Problem(f"`{name}` must answer with a non-empty assistant turn")
 
 
+# Pairs per block of unpair's output: datasets' map batch size, in which TRL's
+# unpair_preference_dataset writes a block's chosen completions, then its rejected ones.
+UNPAIR_BLOCK = 1000
+
+
 def unpair(kind: str, rows) -> tuple[str, tuple[dict, ...]]:
     """Preference pairs as KTO's unpaired examples, as TRL's unpair_preference_dataset
-    makes them: each pair's chosen completion desirable, its rejected one undesirable."""
+    makes them and in its order: each pair's chosen completion desirable, its rejected one
+    undesirable, a block's chosen ones before its rejected ones."""
     assert kind in PREFERENCE_KINDS, kind
-    out = []
-    for row in rows:
-        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
-        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    rows, out = list(rows), []
+    for start in range(0, len(rows), UNPAIR_BLOCK):
+        block = rows[start:start + UNPAIR_BLOCK]
+        for answer, label in (("chosen", True), ("rejected", False)):
+            out += [{"prompt": row["prompt"], "completion": row[answer], "label": label}
+                    for row in block]
     return ("chat_unpaired" if kind == "chat_preference" else "unpaired"), tuple(out)
 
 

@@ -16,6 +16,7 @@ from ftlaunch.run import directory as rundir
 from ftlaunch.data import read as data_io
 from ftlaunch.errors import UserError
 from ftlaunch.plan import objectives
+from ftlaunch.plan import recipe as recipes
 from ftlaunch.plan.job import Job
 from ftlaunch.resources import demo_data_path, demo_pairs_path
 
@@ -36,11 +37,18 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     if options.get("eval_data"):
         eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
                                     options.get("system_prompt"), flag="--eval-data")
+    _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size)
     if objective is objectives.KTO and dataset.kind in PREFERENCE_KINDS:
-        # KTO trains each pair as two examples (TRL's unpair_preference_dataset).
+        # KTO trains each pair as two examples (TRL's unpair_preference_dataset). The
+        # pairs are held out first, so no pair has one half trained and the other held out.
+        if eval_dataset is None and options.get("eval_split"):
+            from ftlaunch.data import cache as data_cache
+
+            parts = data_cache.held_out(dataset, float(options["eval_split"]),
+                                        recipes.seed(job.recipe.training))
+            dataset, eval_dataset = parts["train"], parts["eval"]
         dataset = dataset.unpaired()
         eval_dataset = eval_dataset.unpaired() if eval_dataset is not None else None
-    _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size)
     return dataset, eval_dataset
 
 
@@ -52,13 +60,18 @@ def balance_note(job: Job, dataset) -> str | None:
     if job.recipe.objective != "kto":
         return None
     labels = [row["label"] for row in dataset.rows]
-    good, bad = max(sum(labels), 1), max(len(labels) - sum(labels), 1)
+    good, bad = sum(labels), len(labels) - sum(labels)
+    if not good or not bad:
+        return (f"--data holds {good} desirable and {bad} undesirable examples: KTO then "
+                f"only {'raises' if good else 'lowers'} the likelihood of what it is shown "
+                "against the reference, with no contrast to learn from")
     if good == bad:
         return None
     good_weight = float(job.recipe.training.get("desirable_weight", 1.0))
     bad_weight = float(job.recipe.training.get("undesirable_weight", 1.0))
-    good_range = (bad * bad_weight / good, bad * bad_weight / good * 1.33)
-    bad_range = (good * good_weight / bad / 1.33, good * good_weight / bad)
+    # TRL's bounds, rounded as it rounds them.
+    good_range = (round(bad * bad_weight / good, 2), round(bad * bad_weight / good * 1.33, 2))
+    bad_range = (round(good * good_weight / bad / 1.33, 2), round(good * good_weight / bad, 2))
     if (good_range[0] <= good_weight <= good_range[1]
             or bad_range[0] <= bad_weight <= bad_range[1]):
         return None

@@ -36,7 +36,8 @@ class Objective:
     sequences_per_example: int
     # The Trainer's settings ftlaunch starts from, under a recipe's own.
     trainer_defaults: dict
-    # Config fields that contradict how ftlaunch runs this objective: field -> why.
+    # Config fields ftlaunch runs this objective with one value: field -> (that value, why
+    # another is refused).
     refused: dict
     # A frozen reference scores the batch (unless its log-probs are precomputed): forward
     # passes without gradients per training sequence. The trainer disables dropout.
@@ -66,16 +67,17 @@ SFT = Objective(
 DPO = Objective(
     name="dpo", config="DPOConfig", fields="dpo_training", recipe="dpo",
     kinds=PREFERENCE_KINDS, sequences_per_example=2,
-    trainer_defaults=dict(_COMMON_DEFAULTS), refused={"sync_ref_model": _NO_SYNC},
+    trainer_defaults=dict(_COMMON_DEFAULTS), refused={"sync_ref_model": (False, _NO_SYNC)},
     reference_forwards=1)
 KTO = Objective(
     name="kto", config="KTOConfig", fields="kto_training", recipe="kto",
     kinds=UNPAIRED_KINDS + PREFERENCE_KINDS, sequences_per_example=1,
     trainer_defaults=dict(_COMMON_DEFAULTS),
-    refused={"sync_ref_model": _NO_SYNC,
-             "train_sampling_strategy": "the KL estimate pairs each completion with its "
-             "neighbour's in a fixed order: ftlaunch shuffles the examples once with the "
-             "run's seed and keeps that order (sequential)"},
+    refused={"sync_ref_model": (False, _NO_SYNC),
+             "train_sampling_strategy": ("sequential", "the KL estimate pairs each "
+                                         "completion with its neighbour's in a fixed order: "
+                                         "ftlaunch shuffles the examples once with the run's "
+                                         "seed and keeps that order (sequential)")},
     reference_forwards=2, policy_forwards_without_grad=1, least_micro_batch=2)
 OBJECTIVES = {objective.name: objective for objective in (SFT, DPO, KTO)}
 CHOICES = ("auto", *OBJECTIVES)

@@ -269,9 +269,9 @@ def validate(recipe: Recipe, set_keys: frozenset[str] = frozenset(), source: str
     for key in training:
         if key in PLAN_OWNED:
             raise UserError(f"Recipe {recipe.name}: training.{key} is decided by {PLAN_OWNED[key]}.")
-        if key in objective.refused and training[key]:
+        if key in objective.refused and training[key] != objective.refused[key][0]:
             raise UserError(f"{where(key, 'training')}{key}: ftlaunch does not train "
-                            f"{objective.name.upper()} that way: {objective.refused[key]}.")
+                            f"{objective.name.upper()} that way: {objective.refused[key][1]}.")
     lora = _coerce_section(recipe.lora, "lora", "lora.", where)
     # Bundled recipes are checked by the test suite; what --set or a recipe file adds
     # beyond the ranges goes to the libraries themselves.

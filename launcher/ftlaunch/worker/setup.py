@@ -22,6 +22,8 @@ from ftlaunch.worker.callbacks import BatchRecorder, Heartbeat, MetricsCallback,
 from ftlaunch.worker.checkpointing import Checkpointing
 from ftlaunch.worker.stopping import NonFiniteGuard, StopRequest
 
+# Where precomputed reference log-probs are kept (trainer_class), in the run directory.
+REFERENCE_FOLDER = "reference-logps"
 # The run record's objective (the launcher's plan.objectives) -> TRL's config and trainer.
 TRAINERS = {"sft": ("SFTConfig", "SFTTrainer"), "dpo": ("DPOConfig", "DPOTrainer"),
             "kto": ("KTOConfig", "KTOTrainer")}
@@ -178,7 +180,7 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
     lora = (None if isinstance(model, PeftModel)
             else LoraConfig(task_type="CAUSAL_LM", **lora_settings))
     callback = MetricsCallback(run_dir / "metrics.jsonl")
-    trainer = trainer_class(objective)(model=model, args=config, train_dataset=train_set,
+    trainer = trainer_class(objective, run_dir)(model=model, args=config, train_dataset=train_set,
                                        eval_dataset=eval_set, processing_class=tokenizer,
                                        peft_config=lora, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
@@ -190,7 +192,7 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
     return trainer, recorder
 
 
-def trainer_class(objective: str):
+def trainer_class(objective: str, run_dir: Path | None = None):
     """The run objective's trainer class. SFT: TRL's SFTTrainer, which takes the cached
     input_ids and labels as they are. DPO, KTO: TRL's DPOTrainer or KTOTrainer on the
     launcher's tokenized examples (data.preference): their _prepare_dataset would extract
@@ -198,12 +200,17 @@ def trainer_class(objective: str):
 
     - examples whose prompt alone fills max_length are left out (keep_start truncation
       would leave them no completion token); the launcher counted them in its notes;
-    - KTO: the training examples are shuffled once with the run's seed (KTOTrainer samples
-      them in order, so its KL completions stay its neighbours'), and each gets its KL
-      completion: the completions of its block of per_device_train_batch_size rotated by
-      one, as KTOTrainer makes them.
+    - KTO: the examples are shuffled once with the run's seed (KTOTrainer samples them in
+      order, so its KL completions stay its neighbours'; held-out ones too, so an
+      evaluation batch of pairs unpaired holds both labels, not a block of one), and each
+      gets its KL completion: the completions of its block of per_device_train_batch_size
+      rotated by one, as KTOTrainer makes them.
 
-    In memory: every rank makes its own view, none writes beside the cache."""
+    In memory: every rank makes its own view, none writes beside the cache. So TRL's
+    precomputed reference log-probs (precompute_ref_log_probs), which rank 0 writes beside
+    the dataset's files for every rank to read back, go to the run's REFERENCE_FOLDER
+    instead: a dataset made in memory has no files, and each rank would look in a
+    temporary folder of its own."""
     import trl
 
     if objective == "sft":
@@ -218,8 +225,7 @@ def trainer_class(objective: str):
                                          desc=f"Dropping fully truncated {dataset_name} examples")
             if objective != "kto":
                 return dataset
-            if dataset_name == "train":
-                dataset = dataset.shuffle(seed=args.seed, keep_in_memory=True)
+            dataset = dataset.shuffle(seed=args.seed, keep_in_memory=True)
             if self.calculate_KL:
                 dataset = dataset.map(
                     lambda completions: {"KL_completion_ids": completions[-1:] + completions[:-1]},
@@ -227,6 +233,14 @@ def trainer_class(objective: str):
                     batch_size=args.per_device_train_batch_size, keep_in_memory=True,
                     desc=f"KL completions of the {dataset_name} examples")
             return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if run_dir is not None:
+                folder = run_dir / REFERENCE_FOLDER
+                folder.mkdir(exist_ok=True)
+                dataset._get_cache_file_path = (  # noqa: B023 (one dataset per call)
+                    lambda fingerprint: str(folder / f"{name}-{fingerprint}.arrow"))
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     return OnCachedExamples
 
