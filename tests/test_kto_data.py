@@ -106,6 +106,27 @@ def test_kto_holds_pairs_out_whole_before_unpairing_them(tmp_path):
     assert not set(prompts["train"]) & set(prompts["held"])
     for part in prompts.values():
         assert all(part.count(prompt) == 2 for prompt in part)
+    # The split leaves 60 examples, not 30 pairs, for a global batch of 32: not refused.
+    job = job_mod.resolve(job_mod.Options(model="tiny", data=str(path), objective="kto",
+                                          eval_split=0.25, global_batch_size=32),
+                          detect_output_dir=False, validate=False)
+    assert len(checks.load_data(job)[0]) == 60
+
+
+def test_precomputed_reference_log_probs_need_a_shared_run_directory_on_several_nodes():
+    """Rank 0 writes them into the run directory for every rank: node-local run
+    directories are refused at the nodes' meeting, as for FSDP's checkpoints."""
+    from ftlaunch.launch import multinode
+    from ftlaunch.plan import job as job_mod
+
+    def refusal(*sets, engine="auto"):
+        return multinode.node_local_refusal(job_mod.resolve(
+            job_mod.Options(model="tiny", objective="kto", engine=engine, sets=sets),
+            detect_output_dir=False))
+
+    assert refusal() is None
+    assert "precompute_ref_log_probs" in refusal("precompute_ref_log_probs=true")
+    assert "FSDP" in refusal(engine="fsdp")
 
 
 def test_objectives_follow_the_data_and_refuse_the_wrong_one(tmp_path):
@@ -169,7 +190,9 @@ def test_a_device_gets_at_least_two_examples_per_micro_batch():
         batch.check(plan, asked=True)
     sft = planner.plan(machine, model, TrainSpec(global_batch_size=4))
     assert sft.per_device_batch_size == 1 and sft.batch_note is None
-    # A share no power of two divides keeps the batch: 15 on 3 processes is 5 each.
+    # A share no power of two divides keeps the batch: 15 on 3 processes is 5 each, 30 on 2
+    # is 15 each (its largest divisor that fits), 7 on 1 is 7.
+    assert batch.micro_batches(30, 2, least=2) == [15, 5, 3]
     for spec, asked, micro in (("3xA100-80GB", 15, 5), ("1xA100-80GB", 7, 7)):
         odd = planner.plan(hardware.parse_spec(spec), model,
                            TrainSpec(global_batch_size=asked, objective="kto"))

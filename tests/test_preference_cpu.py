@@ -4,7 +4,7 @@ adapter frozen (FSDP QLoRA on two processes, the sharded engine the planner pick
 big models); killed by a power loss, that run resumes bitwise; string pairs train on one
 process, stopped by SIGTERM, and resume on two (DDP). KTO goes the same way from the
 SFT adapter on the chat pairs (unpaired) and resumes bitwise after a power loss; labelled
-string completions train KTO on one process by themselves."""
+string completions train KTO on two processes with precomputed reference log-probs."""
 
 from __future__ import annotations
 
@@ -238,6 +238,7 @@ def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run
 
     train, held = data_cache.load(reference / data_cache.DIRECTORY,
                                   record["data"]["cache"]["fingerprint"])
+    # 12 pairs held out, both halves (how the pairs are split is test_kto_data.py's).
     assert (len(train), len(held)) == (72, 24) and sum(held["label"]) == 12
 
     run_dir, log = tmp_path_factory.mktemp("kto-killed") / "run", tmp_path_factory.mktemp("log")

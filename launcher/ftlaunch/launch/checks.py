@@ -37,8 +37,10 @@ def load_data(job: Job) -> tuple[data_io.Dataset, data_io.Dataset | None]:
     if options.get("eval_data"):
         eval_dataset = data_io.load(Path(options["eval_data"]).expanduser(), dataset.format,
                                     options.get("system_prompt"), flag="--eval-data")
-    _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size)
-    if objective is objectives.KTO and dataset.kind in PREFERENCE_KINDS:
+    unpairs = objective is objectives.KTO and dataset.kind in PREFERENCE_KINDS
+    _check_eval_split(options, dataset, eval_dataset, job.plan.global_batch_size,
+                      examples_per_row=2 if unpairs else 1)
+    if unpairs:
         # KTO trains each pair as two examples (TRL's unpair_preference_dataset). The
         # pairs are held out first, so no pair has one half trained and the other held out.
         if eval_dataset is None and options.get("eval_split"):
@@ -82,7 +84,10 @@ def balance_note(job: Job, dataset) -> str | None:
             f"{bad_range[0]:.2f}..{bad_range[1]:.2f}, not both")
 
 
-def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: int) -> None:
+def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: int,
+                      examples_per_row: int = 1) -> None:
+    """The held-out split leaves at least one global batch to train on; `examples_per_row`:
+    2 for pairs KTO trains on (held out whole, then unpaired)."""
     import math
 
     split = data_options.get("eval_split") or 0
@@ -95,11 +100,13 @@ def _check_eval_split(data_options: dict, dataset, eval_dataset, global_batch: i
                         "larger fraction or --eval-data FILE.")
     # Held out as datasets' train_test_split does (ceil); fewer examples left than one
     # global batch would make every step the same partial batch, or none at all.
-    left = len(dataset) - math.ceil(split * len(dataset))
+    left = (len(dataset) - math.ceil(split * len(dataset))) * examples_per_row
     if split and left < global_batch:
-        most = (len(dataset) - global_batch) / len(dataset)
-        raise UserError(f"--eval-split {split} of {len(dataset)} examples leaves {left} for "
-                        f"training, fewer than one global batch ({global_batch}). "
+        most = (len(dataset) - global_batch / examples_per_row) / len(dataset)
+        rows = "pairs" if examples_per_row == 2 else "examples"
+        raise UserError(f"--eval-split {split} of {len(dataset)} {rows} leaves {left} for "
+                        f"training{' (examples, two per pair)' if examples_per_row == 2 else ''}"
+                        f", fewer than one global batch ({global_batch}). "
                         + (f"Hold out less (at most {most:.3g}), or give" if most > 0 else "Give")
                         + " the evaluation examples in a file with --eval-data FILE.")
 

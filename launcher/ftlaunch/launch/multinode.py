@@ -32,6 +32,21 @@ _FSDP_NEEDS_SHARED = (
     "load when it sees all of them: node-local run directories cannot hold it. Put --output-dir "
     "on a filesystem shared by every node (mounted at the same path), or use --engine "
     "deepspeed, whose checkpoints can be kept per node.")
+_PRECOMPUTE_NEEDS_SHARED = (
+    "precompute_ref_log_probs: rank 0 writes the reference log-probs into the run directory "
+    "(reference-logps/) for every rank to read, which the other nodes' ranks cannot do from "
+    "node-local run directories. Put --output-dir on a filesystem shared by every node "
+    "(mounted at the same path), or leave precompute_ref_log_probs off (the reference then "
+    "runs in every step).")
+
+
+def node_local_refusal(job: Job) -> str | None:
+    """Why this job's nodes cannot each keep a run directory of their own (None: they can)."""
+    if job.plan.engine == "fsdp":
+        return _FSDP_NEEDS_SHARED
+    if job.recipe.training.get("precompute_ref_log_probs"):
+        return _PRECOMPUTE_NEEDS_SHARED
+    return None
 
 
 def _own_hello(job: Job, run_dir: Path, shared: bool, steps, data_fingerprint,
@@ -49,7 +64,7 @@ def meet_as_node_zero(job: Job, run_dir: Path, state, port: int, identity: dict,
     cluster = job.cluster
     launch_id = meeting.mark_launch(run_dir)
     mine = _own_hello(job, run_dir, True, [c.step for c in state.complete], identity["data"])
-    storage_ok = {run_record.NODE_LOCAL: _FSDP_NEEDS_SHARED if job.plan.engine == "fsdp" else None}
+    storage_ok = {run_record.NODE_LOCAL: node_local_refusal(job)}
     try:
         verdict = meeting.serve(cluster.master_addr, port, cluster.nnodes, launch_id,
                               job.options.join_timeout_s,

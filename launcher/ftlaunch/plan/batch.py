@@ -19,11 +19,11 @@ MICRO_BATCHES = (16, 8, 4, 2, 1)  # tried largest first
 def micro_batches(global_batch: int, world: int, least: int = 1) -> list[int]:
     """Micro-batches that divide the per-process share of the global batch, largest first;
     at least `least` (the share is raised to it when smaller). A share no power of two of
-    at least `least` divides (KTO's 5 on each of 3 processes) takes its smallest divisor
-    that is, so the batch stays as asked."""
+    at least `least` divides (KTO's 15 on each of 3 processes) takes its divisors that are
+    (15, 5, 3), so the batch stays as asked; a prime share leaves only itself."""
     share = max(global_batch // world, least)
     options = [m for m in MICRO_BATCHES if least <= m <= share and share % m == 0]
-    return options or [next(m for m in range(least, share + 1) if share % m == 0)]
+    return options or [m for m in range(share, least - 1, -1) if share % m == 0]
 
 
 def choices(global_batch: int, world: int, least: int = 1) -> list[int]:

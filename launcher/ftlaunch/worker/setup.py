@@ -202,7 +202,7 @@ def trainer_class(objective: str, run_dir: Path | None = None):
       would leave them no completion token); the launcher counted them in its notes;
     - KTO: the examples are shuffled once with the run's seed (KTOTrainer samples them in
       order, so its KL completions stay its neighbours'; held-out ones too, so an
-      evaluation batch of pairs unpaired holds both labels, not a block of one), and each
+      evaluation batch of pairs unpaired likely holds both labels, not a block of one), and each
       gets its KL completion: the completions of its block of per_device_train_batch_size
       rotated by one, as KTOTrainer makes them.
 
