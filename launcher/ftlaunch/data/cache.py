@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftlaunch.data import preference, tokenize
-from ftlaunch.data.formats import PREFERENCE_KINDS, UNPAIRED_KINDS
+from ftlaunch.data.formats import PREFERENCE_DATA_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 from ftlaunch.files import atomic_write
@@ -193,9 +193,7 @@ def load(cache_dir: Path, expected_fingerprint: str) -> tuple[Dataset, Dataset |
 
 def columns_of(kind: str) -> tuple[str, ...]:
     """The columns a cache of this kind of data holds."""
-    if kind in PREFERENCE_KINDS + UNPAIRED_KINDS:
-        return preference.columns(kind)
-    return COLUMNS
+    return preference.columns(kind) if kind in PREFERENCE_DATA_KINDS else COLUMNS
 
 
 # ---------------------------------------------------------------- key
@@ -269,7 +267,7 @@ def _build_split(folder: Path, name: str, data, tokenizer, only_assistant: bool,
     # tokenizer, and a fixed one makes the saved set's fingerprint, and so the names of
     # the cache files TRL's later maps write beside it, the same on every build.
     tokenized = raw.map(
-        (preference.tokenize_batch if data.kind in PREFERENCE_KINDS + UNPAIRED_KINDS
+        (preference.tokenize_batch if data.kind in PREFERENCE_DATA_KINDS
          else tokenize.tokenize_batch),
         batched=True, batch_size=tokenize.BATCH, with_indices=True,
         remove_columns=raw.column_names, num_proc=procs if procs > 1 else None,

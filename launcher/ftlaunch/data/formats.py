@@ -54,6 +54,8 @@ KINDS = {
 }
 PREFERENCE_KINDS = ("preference", "chat_preference")
 UNPAIRED_KINDS = ("unpaired", "chat_unpaired")
+# Tokenized as TRL's preference trainers do (data.preference): pairs and unpaired examples.
+PREFERENCE_DATA_KINDS = PREFERENCE_KINDS + UNPAIRED_KINDS
 # Rendered by a chat template.
 CHAT_KINDS = ("conversational", "chat_preference", "chat_unpaired")
 DATA_FORMATS = tuple(KINDS)

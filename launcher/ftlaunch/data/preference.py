@@ -20,7 +20,7 @@ tokens). No torch here.
 
 from __future__ import annotations
 
-from ftlaunch.data.formats import PREFERENCE_KINDS, UNPAIRED_KINDS
+from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_KINDS, UNPAIRED_KINDS
 from ftlaunch.data.tokenize import common_prefix_length
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -68,7 +68,7 @@ def _encode(tokenizer, kind: str, prompts: list, *answers: list) -> list[list[li
     """[prompt ids, prompt + answer ids for each list of answers]: conversations through
     the chat template (the prompt with the generation prompt), text with EOS appended to
     each answer that does not end with it."""
-    if kind in ("chat_preference", "chat_unpaired"):
+    if kind in CHAT_KINDS:
         def encode(conversations, **kwargs):
             out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
                                                 **kwargs)

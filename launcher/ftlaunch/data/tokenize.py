@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
-from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_KINDS, UNPAIRED_KINDS
+from ftlaunch.data.formats import CHAT_KINDS, PREFERENCE_DATA_KINDS
 from ftlaunch.errors import UserError
 from ftlaunch.models.source import ModelSource
 
@@ -128,7 +128,7 @@ def tokenize_dataset(model: ModelSource, dataset, data_options: dict, rows=None)
         chunk = rows[start:start + BATCH]
         batch = {key: [row[key] for row in chunk] for key in chunk[0]}
         indices = list(range(start, start + len(chunk)))
-        if dataset.kind in PREFERENCE_KINDS + UNPAIRED_KINDS:
+        if dataset.kind in PREFERENCE_DATA_KINDS:
             tokenized += _preferences(tokenizer, batch, indices, dataset.kind)
             continue
         out = tokenize_batch(batch, indices, tokenizer, dataset.kind, only_assistant)

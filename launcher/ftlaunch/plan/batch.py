@@ -33,14 +33,19 @@ def choices(global_batch: int, world: int, least: int = 1) -> list[int]:
     return [b for b in (below, below + world) if b >= world * least] or [world * least]
 
 
+def _raised_to(plan, asked: int) -> int | None:
+    """The least micro-batch `asked` was raised to meet (None: not raised for one)."""
+    least = objectives.get(plan.objective).least_micro_batch
+    return least if least > 1 and asked < plan.num_processes * least else None
+
+
 def note(plan) -> str | None:
     """Why the plan's global batch is not the recipe's (None: it is)."""
     asked = plan.batch_adjusted_from
     if asked is None:
         return None
     n = plan.num_processes
-    least = objectives.get(plan.objective).least_micro_batch
-    if least > 1 and asked < n * least:
+    if least := _raised_to(plan, asked):
         return (f"the recipe's global batch {asked} gives {n} processes fewer than "
                 f"{least} examples each, which {plan.objective.upper()} needs per "
                 f"micro-batch: using {plan.global_batch_size} (--global-batch-size chooses "
@@ -61,7 +66,7 @@ def check(plan, asked: bool) -> None:
     wanted, world = plan.batch_adjusted_from, plan.num_processes
     least = objectives.get(plan.objective).least_micro_batch
     options = " or ".join(f"--global-batch-size {b}" for b in choices(wanted, world, least))
-    if least > 1 and wanted < world * least:
+    if _raised_to(plan, wanted):
         raise UserError(f"--global-batch-size {wanted} gives the {world} processes of this plan "
                         f"fewer than {least} examples each, and {plan.objective.upper()} needs "
                         f"{least} per micro-batch on every process (its KL estimate pairs "

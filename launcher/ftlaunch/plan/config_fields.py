@@ -19,11 +19,12 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from ftlaunch.plan.objectives import OBJECTIVES
 from ftlaunch.resources import recipes_dir
 
 LIBRARIES = ("trl", "peft", "transformers")  # SFTConfig extends transformers' TrainingArguments
-# SFTConfig, LoraConfig, DPOConfig, KTOConfig
-SECTIONS = ("training", "lora", "dpo_training", "kto_training")
+# peft's LoraConfig, then each objective's TRL config (plan.objectives).
+SECTIONS = ("lora", *(objective.fields for objective in OBJECTIVES.values()))
 
 
 def table_path() -> Path:
@@ -61,10 +62,11 @@ def introspect() -> dict:
     import typing
 
     from peft import LoraConfig
-    from trl import DPOConfig, KTOConfig, SFTConfig
+    import trl
 
+    classes = [LoraConfig, *(getattr(trl, objective.config) for objective in OBJECTIVES.values())]
     out = {}
-    for section, cls in zip(SECTIONS, (SFTConfig, LoraConfig, DPOConfig, KTOConfig)):
+    for section, cls in zip(SECTIONS, classes):
         hints = typing.get_type_hints(cls)
         out[section] = {f.name: describe(hints.get(f.name, typing.Any))
                         for f in dataclasses.fields(cls) if f.init}

@@ -83,7 +83,9 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
     options = _resume_settings(options)
     model = models.resolve(options.model)
     asked_recipe = recipes.load_recipe(options.recipe) if options.recipe else None
-    objective = _objective(options, asked_recipe)
+    cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
+                                  options.master_addr, options.master_port)
+    objective = _objective(options, asked_recipe, joining=cluster.node_rank > 0)
     recipe_name = options.recipe or objective.recipe
     recipe = asked_recipe or recipes.load_recipe(recipe_name)
     if recipe.objective != objective.name:
@@ -116,11 +118,9 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                                        for a in options.sets)
         if asked and recipes.packing(recipe.data):
             raise UserError(f"{objective.name.upper()} does not pack: each example is padded "
-                            f"in its batch ({objective.name.upper()}Trainer). Leave out "
-                            "--packing / data.packing=true.")
+                            f"in its batch by TRL's collator. Leave out --packing / "
+                            "data.packing=true.")
         recipe = replace(recipe, data={**recipe.data, "packing": False})
-    cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
-                                  options.master_addr, options.master_port)
     machine = _machine(options, cluster, output_dir if detect_output_dir else None)
     spec = planner.TrainSpec(
         seq_len=recipe.seq_len,
@@ -150,7 +150,8 @@ def resolve(options: Options, detect_output_dir: bool = True, validate: bool = T
                start_adapter=start_adapter)
 
 
-def _objective(options: Options, recipe: recipes.Recipe | None) -> objectives.Objective:
+def _objective(options: Options, recipe: recipes.Recipe | None,
+               joining: bool) -> objectives.Objective:
     """--objective, or on auto what the data holds (its first example: preference pairs
     train with DPO, labelled completions with KTO; pairs with KTO when a --recipe says
     so), else what a --recipe configures, else SFT."""
@@ -170,15 +171,9 @@ def _objective(options: Options, recipe: recipes.Recipe | None) -> objectives.Ob
             # A joining node may not see the data (node 0 reads it, on a shared run
             # directory): it plans with the recipe's objective, and the nodes' meeting
             # refuses a plan that differs from node 0's.
-            if not _joining(options):
+            if not joining:
                 raise
     return objectives.get(recipe.objective) if recipe else objectives.SFT
-
-
-def _joining(options: Options) -> bool:
-    cluster = cluster_mod.resolve(os.environ, options.nnodes, options.node_rank,
-                                  options.master_addr, options.master_port)
-    return cluster.node_rank > 0
 
 
 def _objective_reason(options: Options, objective: objectives.Objective) -> str:
@@ -186,10 +181,7 @@ def _objective_reason(options: Options, objective: objectives.Objective) -> str:
         return f"--objective {options.objective}"
     if not options.data:
         return "the bundled demo data"
-    held = {"dpo": "preference pairs",
-            "kto": "completions labelled desirable or not"}.get(objective.name,
-                                                                  "no preference data")
-    return f"--data {options.data} holds {held}"
+    return f"--data {options.data} holds {objective.data}"
 
 
 def _machine(options: Options, cluster: cluster_mod.ClusterContext,

@@ -27,7 +27,6 @@ from ftlaunch.errors import UserError
 @dataclass(frozen=True)
 class Objective:
     name: str
-    config: str  # the TRL config class its Trainer takes
     fields: str  # its section in plan.config_fields (the config's fields and types)
     recipe: str  # the bundled recipe a run starts from when --recipe is not given
     kinds: tuple[str, ...]  # the canonical data kinds it trains on (data.formats)
@@ -46,6 +45,13 @@ class Objective:
     policy_forwards_without_grad: int = 0
     least_micro_batch: int = 1  # examples per device and micro-batch
     packs: bool = False  # examples may share a row (SFT's best-fit packing)
+    data: str = "no preference data"  # what it trains on, as messages name it
+    in_batch: str = ""  # what an example is in a step, as the plan table says it
+
+    @property
+    def config(self) -> str:
+        """The TRL config class its Trainer takes (TRL names them so: SFTConfig, ...)."""
+        return f"{self.name.upper()}Config"
 
     @property
     def has_reference(self) -> bool:
@@ -61,16 +67,17 @@ _NO_SYNC = ("a LoRA run's reference is the base with the adapter disabled (or th
             "model)")
 
 SFT = Objective(
-    name="sft", config="SFTConfig", fields="training", recipe="default",
+    name="sft", fields="training", recipe="default",
     kinds=("conversational", "prompt_completion", "text"), sequences_per_example=1,
     trainer_defaults={"packing_strategy": "bfd", **_COMMON_DEFAULTS}, refused={}, packs=True)
 DPO = Objective(
-    name="dpo", config="DPOConfig", fields="dpo_training", recipe="dpo",
+    name="dpo", fields="dpo_training", recipe="dpo",
     kinds=PREFERENCE_KINDS, sequences_per_example=2,
     trainer_defaults=dict(_COMMON_DEFAULTS), refused={"sync_ref_model": (False, _NO_SYNC)},
-    reference_forwards=1)
+    reference_forwards=1, data="preference pairs",
+    in_batch="the batch counts pairs, each two sequences (chosen, rejected)")
 KTO = Objective(
-    name="kto", config="KTOConfig", fields="kto_training", recipe="kto",
+    name="kto", fields="kto_training", recipe="kto",
     kinds=UNPAIRED_KINDS + PREFERENCE_KINDS, sequences_per_example=1,
     trainer_defaults=dict(_COMMON_DEFAULTS),
     refused={"sync_ref_model": (False, _NO_SYNC),
@@ -78,7 +85,9 @@ KTO = Objective(
                                          "completion with its neighbour's in a fixed order: "
                                          "ftlaunch shuffles the examples once with the run's "
                                          "seed and keeps that order (sequential)")},
-    reference_forwards=2, policy_forwards_without_grad=1, least_micro_batch=2)
+    reference_forwards=2, policy_forwards_without_grad=1, least_micro_batch=2,
+    data="completions labelled desirable or not",
+    in_batch="the KL estimate scores each prompt with another completion of its micro-batch too")
 OBJECTIVES = {objective.name: objective for objective in (SFT, DPO, KTO)}
 CHOICES = ("auto", *OBJECTIVES)
 

@@ -303,8 +303,9 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
     import difflib
 
     types_by_name = config_fields.fields(section)
-    owners = {"lora": "peft's LoraConfig", "dpo_training": "TRL's DPOConfig / TrainingArguments",
-              "kto_training": "TRL's KTOConfig / TrainingArguments"}
+    owners = {"lora": "peft's LoraConfig",
+              **{o.fields: f"TRL's {o.config} / TrainingArguments"
+                 for o in objectives.OBJECTIVES.values()}}
     out = {}
     for key, value in values.items():
         origin = where(prefix + key, section)
@@ -314,7 +315,7 @@ def _coerce_section(values: dict, section: str, prefix: str, where) -> dict:
             close += sorted(n for n in types_by_name if n not in close
                             and (key.lower() in n.lower() or n.lower() in key.lower()))
             hint = f" Did you mean {', '.join(close[:4])}?" if close else ""
-            owner = owners.get(section, "TRL's SFTConfig / TrainingArguments")
+            owner = owners[section]
             raise UserError(f"{shown}: {owner} has no field {key!r}.{hint} `ftlaunch train "
                             f"--help` and the {owner.split()[1]} documentation list the fields.")
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ftlaunch.data import tokenize
+from ftlaunch.data.formats import PREFERENCE_KINDS, UNPAIRED_KINDS
 
 
 def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assistant_only: bool,
@@ -41,8 +42,8 @@ def preview_lines(dataset, tokenizer, tokenized: list[tokenize.Tokenized], assis
 def _loss_scope(kind: str, assistant_only: bool) -> str:
     if kind == "conversational":
         return "assistant turns only" if assistant_only else "whole conversations"
-    if kind in ("preference", "chat_preference"):
+    if kind in PREFERENCE_KINDS:
         return "the chosen and the rejected completion (DPO), not the prompt"
-    if kind in ("unpaired", "chat_unpaired"):
+    if kind in UNPAIRED_KINDS:
         return "the completion, desirable or not (KTO), not the prompt"
     return "the completion only" if kind == "prompt_completion" else "all text"

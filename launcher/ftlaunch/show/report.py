@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from ftlaunch.plan import estimate
+from ftlaunch.plan import estimate, objectives
 from ftlaunch.detect.hardware import Hardware
 from ftlaunch.units import GIB, count, duration, format_gib
 from ftlaunch.plan.planner import Plan
@@ -28,16 +28,14 @@ def summary_lines(plan: Plan) -> list[str]:
         f"accumulation {plan.gradient_accumulation_steps} x {plan.num_processes} process(es); "
         f"seq len {plan.seq_len}; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
     ]
-    if plan.objective != "sft":
-        passes = ("a reference forward pass per step" if plan.objective == "dpo" else
-                  "the reference's forward passes on both per step")
+    objective = objectives.get(plan.objective)
+    if objective.has_reference:
+        passes = ("a reference forward pass per step" if objective.reference_forwards == 1
+                  else "the reference's forward passes on both per step")
         reference = (f"{passes} (no gradients)" if plan.reference_forward
                      else "reference log-probs computed once before training")
-        data = ("preference pairs: the batch counts pairs, each two sequences (chosen, "
-                "rejected)" if plan.objective == "dpo" else
-                "completions labelled desirable or not: the KL estimate scores each prompt "
-                "with another completion of its micro-batch too")
-        lines.append(f"objective  {plan.objective.upper()} on {data}; {reference}")
+        lines.append(f"objective  {plan.objective.upper()} on {objective.data}: "
+                     f"{objective.in_batch}; {reference}")
     if plan.batch_note:  # never silent: the launch table shows this, not only `ftlaunch plan`
         lines.append(f"           note: {plan.batch_note}")
     return lines

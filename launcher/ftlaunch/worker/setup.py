@@ -24,9 +24,14 @@ from ftlaunch.worker.stopping import NonFiniteGuard, StopRequest
 
 # Where precomputed reference log-probs are kept (trainer_class), in the run directory.
 REFERENCE_FOLDER = "reference-logps"
-# The run record's objective (the launcher's plan.objectives) -> TRL's config and trainer.
-TRAINERS = {"sft": ("SFTConfig", "SFTTrainer"), "dpo": ("DPOConfig", "DPOTrainer"),
-            "kto": ("KTOConfig", "KTOTrainer")}
+
+
+def _trl_class(objective: str, suffix: str):
+    """TRL's Config or Trainer class of the run record's objective: TRL names them after
+    it (SFTConfig, DPOTrainer, KTOTrainer), as plan.objectives.Objective.config does."""
+    import trl
+
+    return getattr(trl, objective.upper() + suffix)
 
 
 @dataclasses.dataclass
@@ -128,9 +133,7 @@ def training_config(run_dir: Path, record: run_record.RunRecord):
     """TRL's SFTConfig, DPOConfig or KTOConfig (the run's objective): the arguments the
     launcher resolved into the run record (plan.trainer_args), writing into the run's
     checkpoint staging area."""
-    import trl
-
-    config_class = getattr(trl, TRAINERS[record.strategy.objective][0])
+    config_class = _trl_class(record.strategy.objective, "Config")
     config = config_class(
         # The Trainer writes into the staging area; Checkpointing moves each checkpoint
         # into checkpoints/ once it is complete.
@@ -160,9 +163,8 @@ def own_checkpointing_names(arguments: dict, config_class) -> dict:
 def _with_start_adapter(model, run_dir: Path):
     """The base with the run's starting adapter (models.adapter), trainable: the policy
     continues from it. DPOTrainer and KTOTrainer (TRL 1.16) copy it into a frozen "ref"
-    adapter before
-    training, its reference for a re-trained adapter: the starting policy, on the same
-    base weights. A resume from a trainer-format checkpoint reloads both from it (its ref/
+    adapter before training, its reference for a re-trained adapter: the starting policy,
+    on the same base weights. A resume from a trainer-format checkpoint reloads both from it (its ref/
     holds that same frozen copy); FSDP's sharded checkpoints hold every parameter."""
     from peft import PeftModel
 
@@ -180,9 +182,9 @@ def _build_trainer(run_dir, config, lora_settings: dict, model, tokenizer, train
     lora = (None if isinstance(model, PeftModel)
             else LoraConfig(task_type="CAUSAL_LM", **lora_settings))
     callback = MetricsCallback(run_dir / "metrics.jsonl")
-    trainer = trainer_class(objective, run_dir)(model=model, args=config, train_dataset=train_set,
-                                       eval_dataset=eval_set, processing_class=tokenizer,
-                                       peft_config=lora, callbacks=[callback])
+    trainer = trainer_class(objective, run_dir)(
+        model=model, args=config, train_dataset=train_set, eval_dataset=eval_set,
+        processing_class=tokenizer, peft_config=lora, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints one readable line instead
     _adapter_in_fp32(trainer.model, fsdp_precision=dtype if trainer.is_fsdp_enabled else None)
     # Wrapped after construction: TRL refuses a custom collator with padding-free packing.
@@ -202,8 +204,8 @@ def trainer_class(objective: str, run_dir: Path | None = None):
       would leave them no completion token); the launcher counted them in its notes;
     - KTO: the examples are shuffled once with the run's seed (KTOTrainer samples them in
       order, so its KL completions stay its neighbours'; held-out ones too, so an
-      evaluation batch of pairs unpaired likely holds both labels, not a block of one), and each
-      gets its KL completion: the completions of its block of per_device_train_batch_size
+      evaluation batch of pairs unpaired likely holds both labels, not a block of one),
+      and each gets its KL completion: the completions of its block of per_device_train_batch_size
       rotated by one, as KTOTrainer makes them.
 
     In memory: every rank makes its own view, none writes beside the cache. So TRL's
@@ -211,12 +213,10 @@ def trainer_class(objective: str, run_dir: Path | None = None):
     the dataset's files for every rank to read back, go to the run's REFERENCE_FOLDER
     instead: a dataset made in memory has no files, and each rank would look in a
     temporary folder of its own."""
-    import trl
-
     if objective == "sft":
-        return trl.SFTTrainer
+        return _trl_class(objective, "Trainer")
 
-    class OnCachedExamples(getattr(trl, TRAINERS[objective][1])):
+    class OnCachedExamples(_trl_class(objective, "Trainer")):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if args.max_length is not None and getattr(args, "truncation_mode",
                                                        "keep_start") == "keep_start":
