@@ -42,6 +42,20 @@ def tiny_run(tmp_path_factory, offline_cache) -> tuple[subprocess.CompletedProce
     return proc, run_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer():
+    """The tiny model's tokenizer as preference data loads it: its own chat template
+    (ftlaunch's fallback only without one), no assistant marks."""
+    from ftlaunch.data import tokenize
+    from ftlaunch.models import builtin, presets
+    from ftlaunch.models.source import ModelSource
+
+    path = builtin.materialize_builtin(presets.resolve("tiny"))
+    source = ModelSource("tiny", "builtin:tiny", str(path), str(path))
+    tokenizer, _ = tokenize.load_tokenizer(source, assistant_only=False, kind="chat_preference")
+    return tokenizer
+
+
 def run_ftlaunch(*args: str, cwd: Path | None = None, timeout: int = 600,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([FTLAUNCH, *args], cwd=cwd, capture_output=True, text=True,

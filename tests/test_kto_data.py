@@ -12,12 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_ftlaunch
-from ftlaunch.data import preference, tokenize
+from ftlaunch.data import preference
 from ftlaunch.data import read as data
 from ftlaunch.detect import hardware
 from ftlaunch.errors import UserError
-from ftlaunch.models import builtin, presets
-from ftlaunch.models.source import ModelSource
+from ftlaunch.models import presets
 from ftlaunch.plan import batch, planner
 from ftlaunch.plan.planner import TrainSpec
 
@@ -46,6 +45,14 @@ def test_csv_labels_and_chat_cells_are_read(tmp_path):
     path.write_text('prompt,completion,label\n"Q: 1 + 1 =", 2,true\n"Q: 1 + 2 =", 4,FALSE\n',
                     encoding="utf-8")
     assert [row["label"] for row in data.load(path).rows] == [True, False]
+    # Message lists as JSON text in their cells: chat data, not strings.
+    chat = tmp_path / "chat.csv"
+    cell = lambda turns: '"' + json.dumps(turns).replace('"', '""') + '"'  # noqa: E731
+    chat.write_text(f"prompt,completion,label\n{cell([USER])},{cell([GOOD])},true\n",
+                    encoding="utf-8")
+    dataset = data.load(chat)
+    assert dataset.kind == "chat_unpaired"
+    assert dataset.rows == ({"prompt": [USER], "completion": [GOOD], "label": True},)
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -220,14 +227,6 @@ def test_kto_counts_its_passes_without_gradients():
     assert flops["kto-precomputed"] - flops["sft"] == pytest.approx(2 * n)
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    path = builtin.materialize_builtin(presets.resolve("tiny"))
-    source = ModelSource("tiny", "builtin:tiny", str(path), str(path))
-    tokenizer, _ = tokenize.load_tokenizer(source, assistant_only=False, kind="chat_unpaired")
-    return tokenizer
-
-
 @pytest.mark.parametrize("rows", [
     [PLAIN, {"prompt": "Say hi.", "completion": "No.", "label": False},
      {"prompt": "Say bye.", "completion": "Bye!", "label": True},
@@ -239,7 +238,7 @@ def tiny_tokenizer():
       "completion": [{"role": "assistant", "content": "Hello."}], "label": False}],
 ], ids=["unpaired", "chat_unpaired"])
 def test_cached_examples_are_what_kto_trainer_builds_and_its_masks_cover_the_answers(
-        tmp_path, tiny_tokenizer, rows):
+        tmp_path, tiny_chat_tokenizer, rows):
     """TRL's KTOTrainer._prepare_dataset on the rows, and the launcher's tokenization with
     the worker's last steps (worker.setup.trainer_class) on the cache's columns, give the
     same ids, labels and KL completions; DataCollatorForUnpairedPreference's
@@ -253,10 +252,10 @@ def test_cached_examples_are_what_kto_trainer_builds_and_its_masks_cover_the_ans
 
     dataset = data.load(_jsonl(tmp_path / "data.jsonl", rows))
     columns = {key: [row[key] for row in dataset.rows] for key in dataset.rows[0]}
-    ours = preference.tokenize_batch(columns, list(range(len(rows))), tiny_tokenizer,
+    ours = preference.tokenize_batch(columns, list(range(len(rows))), tiny_chat_tokenizer,
                                      dataset.kind)
     cached = Dataset.from_dict({name: ours[name] for name in preference.UNPAIRED_COLUMNS})
-    stub = SimpleNamespace(_tokenizer=tiny_tokenizer, calculate_KL=True, desirable_weight=1.0,
+    stub = SimpleNamespace(_tokenizer=tiny_chat_tokenizer, calculate_KL=True, desirable_weight=1.0,
                            undesirable_weight=1.0)
     # First with a max_length the longest prompt fills: that example is left out by both.
     # Ours shuffles the examples with the run's seed (datasets' permutation of the kept
@@ -270,7 +269,7 @@ def test_cached_examples_are_what_kto_trainer_builds_and_its_masks_cover_the_ans
         order = Dataset.from_dict({"i": range(len(kept))}).shuffle(seed=7)["i"]
         assert order != sorted(order)
         theirs = KTOTrainer._prepare_dataset(stub, Dataset.from_list([kept[i] for i in order]),
-                                             tiny_tokenizer, args, "train")
+                                             tiny_chat_tokenizer, args, "train")
         prepared = trainer_class("kto")._prepare_dataset(stub, cached, None, args, "train")
         assert len(prepared) == len(theirs) == len(rows) - (max_length is not None)
         for name in (*preference.UNPAIRED_COLUMNS, "KL_completion_ids"):
@@ -282,12 +281,12 @@ def test_cached_examples_are_what_kto_trainer_builds_and_its_masks_cover_the_ans
     dataset = data.load(_jsonl(tmp_path / "shuffled.jsonl", rows))
 
     examples = prepared.to_list()
-    collated = DataCollatorForUnpairedPreference(pad_token_id=tiny_tokenizer.pad_token_id or 0)(
+    collated = DataCollatorForUnpairedPreference(pad_token_id=tiny_chat_tokenizer.pad_token_id or 0)(
         examples)
     assert collated["label"].tolist() == [row["label"] for row in rows]
     for index, row in enumerate(dataset.rows):
         mask = collated["completion_mask"][index].bool()
-        trained = tiny_tokenizer.decode(collated["input_ids"][index][mask])
+        trained = tiny_chat_tokenizer.decode(collated["input_ids"][index][mask])
         answer = row["completion"] if isinstance(row["completion"], str) else \
             row["completion"][0]["content"]
         assert trained.strip().startswith(answer.strip()), (trained, answer)

@@ -161,9 +161,16 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_
     adapter bitwise. (FSDP's whole-job SIGKILL; tests/test_strategies_cpu.py stops each
     engine with SIGTERM and a killed rank.)"""
     reference, _ = chain
+    _power_loss_then_resume((*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run)),
+                            tmp_path, reference,
+                            ("rewards/chosen", "rewards/rejected", "eval_rewards/accuracies"))
+
+
+def _power_loss_then_resume(args, tmp_path, reference, metrics) -> None:
+    """Every process of the job SIGKILLed at once after checkpoint-3: the same command
+    resumes from it and ends as `reference` did, losses, `metrics` and adapter bitwise."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    args = (*CHAIN, "--data", str(pairs["chat"]), "--adapter", str(sft_run),
-            "--output-dir", str(run_dir))
+    args = (*args, "--output-dir", str(run_dir))
     launcher = start(*args, log=log)
     assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), log.read_text()
     power_loss(launcher)
@@ -173,7 +180,7 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bitwise(chain, pairs, sft_run, tmp_
     assert "resuming" in resumed.stdout and "checkpoint-3" in resumed.stdout
     assert losses(run_dir) == losses(reference)
     assert_same_adapter(run_dir, reference)
-    for key in ("rewards/chosen", "rewards/rejected", "eval_rewards/accuracies"):
+    for key in metrics:
         assert [r.get(key) for r in _rows(run_dir)] == [r.get(key) for r in _rows(reference)]
 
 
@@ -241,19 +248,8 @@ def test_sft_then_kto_on_pairs_resumes_bitwise_after_a_power_loss(pairs, sft_run
     # 12 pairs held out, both halves (how the pairs are split is test_kto_data.py's).
     assert (len(train), len(held)) == (72, 24) and sum(held["label"]) == 12
 
-    run_dir, log = tmp_path_factory.mktemp("kto-killed") / "run", tmp_path_factory.mktemp("log")
-    launcher = start(*common, "--output-dir", str(run_dir), log=log / "launcher.log")
-    assert wait(lambda: logged_steps(run_dir) >= 5, launcher, poll=0.01), \
-        (log / "launcher.log").read_text()
-    power_loss(launcher)
-    assert (run_dir / "checkpoints" / "checkpoint-3").is_dir()
-    resumed = run_ftlaunch(*common, "--output-dir", str(run_dir))
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout and "checkpoint-3" in resumed.stdout
-    assert losses(run_dir) == losses(reference)
-    assert_same_adapter(run_dir, reference)
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "eval_rewards/margins"):
-        assert [r.get(key) for r in _rows(run_dir)] == [r.get(key) for r in _rows(reference)]
+    _power_loss_then_resume(common, tmp_path_factory.mktemp("kto-killed"), reference,
+                            ("kl", "rewards/chosen", "rewards/rejected", "eval_rewards/margins"))
 
 
 def test_labelled_string_completions_train_kto_with_precomputed_reference(pairs, tmp_path):

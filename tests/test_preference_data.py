@@ -10,11 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_ftlaunch
-from ftlaunch.data import preference, tokenize
+from ftlaunch.data import preference
 from ftlaunch.data import read as data
 from ftlaunch.errors import UserError
-from ftlaunch.models import builtin, presets
-from ftlaunch.models.source import ModelSource
 
 USER = {"role": "user", "content": "What is 2 + 2?"}
 GOOD = {"role": "assistant", "content": "2 + 2 = 4"}
@@ -96,18 +94,6 @@ def test_sft_data_with_objective_dpo_and_pairs_with_sft_are_refused(tmp_path):
     assert proc.returncode == 2 and "--recipe demo configures SFT" in proc.stderr, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    from ftlaunch.data import chat_templates
-    from transformers import PreTrainedTokenizerFast
-
-    path = builtin.materialize_builtin(presets.resolve("tiny"))
-    source = ModelSource("tiny", "builtin:tiny", str(path), str(path))
-    tokenizer, _ = tokenize.load_tokenizer(source, assistant_only=False, kind="chat_preference")
-    assert isinstance(tokenizer, PreTrainedTokenizerFast) and chat_templates
-    return tokenizer
-
-
 @pytest.mark.parametrize("rows", [
     [PLAIN, {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}],
     [CHAT, {"prompt": [USER, GOOD, {"role": "user", "content": "And 3 + 3?"}],
@@ -119,7 +105,7 @@ def tiny_tokenizer():
                              {"role": "assistant", "content": "7"}]}],
 ], ids=["preference", "chat_preference", "implicit_prompt"])
 def test_cached_pairs_are_the_ids_dpo_trainer_builds_and_its_masks_cover_the_answers(
-        tmp_path, tiny_tokenizer, rows):
+        tmp_path, tiny_chat_tokenizer, rows):
     """TRL's own DPOTrainer._prepare_dataset on the canonical rows gives the same ids as
     the launcher's tokenization; DataCollatorForPreference's completion_mask then marks
     exactly the chosen / rejected answer (and the end of its turn), never the prompt."""
@@ -129,24 +115,24 @@ def test_cached_pairs_are_the_ids_dpo_trainer_builds_and_its_masks_cover_the_ans
 
     dataset = data.load(_jsonl(tmp_path / "pairs.jsonl", rows))
     batch = {key: [row[key] for row in dataset.rows] for key in dataset.rows[0]}
-    ours = preference.tokenize_batch(batch, list(range(len(rows))), tiny_tokenizer, dataset.kind)
+    ours = preference.tokenize_batch(batch, list(range(len(rows))), tiny_chat_tokenizer, dataset.kind)
     args = DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_length=None,
                      report_to="none")
     # TRL gets the rows as the file has them: it extracts an implicit prompt itself.
-    theirs = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tiny_tokenizer),
-                                         Dataset.from_list(rows), tiny_tokenizer, args, "train")
+    theirs = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tiny_chat_tokenizer),
+                                         Dataset.from_list(rows), tiny_chat_tokenizer, args, "train")
     for name in preference.COLUMNS:
         assert ours[name] == theirs[name], name
 
     pairs = [dict(zip(preference.COLUMNS, values))
              for values in zip(*(ours[name] for name in preference.COLUMNS))]
-    collated = DataCollatorForPreference(pad_token_id=tiny_tokenizer.pad_token_id or 0)(pairs)
+    collated = DataCollatorForPreference(pad_token_id=tiny_chat_tokenizer.pad_token_id or 0)(pairs)
     n = len(pairs)
     for index, row in enumerate(dataset.rows):
         for half, name in ((0, "chosen"), (1, "rejected")):
             ids = collated["input_ids"][half * n + index]
             mask = collated["completion_mask"][half * n + index].bool()
-            trained = tiny_tokenizer.decode(ids[mask])
+            trained = tiny_chat_tokenizer.decode(ids[mask])
             answer = row[name] if isinstance(row[name], str) else row[name][0]["content"]
             assert trained.strip().startswith(answer.strip()), (trained, answer)
             prompt = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
